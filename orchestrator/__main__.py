@@ -1,0 +1,5 @@
+"""``python -m orchestrator``: the same as the ``semicon-sweep`` console script."""
+
+from orchestrator.cli import main
+
+main()

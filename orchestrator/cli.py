@@ -1,0 +1,370 @@
+"""``semicon-sweep``: launch a sweep, watch it, tabulate it, and prepare data.
+
+Commands::
+
+    semicon-sweep launch SPEC [--address A] [--storage DIR] [--dry-run [--json]] [--force] [--no-reuse]
+    semicon-sweep status STORAGE
+    semicon-sweep tabulate STORAGE [--metric M] [--by AXIS] [--format text|md|latex|csv] [--out FILE]
+    semicon-sweep data synth DIR [--cases N] [--seed S]
+    semicon-sweep data check ROOT
+
+Exit codes: 0 done (every trial ok), 1 some trials failed or are unfinished, 2 bad input
+(a bad spec, config, dataset, storage owned by another sweep, unreachable cluster). Bad input
+prints one line ``semicon-sweep: error: <message>`` on stderr, writes nothing, and never a
+traceback. Ray is imported only by ``launch`` when it actually runs, so every other command
+(and a dry run) starts fast and needs no cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from orchestrator.plan import Plan, build_plan
+from orchestrator.spec import SpecError, load_spec, spec_from_mapping
+from orchestrator.store import StageStore, StorageConflict, atomic_write_text
+from orchestrator.tables import (
+    STATUSES,
+    collect,
+    format_table,
+    paper_table,
+    read_tables,
+    tables_stale,
+    trial_status,
+    write_tables,
+)
+from trainers.config import ConfigError
+from trainers.data import DatasetError
+
+PROG = "semicon-sweep"
+BAD_INPUT: tuple[type[BaseException], ...] = (SpecError, ConfigError, DatasetError, StorageConflict)
+MAX_TRIALS_SHOWN = 20
+
+app = typer.Typer(
+    name=PROG,
+    help="Ray-distributed sweeps of semi-supervised contrastive segmentation (Hu et al., MICCAI 2021).",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Prepare and check MSD-layout datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+def main() -> None:
+    """Console-script entry point (``semicon-sweep``)."""
+    app(prog_name=PROG)
+
+
+def log(message: str) -> None:
+    """A line for the person at the terminal: stderr, so stdout stays machine-readable."""
+    typer.echo(message, err=True)
+
+
+@contextlib.contextmanager
+def bad_input(*extra: type[BaseException]) -> Iterator[None]:
+    """Turn bad-input errors into one stderr line and exit code 2."""
+    try:
+        yield
+    except (*BAD_INPUT, *extra) as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        typer.echo(f"{PROG}: error: {message}", err=True)
+        raise typer.Exit(2) from None
+
+
+# ---- launch --------------------------------------------------------------------------------
+
+
+@app.command()
+def launch(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="The sweep's YAML spec.")],
+    address: Annotated[
+        str | None,
+        typer.Option(
+            help="Ray address: 'auto' or ray://host:port (default: the spec's ray.address)."
+        ),
+    ] = None,
+    storage: Annotated[
+        Path | None, typer.Option(help="Storage folder (default: the spec's storage).")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the plan; run and write nothing.")
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="With --dry-run: print one JSON object.")
+    ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Launch into a storage folder that holds another sweep.")
+    ] = False,
+    no_reuse: Annotated[
+        bool, typer.Option("--no-reuse", help="Give every trial its own stage nodes (no sharing).")
+    ] = False,
+) -> None:
+    """Plan a sweep and run it on Ray (or only print the plan with --dry-run)."""
+    if as_json and not dry_run:
+        with bad_input():
+            raise SpecError("--json: only with --dry-run")
+    overrides: dict[str, Any] = {}
+    if storage is not None:
+        overrides["storage"] = str(storage)
+    if address is not None:
+        overrides["address"] = address
+    with bad_input():
+        spec = load_spec(spec_path, overrides=overrides)
+        plan = build_plan(spec, reuse=not no_reuse)
+    store = StageStore(spec.storage)
+    if dry_run:
+        with bad_input():
+            summary = plan.summary(store)
+        if as_json:
+            summary.update(storage=spec.storage, spec_hash=spec.spec_hash)
+            typer.echo(json.dumps(summary))
+        else:
+            typer.echo(describe_plan(plan, store))
+        return
+
+    # Ray itself is imported only inside run_sweep; execute's module level is Ray-free
+    from orchestrator.execute import ClusterError, check_address, run_sweep
+    from orchestrator.tracking import check_tracking
+
+    with bad_input(ClusterError):  # every check that can fail before anything is written
+        check_tracking(spec)
+        if spec.ray.address is not None:
+            check_address(spec.ray.address)
+    existed = store.root.exists()
+    previous = store.sweep_path.read_bytes() if store.sweep_path.is_file() else None
+    with bad_input():
+        store.claim_sweep(spec, force=force, plan=plan)
+    log(f"{PROG}: launching sweep '{spec.name}' ({len(plan.trials)} trials) into {spec.storage}")
+    try:
+        with bad_input(ClusterError):
+            run_sweep(plan, store, address=spec.ray.address, progress=log, reuse=not no_reuse)
+    except typer.Exit:
+        _undo_claim(store, existed, previous)  # Ray could not be reached: leave no trace
+        raise
+    tables = collect(plan, store)
+    write_tables(tables, store)
+    counts = Counter(tables.trials["status"])
+    log(f"{PROG}: {_status_line(counts, len(plan.trials))}; tables in {store.tables_dir}")
+    table = paper_table(tables.trials)
+    if not table.empty:
+        typer.echo(format_table(table, "text"), nl=False)
+    raise typer.Exit(0 if counts.get("ok", 0) == len(plan.trials) else 1)
+
+
+def _undo_claim(store: StageStore, existed: bool, previous: bytes | None) -> None:
+    """After a launch that never reached the cluster, leave the storage as it was."""
+    if not existed:
+        if not any(store.stages_dir.glob("*")):
+            shutil.rmtree(store.root, ignore_errors=True)
+    elif previous is not None:
+        atomic_write_text(store.sweep_path, previous.decode("utf-8"))
+    else:
+        store.sweep_path.unlink(missing_ok=True)
+
+
+def describe_plan(plan: Plan, store: StageStore) -> str:
+    """The plan for a person: stage node counts, what is done, and the trials."""
+    spec = plan.spec
+    summary = plan.summary(store)
+    lines = [
+        f"sweep '{spec.name}' (spec {spec.spec_hash[:12]}): {summary['trials']} trials",
+        f"storage: {spec.storage}",
+        f"axes: {', '.join(f'{name} ({len(values)})' for name, values in spec.axes) or 'none'}",
+        "",
+        f"{'stage':<10}{'nodes':>7}{'done':>7}{'to run':>8}",
+    ]
+    for stage, counts in summary["stages"].items():
+        done = counts["nodes"] - counts["to_run"]
+        lines.append(f"{stage:<10}{counts['nodes']:>7}{done:>7}{counts['to_run']:>8}")
+    lines.append("")
+    for trial in plan.trials[:MAX_TRIALS_SHOWN]:
+        chain = " -> ".join(
+            f"{stage}:{key[:8]}{'*' if store.is_complete(key) else ''}"
+            for stage, key in trial.nodes.items()
+        )
+        params = ", ".join(f"{k}={v}" for k, v in trial.params.items())
+        lines.append(f"{trial.trial_id}  {params or '(single point)'}  [{chain}]")
+    if len(plan.trials) > MAX_TRIALS_SHOWN:
+        lines.append(f"... and {len(plan.trials) - MAX_TRIALS_SHOWN} more trials")
+    lines.append("(* = complete in the store)  dry run: nothing was run or written")
+    return "\n".join(lines)
+
+
+# ---- status / tabulate -------------------------------------------------------------------
+
+
+def recorded_plan(storage: Path) -> tuple[Plan, StageStore]:
+    """The plan of the sweep held in ``storage`` (from ``sweep.json``; no Ray, no data needed)."""
+    store = StageStore(storage)
+    record = store.read_sweep()
+    if record is None:
+        raise StorageConflict(
+            f"{storage}: holds no sweep (no sweep.json); launch one into it first"
+        )
+    if not isinstance(record.get("spec"), dict):
+        raise StorageConflict(f"{store.sweep_path}: has no resolved spec")
+    spec = spec_from_mapping(record["spec"], source=str(store.sweep_path), check_paths=False)
+    if isinstance(record.get("plan"), dict):
+        return Plan.from_dict(spec, record["plan"]), store
+    return build_plan(spec), store
+
+
+NODE_STATES = {"complete": 10, "failed": 8, "skipped": 9, "pending": 9}  # state -> column width
+
+
+def node_state(plan: Plan, store: StageStore, key: str) -> str:
+    """complete | failed (error recorded) | skipped (an ancestor failed) | pending."""
+    if store.is_complete(key):
+        return "complete"
+    if store.read_error(key) is not None:
+        return "failed"
+    parent = plan.nodes[key].parent
+    while parent is not None:
+        if not store.is_complete(parent) and store.read_error(parent) is not None:
+            return "skipped"
+        parent = plan.nodes[parent].parent if parent in plan.nodes else None
+    return "pending"
+
+
+def _status_line(counts: Counter[str], total: int) -> str:
+    parts = ", ".join(f"{status} {counts.get(status, 0)}" for status in STATUSES)
+    return f"{total} trials: {parts}"
+
+
+@app.command()
+def status(storage: Annotated[Path, typer.Argument(help="The sweep's storage folder.")]) -> None:
+    """Count trials and stage nodes that are complete, failed or pending."""
+    with bad_input():
+        plan, store = recorded_plan(storage)
+    counts = Counter(trial_status(trial, store)[0] for trial in plan.trials)
+    typer.echo(f"sweep '{plan.spec.name}' (spec {plan.spec.spec_hash[:12]}) in {store.root}")
+    typer.echo(_status_line(counts, len(plan.trials)))
+    typer.echo("")
+    typer.echo(
+        f"{'stage':<10}{'nodes':>7}{'complete':>10}{'failed':>8}{'skipped':>9}{'pending':>9}"
+    )
+    states = {key: node_state(plan, store, key) for key in plan.nodes}
+    for stage in plan.stages:
+        counts = Counter(state for key, state in states.items() if plan.nodes[key].stage == stage)
+        cells = "".join(f"{counts.get(state, 0):>{width}}" for state, width in NODE_STATES.items())
+        typer.echo(f"{stage:<10}{sum(counts.values()):>7}{cells}")
+    errors = [
+        (trial.trial_id, error)
+        for trial in plan.trials
+        for state, error in [trial_status(trial, store)]
+        if state == "failed" and error
+    ]
+    for trial_id, error in errors[:5]:
+        typer.echo(f"{trial_id} failed: {error.splitlines()[0] if error else ''}")
+
+
+@app.command()
+def tabulate(
+    storage: Annotated[Path, typer.Argument(help="The sweep's storage folder.")],
+    metric: Annotated[
+        str, typer.Option(help="Trials-table column to report.")
+    ] = "test_dice_pooled_mean",
+    by: Annotated[str, typer.Option(help="Grid axis for the table's columns.")] = "label_fraction",
+    fmt: Annotated[str, typer.Option("--format", help="text, md, latex or csv.")] = "text",
+    out: Annotated[
+        Path | None, typer.Option(help="Write the table to this file instead of stdout.")
+    ] = None,
+) -> None:
+    """Print the paper-style table (mean ± std (n) over seeds and splits)."""
+    with bad_input(ValueError):
+        if fmt not in ("text", "md", "latex", "csv"):
+            raise ValueError(f"--format {fmt!r}: must be one of text, md, latex, csv")
+        plan, store = recorded_plan(storage)
+        if tables_stale(store):
+            tables = collect(plan, store)
+            write_tables(tables, store)
+        else:
+            tables = read_tables(storage)
+        table = paper_table(tables.trials, metric=metric, cols=by)
+    if table.empty:
+        log(
+            f"{PROG}: no finished trials in {storage} yet ({_status_line(Counter(tables.trials['status']), len(tables.trials))})"
+        )
+        return
+    text = format_table(table, fmt)
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        atomic_write_text(out, text)
+        log(f"{PROG}: wrote {out}")
+
+
+# ---- data ----------------------------------------------------------------------------------
+
+
+@data_app.command("synth")
+def data_synth(
+    folder: Annotated[Path, typer.Argument(metavar="DIR", help="Where to write the dataset.")],
+    cases: Annotated[int, typer.Option(help="Number of volumes.")] = 24,
+    seed: Annotated[int, typer.Option(help="Generator seed.")] = 0,
+) -> None:
+    """Write a synthetic MSD-layout dataset (Hippocampus-like, 3 classes)."""
+    from trainers.synthetic import write_synthetic_msd
+
+    with bad_input(ValueError):
+        root = write_synthetic_msd(folder, num_cases=cases, seed=seed)
+    typer.echo(f"{root}: {cases} synthetic cases (seed {seed})")
+
+
+@data_app.command("check")
+def data_check(root: Annotated[Path, typer.Argument(help="An MSD-layout folder.")]) -> None:
+    """Read and check every case of an MSD folder; print a summary."""
+    from trainers.data import load_msd
+
+    with bad_input():
+        volumes = load_msd(root)
+    typer.echo(describe_volumes(root, volumes))
+
+
+def describe_volumes(root: Path, volumes: list[Any]) -> str:
+    """Cases, classes with their voxel shares, and the range of volume shapes."""
+    import numpy as np
+
+    names = _class_names(root)
+    voxels: Counter[int] = Counter()
+    for volume in volumes:
+        values, counts = np.unique(volume.label, return_counts=True)
+        voxels.update({int(v): int(c) for v, c in zip(values, counts, strict=True)})
+    total = sum(voxels.values()) or 1
+    classes = ", ".join(
+        f"{value} {names.get(value, '?')} ({100 * count / total:.2f}%)"
+        for value, count in sorted(voxels.items())
+    )
+    shapes = np.array([volume.image.shape for volume in volumes])
+    extent = " x ".join(
+        f"{lo}-{hi}" if lo != hi else f"{lo}"
+        for lo, hi in zip(shapes.min(0), shapes.max(0), strict=True)
+    )
+    return "\n".join(
+        [
+            f"{root}: {len(volumes)} cases, all readable and consistent",
+            f"classes: {classes}",
+            f"shapes: {extent}",
+        ]
+    )
+
+
+def _class_names(root: Path) -> dict[int, str]:
+    try:
+        labels = json.loads((root / "dataset.json").read_text()).get("labels", {})
+        return {int(k): str(v) for k, v in labels.items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

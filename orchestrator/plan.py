@@ -1,0 +1,261 @@
+"""From a spec to a DAG of content-addressed stage nodes.
+
+Each grid point becomes a ``Trial``: the chain of stages its method runs (e.g. global ->
+local -> finetune). Each stage of a trial becomes a ``StageNode`` whose ``key`` is
+
+    key = sha256(canonical JSON of what the stage's computation depends on)[:16]
+
+namely: the stage name, its config (after the method's overrides, less the settings its own
+choices leave unused: ``relevant_settings``), the model config, the data
+fingerprint (content, not location), the split fractions and split index, the seed, the label
+fraction only if the stage reads labels, the parent node's key, the parts loaded from the
+parent, and ``trainers.STAGE_CODE_VERSION``. Trials whose stages compute the same thing get the
+same key and share one node: e.g. one global pretraining per (seed, split) serves every
+temperature x block size x label fraction. ``split.repeats`` is left out of the key because a
+split depends only on its index and fractions (``trainers.data.make_split``).
+
+With ``reuse=False`` the trial id is added to every key, giving one node per trial and stage
+(the benchmark's ``--no-reuse``).
+
+Nodes are grouped into ``levels`` by depth (0 = no parent); the executor runs one level after
+the other, all of a level's incomplete nodes concurrently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from orchestrator.spec import Spec
+from trainers import STAGE_CODE_VERSION
+from trainers.config import DataConfig, to_dict
+from trainers.data import data_fingerprint
+from trainers.methods import STAGE_NAMES, init_parts, stage_uses_labels
+
+if TYPE_CHECKING:
+    from orchestrator.store import StageStore
+
+KEY_LENGTH = 16
+
+
+@dataclass(frozen=True)
+class StageNode:
+    """One stage computation, shared by every trial that needs exactly it.
+
+    ``config``/``model``/``data``/``split`` are the plain-dict forms (``trainers.config.to_dict``)
+    of the stage's config after the method's overrides, the model, the data and split configs.
+    ``label_fraction`` is None when the stage reads no labels; ``parent`` is the key of the node
+    whose final weights it starts from (``init_parts`` of them), None at depth 0.
+    """
+
+    key: str
+    stage: str
+    config: dict[str, Any]
+    model: dict[str, Any]
+    data: dict[str, Any]
+    split: dict[str, Any]
+    split_index: int
+    seed: int
+    label_fraction: float | None
+    parent: str | None
+    init_parts: tuple[str, ...]
+    depth: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready form (``node.json``)."""
+        out = dataclasses.asdict(self)
+        out["init_parts"] = list(self.init_parts)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StageNode:
+        """Inverse of ``to_dict``."""
+        values = dict(data)
+        values["init_parts"] = tuple(values.get("init_parts", ()))
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One grid point: its axis values and the node key of each stage its method runs."""
+
+    trial_id: str
+    params: dict[str, Any]
+    method: str
+    label_fraction: float
+    seed: int
+    split_index: int
+    nodes: dict[str, str]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready form."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Trial:
+        """Inverse of ``to_dict``."""
+        return cls(**dict(data))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The trials of a spec and the distinct stage nodes they need, by depth."""
+
+    spec: Spec
+    trials: list[Trial]
+    nodes: dict[str, StageNode]
+    levels: list[list[str]]
+
+    @property
+    def stages(self) -> list[str]:
+        """Stage names present in the plan, in pipeline order."""
+        present = {node.stage for node in self.nodes.values()}
+        return [stage for stage in STAGE_NAMES if stage in present]
+
+    def summary(self, store: StageStore | None = None) -> dict[str, Any]:
+        """``{"trials": n, "stages": {stage: {"nodes": distinct, "to_run": not complete}}}``.
+
+        Without a store every node counts as to run.
+        """
+        stages: dict[str, dict[str, int]] = {}
+        for stage in self.stages:
+            keys = [key for key, node in self.nodes.items() if node.stage == stage]
+            done = sum(1 for key in keys if store is not None and store.is_complete(key))
+            stages[stage] = {"nodes": len(keys), "to_run": len(keys) - done}
+        return {"trials": len(self.trials), "stages": stages}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The trials and nodes as plain data (recorded in ``sweep.json``; no spec)."""
+        return {
+            "trials": [trial.to_dict() for trial in self.trials],
+            "nodes": {key: node.to_dict() for key, node in self.nodes.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, spec: Spec, data: Mapping[str, Any]) -> Plan:
+        """Rebuild a recorded plan (no data access: keys are taken as recorded)."""
+        trials = [Trial.from_dict(t) for t in data.get("trials", [])]
+        nodes = {key: StageNode.from_dict(n) for key, n in data.get("nodes", {}).items()}
+        return cls(spec=spec, trials=trials, nodes=nodes, levels=_levels(nodes))
+
+
+def node_key(material: Mapping[str, Any]) -> str:
+    """``sha256(canonical JSON)[:16]``: identical across processes and machines."""
+    text = json.dumps(material, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:KEY_LENGTH]
+
+
+# Settings a stage provably does not read under the given choice (see the trainers.config
+# docstrings): left out of node keys so that, e.g., a stride axis does not duplicate the
+# block-strategy nodes of the same sweep. (predicate on the config dict, fields it makes unused)
+_UNUSED_SETTINGS: dict[
+    str, tuple[tuple[Callable[[Mapping[str, Any]], bool], tuple[str, ...]], ...]
+] = {
+    "global": ((lambda c: c["loss"] != "partition", ("n_parts",)),),
+    "local": (
+        (lambda c: c["loss"] == "self", ("strategy", "stride", "block_size", "form")),
+        (lambda c: c["loss"] == "supervised", ("self_regions",)),
+        (lambda c: c["loss"] == "supervised" and c["strategy"] != "stride", ("stride",)),
+        (lambda c: c["loss"] == "supervised" and c["strategy"] != "block", ("block_size",)),
+    ),
+    "finetune": (
+        (lambda c: c["regulariser"] != "mixup", ("mixup_alpha",)),
+        (
+            lambda c: c["regulariser"] != "mean_teacher",
+            ("ema_decay", "consistency_weight", "consistency_rampup", "unlabelled_batch_size"),
+        ),
+    ),
+}
+
+
+def relevant_settings(stage: str, config: Mapping[str, Any]) -> dict[str, Any]:
+    """The stage config without the settings its own choices leave unused (for node keys).
+
+    E.g. a supervised local stage with strategy "block" never reads ``stride``; a finetune
+    stage without a regulariser never reads ``mixup_alpha`` or the Mean Teacher settings.
+    """
+    unused: set[str] = set()
+    for applies, names in _UNUSED_SETTINGS.get(stage, ()):
+        if applies(config):
+            unused.update(names)
+    return {name: value for name, value in config.items() if name not in unused}
+
+
+def build_plan(spec: Spec, reuse: bool = True) -> Plan:
+    """Expand the grid into trials and merge identical stage nodes.
+
+    Trial ids are ``t0000``, ``t0001``, ... in grid order (the last axis varies fastest).
+    Raises ``trainers.data.DatasetError`` when an msd dataset cannot be fingerprinted.
+    """
+    fingerprints: dict[DataConfig, str] = {}
+    nodes: dict[str, StageNode] = {}
+    trials: list[Trial] = []
+    for index, params in enumerate(spec.points()):
+        trial_id = f"t{index:04d}"
+        point = spec.configure(params)
+        if point.dataset not in fingerprints:
+            fingerprints[point.dataset] = data_fingerprint(point.dataset)
+        fingerprint = fingerprints[point.dataset]
+        split_key = {k: v for k, v in to_dict(point.split).items() if k != "repeats"}
+        data = to_dict(point.dataset)
+        data["label_remap"] = [list(pair) for pair in point.dataset.label_remap]
+        chain: dict[str, str] = {}
+        parent: StageNode | None = None
+        for stage, cfg in point.stage_configs.items():
+            parts = init_parts(stage, parent.stage if parent else None)
+            fraction = point.label_fraction if stage_uses_labels(stage, cfg) else None
+            material = {
+                "stage": stage,
+                "config": relevant_settings(stage, to_dict(cfg)),
+                "model": to_dict(point.model),
+                "data_fingerprint": fingerprint,
+                "split": split_key,
+                "split_index": point.split_index,
+                "seed": point.seed,
+                "label_fraction": fraction,
+                "parent": parent.key if parent else None,
+                "init_parts": list(parts),
+                "code_version": STAGE_CODE_VERSION,
+            }
+            if not reuse:
+                material["trial"] = trial_id
+            key = node_key(material)
+            if key not in nodes:
+                nodes[key] = StageNode(
+                    key=key,
+                    stage=stage,
+                    config=to_dict(cfg),
+                    model=to_dict(point.model),
+                    data=data,
+                    split=to_dict(point.split),
+                    split_index=point.split_index,
+                    seed=point.seed,
+                    label_fraction=fraction,
+                    parent=parent.key if parent else None,
+                    init_parts=parts,
+                    depth=parent.depth + 1 if parent else 0,
+                )
+            chain[stage] = key
+            parent = nodes[key]
+        trials.append(
+            Trial(
+                trial_id=trial_id,
+                params=dict(params),
+                method=point.method,
+                label_fraction=point.label_fraction,
+                seed=point.seed,
+                split_index=point.split_index,
+                nodes=chain,
+            )
+        )
+    return Plan(spec=spec, trials=trials, nodes=nodes, levels=_levels(nodes))
+
+
+def _levels(nodes: Mapping[str, StageNode]) -> list[list[str]]:
+    """Node keys grouped by depth, each level in first-appearance order."""
+    depth = max((node.depth for node in nodes.values()), default=-1)
+    return [[key for key, node in nodes.items() if node.depth == d] for d in range(depth + 1)]

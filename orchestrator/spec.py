@@ -1,0 +1,712 @@
+"""The sweep specification: one YAML file, validated once here, frozen afterwards.
+
+``load_spec(path)`` reads the YAML safely, expands ``${VAR}`` in strings from the environment,
+builds the typed ``trainers.config`` objects and checks every grid point, so that a spec that
+loads can be planned and run without further validation. Every error is a ``SpecError`` whose
+message reads ``"<file>: <dotted.key>: <message>"``.
+
+Layout of a spec (every section optional except ``name``)::
+
+    name: hippocampus-ablation
+    dataset:   {kind: msd, root: ${SEMICON_DATA}/Task04_Hippocampus, image_size: 64}
+    split:     {train: 0.6, val: 0.2, test: 0.2, repeats: 4}
+    model:     {base_channels: 64, depth: 4}
+    method:    global+local_block          # a name or a list (a list is a grid axis)
+    label_fraction: [0.05, 0.1, 0.2]       # a number or a list
+    seed: 0                                # an integer or a list
+    split_index: [0, 1, 2, 3]              # default: every split, 0 .. split.repeats - 1
+    stages: {global: {...}, local: {...}, finetune: {...}}
+    grid:                                  # dotted paths (or the names method, label_fraction,
+      stages.local.temperature: [0.05, 0.1]  #  seed, split) -> non-empty lists
+    resources: {workers_per_trial: 1, cpus_per_worker: 1, gpus_per_worker: 0,
+                max_concurrent_trials: null, checkpoint_every: 1, max_failures: 1}
+    storage: results/<name>                # default; relative paths are taken from the CWD
+    ray: {address: null}
+    tracking: {mlflow_uri: null, tensorboard: false}
+
+Grid axes: the top-level ``method`` / ``label_fraction`` / ``seed`` / ``split_index`` written as
+lists come first (axes named ``method``, ``label_fraction``, ``seed``, ``split``), in the order
+they appear in the file, then the ``grid`` entries in the order written. The trials are their
+cartesian product.
+
+Synthetic data: with ``dataset.kind: synthetic`` and no ``root``, the data is generated on
+demand (deterministically from ``synthetic_cases`` and ``synthetic_seed``) into
+``<storage>/cache/synthetic-c<cases>-s<seed>``, so a sweep keeps everything it produces under
+its storage folder. The root never enters ``spec_hash`` for synthetic data (its content depends
+only on the generation parameters).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import yaml
+
+from trainers import methods as trainer_methods
+from trainers.config import (
+    ConfigError,
+    DataConfig,
+    FinetuneConfig,
+    GlobalConfig,
+    LocalConfig,
+    ModelConfig,
+    SplitConfig,
+    StageConfigs,
+    from_dict,
+    to_dict,
+)
+
+
+class SpecError(ValueError):
+    """A spec that cannot be run; the message reads ``"<file>: <dotted.key>: <message>"``."""
+
+
+TOP_LEVEL_KEYS = (
+    "name",
+    "dataset",
+    "split",
+    "model",
+    "method",
+    "label_fraction",
+    "seed",
+    "split_index",
+    "stages",
+    "grid",
+    "resources",
+    "storage",
+    "ray",
+    "tracking",
+)
+
+# spec section name -> (config class, section name used in trainers.config's own messages)
+_SECTIONS: dict[str, tuple[type, str]] = {
+    "dataset": (DataConfig, "dataset"),
+    "split": (SplitConfig, "split"),
+    "model": (ModelConfig, "model"),
+    "stages.global": (GlobalConfig, "global"),
+    "stages.local": (LocalConfig, "local"),
+    "stages.finetune": (FinetuneConfig, "finetune"),
+}
+_STAGE_FIELDS = {"global": "global_", "local": "local", "finetune": "finetune"}
+
+# Named axes: the axis name used in trials/tables -> the top-level spec key holding its values.
+NAMED_AXES = {
+    "method": "method",
+    "label_fraction": "label_fraction",
+    "seed": "seed",
+    "split": "split_index",
+}
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one trial asks of the cluster and how failures are retried.
+
+    ``max_concurrent_trials`` = None lets the executor derive it from the cluster's resources
+    and ``workers_per_trial * (cpus|gpus)_per_worker``. ``max_failures`` applies to both Tune
+    (a crashed trial driver) and Train (a dead worker group, resumed from its checkpoint).
+    """
+
+    workers_per_trial: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    max_concurrent_trials: int | None = None
+    checkpoint_every: int = 1
+    max_failures: int = 1
+
+    def __post_init__(self) -> None:
+        _require_int("resources.workers_per_trial", self.workers_per_trial, minimum=1)
+        _require_number("resources.cpus_per_worker", self.cpus_per_worker, positive=True)
+        _require_number("resources.gpus_per_worker", self.gpus_per_worker, positive=False)
+        if self.max_concurrent_trials is not None:
+            _require_int("resources.max_concurrent_trials", self.max_concurrent_trials, minimum=1)
+        _require_int("resources.checkpoint_every", self.checkpoint_every, minimum=1)
+        _require_int("resources.max_failures", self.max_failures, minimum=0)
+        gpus = self.gpus_per_worker
+        if gpus > 1 and gpus != int(gpus):
+            raise ConfigError(
+                f"resources.gpus_per_worker: above 1 it must be a whole number, got {gpus!r}"
+            )
+        if 0 < gpus < 1 and self.workers_per_trial > 1:
+            raise ConfigError(
+                "resources.gpus_per_worker: a fractional GPU needs workers_per_trial: 1 "
+                "(several DDP ranks at < 1 GPU can land on one GPU and NCCL then fails); "
+                f"got {gpus!r} with workers_per_trial {self.workers_per_trial}"
+            )
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """``address``: None starts Ray locally; ``"auto"`` or ``"ray://host:port"`` joins a cluster."""
+
+    address: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.address is not None and (not isinstance(self.address, str) or not self.address):
+            raise ConfigError(
+                f"ray.address: must be a non-empty string or null, got {self.address!r}"
+            )
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Optional experiment trackers fed by the executor (MLflow URI, TensorBoard event files)."""
+
+    mlflow_uri: str | None = None
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mlflow_uri is not None and (
+            not isinstance(self.mlflow_uri, str) or not self.mlflow_uri
+        ):
+            raise ConfigError(
+                f"tracking.mlflow_uri: must be a non-empty string or null, got {self.mlflow_uri!r}"
+            )
+        if not isinstance(self.tensorboard, bool):
+            raise ConfigError(
+                f"tracking.tensorboard: must be true or false, got {self.tensorboard!r}"
+            )
+
+
+def _require_int(key: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key}: must be an integer >= {minimum}, got {value!r}")
+
+
+def _require_number(key: str, value: Any, positive: bool) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (value <= 0 if positive else value < 0):
+        raise ConfigError(
+            f"{key}: must be a finite number {'>' if positive else '>='} 0, got {value!r}"
+        )
+
+
+@dataclass(frozen=True)
+class PointConfig:
+    """Every setting of one grid point: what a trial runs, before the method picks its stages."""
+
+    dataset: DataConfig
+    split: SplitConfig
+    model: ModelConfig
+    stages: StageConfigs
+    method: str
+    label_fraction: float
+    seed: int
+    split_index: int
+    stage_configs: Mapping[str, Any]  # the method's stages in order -> config after its overrides
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A validated sweep specification (see the module docstring for the YAML layout).
+
+    ``method``, ``label_fraction``, ``seed`` and ``split_index`` hold the base values (one value
+    each unless written as a list); ``axes`` is the ordered list of grid axes ``(name, values)``
+    whose cartesian product gives the trials. ``spec_hash`` identifies *what* is computed:
+    sha256 of the canonical resolved spec without storage / ray / resources / tracking, so the
+    same sweep relaunched with other resources or on another cluster has the same hash.
+    """
+
+    name: str
+    path: str
+    dataset: DataConfig
+    split: SplitConfig
+    model: ModelConfig
+    stages: StageConfigs
+    method: tuple[str, ...]
+    label_fraction: tuple[float, ...]
+    seed: tuple[int, ...]
+    split_index: tuple[int, ...]
+    axes: tuple[tuple[str, tuple[Any, ...]], ...]
+    resources: Resources
+    storage: str
+    ray: RayConfig
+    tracking: TrackingConfig
+    spec_hash: str
+    raw: Mapping[str, Any] = field(repr=False, compare=False)
+    overrides: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def num_trials(self) -> int:
+        """Number of grid points: the product of the axes' lengths (1 without axes)."""
+        return math.prod(len(values) for _, values in self.axes)
+
+    def points(self) -> Iterator[dict[str, Any]]:
+        """Every grid point as ``{axis name: value}``, in grid order (last axis fastest)."""
+        names = [name for name, _ in self.axes]
+        for combo in itertools.product(*(values for _, values in self.axes)):
+            yield dict(zip(names, combo, strict=True))
+
+    def configure(self, params: Mapping[str, Any]) -> PointConfig:
+        """The configs of the grid point ``params`` (axis name -> value), validated.
+
+        Raises ``ConfigError`` (key relative to the spec, e.g. ``stages.local.block_size``) when
+        a value, or a combination of values, is impossible.
+        """
+        return _configure(self, params)
+
+    def with_overrides(self, storage: str | None = None, address: str | None = None) -> Spec:
+        """The same spec with another storage folder and/or Ray address (same ``spec_hash``)."""
+        overrides = dict(self.overrides)
+        if storage is not None:
+            overrides["storage"] = storage
+        if address is not None:
+            overrides["address"] = address
+        return _build(self.raw, self.path, overrides, check_paths=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved spec as plain data (for ``sweep.json``); ``spec_from_mapping`` inverts it."""
+        return _resolved(self, for_hash=False)
+
+
+def load_spec(path: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None) -> Spec:
+    """Read, expand and validate the spec at ``path``.
+
+    ``overrides``: optional ``{"storage": str, "address": str}`` (the CLI's ``--storage`` and
+    ``--address``), applied before validation.
+    """
+    file = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{file}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise SpecError(f"{file}: unreadable ({err})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise SpecError(f"{file}: malformed YAML{line}: {problem}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{file}: the spec must be a mapping of sections, got {type(raw).__name__}")
+    raw = _expand(raw, file, "")
+    return _build(raw, file, dict(overrides or {}), check_paths=True)
+
+
+def spec_from_mapping(
+    mapping: Mapping[str, Any], source: str = "<spec>", check_paths: bool = False
+) -> Spec:
+    """Build a spec from already-parsed data (e.g. ``sweep.json``'s resolved spec).
+
+    ``check_paths=False`` skips the check that an msd ``dataset.root`` exists, so a finished
+    sweep can be inspected on a machine without the data.
+    """
+    if not isinstance(mapping, Mapping):
+        raise SpecError(f"{source}: the spec must be a mapping of sections")
+    return _build(dict(mapping), source, {}, check_paths=check_paths)
+
+
+# --------------------------------------------------------------------------------------------
+# building
+
+
+def _expand(value: Any, file: str, key: str) -> Any:
+    """Replace ``${VAR}`` in every string with the environment's value (unset -> SpecError)."""
+    if isinstance(value, str):
+
+        def substitute(match: re.Match[str]) -> str:
+            var = match.group(1)
+            if var not in os.environ:
+                raise SpecError(f"{file}: {key or '<top>'}: environment variable {var} is not set")
+            return os.environ[var]
+
+        return _VAR.sub(substitute, value)
+    if isinstance(value, dict):
+        return {k: _expand(v, file, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, file, f"{key}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def _section(raw: Mapping[str, Any], key: str, file: str) -> dict[str, Any]:
+    value = raw.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise SpecError(f"{file}: {key}: must be a mapping, got {value!r}")
+    return dict(value)
+
+
+def _spec_key(message: str) -> str:
+    """Rewrite a trainers.config message's section to the spec's key (``local.x`` -> ``stages.local.x``)."""
+    for spec_section, (_, own) in _SECTIONS.items():
+        if spec_section.startswith("stages.") and message.startswith(f"{own}."):
+            return f"stages.{message}"
+    return message
+
+
+def _config(cls: type, data: Mapping[str, Any], spec_section: str, file: str) -> Any:
+    try:
+        return from_dict(cls, data, spec_section)
+    except ConfigError as err:
+        raise SpecError(f"{file}: {_spec_key(str(err))}") from None
+    except TypeError as err:  # e.g. a list where a mapping of pairs was expected
+        raise SpecError(f"{file}: {spec_section}: {err}") from None
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def _build(
+    raw: Mapping[str, Any], file: str, overrides: Mapping[str, Any], check_paths: bool
+) -> Spec:
+    unknown = [k for k in raw if k not in TOP_LEVEL_KEYS]
+    if unknown:
+        raise SpecError(f"{file}: {unknown[0]}: unknown key (known: {', '.join(TOP_LEVEL_KEYS)})")
+
+    name = raw.get("name")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", name or ""):
+        raise SpecError(
+            f"{file}: name: must be a non-empty string of letters, digits, '.', '_', '+', '-', got {name!r}"
+        )
+
+    # storage first: the synthetic dataset's default root lives under it
+    storage_raw = overrides.get("storage") or raw.get("storage")
+    storage_raw = f"results/{name}" if storage_raw is None else storage_raw
+    if not isinstance(storage_raw, str) or not storage_raw:
+        raise SpecError(f"{file}: storage: must be a non-empty path, got {storage_raw!r}")
+    if "://" in storage_raw and not storage_raw.startswith("file://"):
+        raise SpecError(
+            f"{file}: storage: only local (or shared-filesystem) paths are supported, got {storage_raw!r}"
+        )
+    storage = str(Path(storage_raw.removeprefix("file://")).expanduser().absolute())
+
+    dataset_raw = _section(raw, "dataset", file)
+    dataset = _config(DataConfig, dataset_raw, "dataset", file)
+    if dataset.kind == "synthetic" and not dataset.root:
+        root = (
+            Path(storage)
+            / "cache"
+            / f"synthetic-c{dataset.synthetic_cases}-s{dataset.synthetic_seed}"
+        )
+        dataset = dataclasses.replace(dataset, root=str(root))
+    elif not dataset.root:
+        raise SpecError(f"{file}: dataset.root: required for kind {dataset.kind!r}")
+    else:
+        dataset = dataclasses.replace(dataset, root=str(Path(dataset.root).expanduser().absolute()))
+    if check_paths and dataset.kind == "msd" and not Path(dataset.root).is_dir():
+        raise SpecError(f"{file}: dataset.root: no such folder: {dataset.root}")
+
+    split = _config(SplitConfig, _section(raw, "split", file), "split", file)
+    model = _config(ModelConfig, _section(raw, "model", file), "model", file)
+
+    stages_raw = _section(raw, "stages", file)
+    unknown = [k for k in stages_raw if k not in _STAGE_FIELDS]
+    if unknown:
+        raise SpecError(
+            f"{file}: stages.{unknown[0]}: unknown stage (known: {', '.join(_STAGE_FIELDS)})"
+        )
+    stage_cfgs = {}
+    for stage, attr in _STAGE_FIELDS.items():
+        section = f"stages.{stage}"
+        value = stages_raw.get(stage)
+        if value is not None and not isinstance(value, dict):
+            raise SpecError(f"{file}: {section}: must be a mapping, got {value!r}")
+        stage_cfgs[attr] = _config(_SECTIONS[section][0], value or {}, section, file)
+    stages = StageConfigs(**stage_cfgs)
+
+    method = _named_values(raw, "method", file, default="global+local_block")
+    label_fraction = _named_values(raw, "label_fraction", file, default=0.1)
+    seed = _named_values(raw, "seed", file, default=0)
+    split_index = _named_values(raw, "split_index", file, default=list(range(split.repeats)))
+
+    grid = raw.get("grid") or {}
+    if not isinstance(grid, dict):
+        raise SpecError(f"{file}: grid: must be a mapping of dotted paths to lists, got {grid!r}")
+    axes: list[tuple[str, tuple[Any, ...]]] = []
+    for key in raw:  # top-level lists become axes, in file order
+        axis = next((a for a, k in NAMED_AXES.items() if k == key), None)
+        if axis is not None and isinstance(raw[key], list):
+            axes.append((axis, tuple(raw[key])))
+    if "split_index" not in raw and "split" not in grid and len(split_index) > 1:
+        axes.append(("split", tuple(split_index)))  # default: every split is an axis
+    for path, values in grid.items():
+        path = str(path)
+        _check_grid_path(path, file)
+        if not isinstance(values, list) or not values:
+            raise SpecError(f"{file}: grid.{path}: must be a non-empty list, got {values!r}")
+        if path in NAMED_AXES and NAMED_AXES[path] in raw:
+            raise SpecError(
+                f"{file}: grid.{path}: also given at the top level as {NAMED_AXES[path]}; give it in one place"
+            )
+        axes.append((path, tuple(values)))
+    for axis_name, values in axes:
+        if axis_name == "method":
+            method = list(values)
+        elif axis_name == "label_fraction":
+            label_fraction = list(values)
+        elif axis_name == "seed":
+            seed = list(values)
+        elif axis_name == "split":
+            split_index = list(values)
+        if len({_canonical(v) for v in values}) != len(values):
+            label = (
+                f"grid.{axis_name}" if axis_name in grid else NAMED_AXES.get(axis_name, axis_name)
+            )
+            raise SpecError(f"{file}: {label}: repeated values in {list(values)!r}")
+
+    try:
+        resources = from_dict(Resources, _section(raw, "resources", file), "resources")
+        ray_raw = _section(raw, "ray", file)
+        if "address" in overrides:
+            ray_raw["address"] = overrides["address"]
+        ray = from_dict(RayConfig, ray_raw, "ray")
+        tracking = from_dict(TrackingConfig, _section(raw, "tracking", file), "tracking")
+    except ConfigError as err:
+        raise SpecError(f"{file}: {err}") from None
+
+    spec = Spec(
+        name=name,
+        path=file,
+        dataset=dataset,
+        split=split,
+        model=model,
+        stages=stages,
+        method=tuple(method),
+        label_fraction=tuple(label_fraction),
+        seed=tuple(seed),
+        split_index=tuple(split_index),
+        axes=tuple(axes),
+        resources=resources,
+        storage=storage,
+        ray=ray,
+        tracking=tracking,
+        spec_hash="",
+        raw=dict(raw),
+        overrides=dict(overrides),
+    )
+    _check_values(spec, file)
+    _check_points(spec, file)
+    digest = hashlib.sha256(_canonical(_resolved(spec, for_hash=True)).encode()).hexdigest()
+    return dataclasses.replace(spec, spec_hash=digest)
+
+
+def _named_values(raw: Mapping[str, Any], key: str, file: str, default: Any) -> list[Any]:
+    value = raw.get(key, default)
+    values = _as_list(value)
+    if not values:
+        raise SpecError(f"{file}: {key}: must not be an empty list")
+    return values
+
+
+def _check_grid_path(path: str, file: str) -> None:
+    """Raise unless ``path`` is a named axis or ``<section>.<field>`` of a known config."""
+    if path in NAMED_AXES:
+        return
+    section, _, leaf = path.rpartition(".")
+    if section in _SECTIONS:
+        known = {f.name for f in dataclasses.fields(_SECTIONS[section][0])}
+        if leaf in known:
+            return
+        raise SpecError(
+            f"{file}: grid.{path}: unknown key {leaf!r} of {section} (known: {', '.join(sorted(known))})"
+        )
+    raise SpecError(
+        f"{file}: grid.{path}: unknown path (use method, label_fraction, seed, split, or "
+        f"<section>.<key> with section one of {', '.join(_SECTIONS)})"
+    )
+
+
+def _check_value(axis: str, value: Any) -> None:
+    """Validate a named axis value (method / label_fraction / seed / split); ConfigError on failure."""
+    key = NAMED_AXES.get(axis, axis)
+    if axis == "method":
+        if not isinstance(value, str) or value not in trainer_methods.METHODS:
+            known = ", ".join(trainer_methods.METHODS)
+            raise ConfigError(f"{key}: unknown method {value!r} (known: {known})")
+    elif axis == "label_fraction":
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= 1
+        if not ok:
+            raise ConfigError(f"{key}: must be a number in (0, 1], got {value!r}")
+    elif axis in ("seed", "split") and (
+        isinstance(value, bool) or not isinstance(value, int) or value < 0
+    ):
+        raise ConfigError(f"{key}: must be an integer >= 0, got {value!r}")
+
+
+def _check_values(spec: Spec, file: str) -> None:
+    """Validate the base values of the named axes, naming the top-level key."""
+    for axis, values in (
+        ("method", spec.method),
+        ("label_fraction", spec.label_fraction),
+        ("seed", spec.seed),
+        ("split", spec.split_index),
+    ):
+        for value in values:
+            try:
+                _check_value(axis, value)
+            except ConfigError as err:
+                raise SpecError(f"{file}: {err}") from None
+
+
+def _check_points(spec: Spec, file: str) -> None:
+    """Validate every grid axis value alone, then every grid point's combination."""
+    from_grid = set(spec.raw.get("grid") or {})
+    for name, values in spec.axes:
+        label = f"grid.{name}" if name in from_grid else NAMED_AXES.get(name, name)
+        for value in values:
+            try:
+                _configure(spec, {name: value}, cross_checks=False)
+            except ConfigError as err:
+                inner = str(err)
+                own = f"{NAMED_AXES.get(name, name)}: "
+                inner = inner.removeprefix(own)
+                raise SpecError(f"{file}: {label}: value {value!r}: {inner}") from None
+    for params in spec.points():
+        try:
+            _configure(spec, params)
+        except ConfigError as err:
+            where = ", ".join(f"{k}={v!r}" for k, v in params.items())
+            context = f" (grid point {where})" if params else ""
+            key = str(err).partition(": ")[0]
+            prefix = "grid." if key in from_grid else ""  # the offending value came from the grid
+            raise SpecError(f"{file}: {prefix}{err}{context}") from None
+
+
+def _configure(spec: Spec, params: Mapping[str, Any], cross_checks: bool = True) -> PointConfig:
+    """Apply grid values to the spec's configs and cross-check them (ConfigError on failure).
+
+    ``cross_checks=False`` validates only the values themselves, not their combination (used
+    to name the offending axis before whole grid points are checked).
+    """
+    sections: dict[str, dict[str, Any]] = {}
+    named = {
+        "method": spec.method[0],
+        "label_fraction": spec.label_fraction[0],
+        "seed": spec.seed[0],
+        "split": spec.split_index[0],
+    }
+    for path, value in params.items():
+        if path in NAMED_AXES:
+            _check_value(path, value)
+            named[path] = value
+        else:
+            section, _, leaf = path.rpartition(".")
+            sections.setdefault(section, {})[leaf] = value
+
+    current = {
+        "dataset": spec.dataset,
+        "split": spec.split,
+        "model": spec.model,
+        "stages.global": spec.stages.global_,
+        "stages.local": spec.stages.local,
+        "stages.finetune": spec.stages.finetune,
+    }
+    for section, values in sections.items():
+        cls = _SECTIONS[section][0]
+        try:
+            current[section] = from_dict(cls, {**to_dict(current[section]), **values}, section)
+        except ConfigError as err:
+            raise ConfigError(_spec_key(str(err))) from None
+        except TypeError as err:
+            raise ConfigError(f"{section}: {err}") from None
+    point = _point(current, named)
+    if not cross_checks:
+        return point
+    if point.split_index >= point.split.repeats:
+        raise ConfigError(
+            f"split_index: {point.split_index} must be < split.repeats ({point.split.repeats})"
+        )
+    local = point.stage_configs.get("local")
+    if isinstance(local, LocalConfig):
+        try:
+            local.check_image_size(point.dataset.image_size)
+        except ConfigError as err:
+            raise ConfigError(_spec_key(str(err))) from None
+    size, depth = point.dataset.image_size, point.model.depth
+    if size % (2**depth):
+        raise ConfigError(
+            f"dataset.image_size: {size} is not divisible by 2**model.depth ({2**depth}); "
+            f"the U-Net pools {depth} times"
+        )
+    return point
+
+
+def _point(current: Mapping[str, Any], named: Mapping[str, Any]) -> PointConfig:
+    stages = StageConfigs(
+        global_=current["stages.global"],
+        local=current["stages.local"],
+        finetune=current["stages.finetune"],
+    )
+    try:
+        stage_configs = trainer_methods.resolve_stages(named["method"], stages)
+    except ConfigError as err:  # a method's pinned setting clashes with a user's value
+        raise ConfigError(f"method: {named['method']}: {_spec_key(str(err))}") from None
+    return PointConfig(
+        dataset=current["dataset"],
+        split=current["split"],
+        model=current["model"],
+        stages=stages,
+        method=named["method"],
+        label_fraction=float(named["label_fraction"]),
+        seed=named["seed"],
+        split_index=named["split"],
+        stage_configs=MappingProxyType(dict(stage_configs)),
+    )
+
+
+def _resolved(spec: Spec, for_hash: bool) -> dict[str, Any]:
+    """The spec with every default filled in, as plain data.
+
+    ``for_hash``: drop storage / ray / resources / tracking, and a synthetic dataset's root
+    (a location, not content).
+    """
+    dataset = to_dict(spec.dataset)
+    dataset["label_remap"] = [list(pair) for pair in spec.dataset.label_remap]
+    if for_hash and spec.dataset.kind == "synthetic":
+        dataset.pop("root")
+    out: dict[str, Any] = {
+        "name": spec.name,
+        "dataset": dataset,
+        "split": to_dict(spec.split),
+        "model": to_dict(spec.model),
+        "stages": {
+            "global": to_dict(spec.stages.global_),
+            "local": to_dict(spec.stages.local),
+            "finetune": to_dict(spec.stages.finetune),
+        },
+    }
+    # named values keep their written form: a list where it is an axis, else the scalar;
+    # top-level axes are written in axis order so that a rebuilt spec has the same axis order
+    from_grid = set(spec.raw.get("grid") or {})
+    axis_names = [name for name, _ in spec.axes]
+    for name in axis_names:
+        if name in NAMED_AXES and name not in from_grid:
+            out[NAMED_AXES[name]] = list(getattr(spec, NAMED_AXES[name]))
+    for axis, key in NAMED_AXES.items():
+        if axis not in axis_names:
+            out[key] = getattr(spec, key)[0]
+    out["grid"] = {
+        name: list(values)
+        for name, values in spec.axes
+        if name in from_grid or name not in NAMED_AXES
+    }
+    if for_hash:
+        out["axes"] = axis_names  # the order fixes the trial ids
+        return out
+    out["resources"] = dataclasses.asdict(spec.resources)
+    out["storage"] = spec.storage
+    out["ray"] = dataclasses.asdict(spec.ray)
+    out["tracking"] = dataclasses.asdict(spec.tracking)
+    return out
+
+
+def _canonical(value: Any) -> str:
+    """Canonical JSON (sorted keys, no spaces): equal data gives equal text across processes."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)

@@ -1,0 +1,425 @@
+"""Results as tables: collected from the stage store, written as parquet, formatted like the paper.
+
+Schema (stable column names; a later ``tabulate`` can always re-read an old sweep):
+
+``trials``: one row per trial, failed and unfinished ones included.
+    ``sweep``, ``trial_id``; one column per grid axis that is a dotted path (e.g.
+    ``stages.local.temperature``); ``method``, ``label_fraction``, ``seed``, ``split``;
+    ``status``: ``ok`` (every stage complete), ``failed`` (the trial's last stage failed),
+    ``skipped`` (an earlier stage it builds on failed, so its last stage never ran) or
+    ``pending`` (not finished, no failure recorded); ``error`` (the failure's message, naming
+    the stage and node key; None when ok/pending); ``key_global``, ``key_local``,
+    ``key_finetune`` (None where the method has no such stage); every final metric of the
+    finetune node (``test_dice_pooled_mean``, ``test_dice_volume_mean``, per class
+    ``test_dice_pooled_c1`` ..., ``val_*``); ``wall_s_<stage>`` and ``gpu_s_<stage>`` for each
+    stage (``wall_s``/``gpu_s`` of the node's ``metrics.json`` when the worker recorded them,
+    else the sum of the epochs' ``seconds``/``gpu_s``; NaN when unknown); ``torch_version``,
+    ``ray_version``, ``numpy_version``, ``git_commit`` (recorded in ``sweep.json`` at launch).
+``epochs``: one row per (node key, epoch): ``sweep``, ``key``, ``stage``, ``epoch``, ``loss``,
+    ``val_dice_mean``, ``slices_per_s``, ``seconds`` and whatever else the stage reported. After
+    a restart an epoch may have been recorded twice; the last record wins.
+``summary``: ok trials grouped over seed and split by ``method``, ``label_fraction`` and the
+    other grid axes: ``n_trials`` and, for each ``test_*`` metric ``m``, ``m_mean``, ``m_std``
+    (sample standard deviation, NaN for a single trial) and ``m_n`` (trials with a value).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pandas as pd
+
+from orchestrator.plan import Plan, Trial
+from orchestrator.spec import NAMED_AXES
+from orchestrator.store import StageStore, atomic_write, environment_info
+from trainers.methods import STAGE_NAMES
+
+TABLE_NAMES = ("trials", "epochs", "summary")
+STATUSES = ("ok", "failed", "skipped", "pending")
+# the paper's order (Table 1), then the baselines it lacks and our additions
+METHOD_ORDER = (
+    "random",
+    "global",
+    "global+local_self",
+    "local_stride",
+    "local_block",
+    "global+local_stride",
+    "global+local_block",
+    "mixup",
+    "tcsm",
+    "mean_teacher",
+    "local_full",
+    "global+local_full",
+)
+ENVIRONMENT_COLUMNS = ("torch_version", "ray_version", "numpy_version", "git_commit")
+EPOCH_COLUMNS = (
+    "sweep",
+    "key",
+    "stage",
+    "epoch",
+    "loss",
+    "val_dice_mean",
+    "slices_per_s",
+    "seconds",
+)
+_TIME_KEYS = ("wall_s", "gpu_s")
+
+
+class Tables(NamedTuple):
+    """The three result tables of a sweep (also unpacks as ``trials, epochs, summary``)."""
+
+    trials: pd.DataFrame
+    epochs: pd.DataFrame
+    summary: pd.DataFrame
+
+
+def trial_status(trial: Trial, store: StageStore) -> tuple[str, str | None]:
+    """``(status, error)`` of a trial from its nodes' state in the store (see module docstring)."""
+    stages = list(trial.nodes)
+    for stage, key in trial.nodes.items():
+        if store.is_complete(key):
+            continue
+        error = store.read_error(key)
+        if error is None:
+            return "pending", None
+        if stage == stages[-1]:
+            return "failed", f"{stage} node {key}: {error}"
+        return "skipped", f"{stage} node {key} failed: {error}"
+    return "ok", None
+
+
+def collect(plan: Plan, store: StageStore) -> Tables:
+    """Build the trials / epochs / summary tables of ``plan`` from what ``store`` holds."""
+    sweep = plan.spec.name
+    record = store.read_sweep() or {}
+    environment = {**environment_info(), **record.get("environment", {})}
+    path_axes = [name for name, _ in plan.spec.axes if name not in NAMED_AXES]
+
+    epochs_by_key = {key: _dedupe_epochs(store.read_epochs(key)) for key in plan.nodes}
+    rows = []
+    for trial in plan.trials:
+        status, error = trial_status(trial, store)
+        row: dict[str, Any] = {"sweep": sweep, "trial_id": trial.trial_id}
+        row.update({axis: trial.params.get(axis) for axis in path_axes})
+        row.update(
+            {
+                "method": trial.method,
+                "label_fraction": trial.label_fraction,
+                "seed": trial.seed,
+                "split": trial.split_index,
+                "status": status,
+                "error": error,
+            }
+        )
+        row.update({f"key_{stage}": trial.nodes.get(stage) for stage in STAGE_NAMES})
+        final_key = list(trial.nodes.values())[-1]
+        final = (store.read_metrics(final_key) or {}) if store.is_complete(final_key) else {}
+        row.update({name: value for name, value in sorted(final.items()) if name not in _TIME_KEYS})
+        for stage in STAGE_NAMES:
+            key = trial.nodes.get(stage)
+            metrics = (store.read_metrics(key) or {}) if key else {}
+            epochs = epochs_by_key.get(key, []) if key else []
+            row[f"wall_s_{stage}"] = _seconds(metrics, epochs, "wall_s", "seconds")
+            row[f"gpu_s_{stage}"] = _seconds(metrics, epochs, "gpu_s", "gpu_s")
+        row.update({name: environment.get(name, "unknown") for name in ENVIRONMENT_COLUMNS})
+        rows.append(row)
+    trials = pd.DataFrame(rows)
+    if trials.empty:
+        trials = pd.DataFrame(
+            columns=["sweep", "trial_id", "method", "label_fraction", "seed", "split", "status"]
+        )
+
+    epoch_rows = []
+    for key, records in epochs_by_key.items():
+        for record in records:
+            epoch_rows.append(
+                {"sweep": sweep, "key": key, "stage": plan.nodes[key].stage, **record}
+            )
+    epochs = pd.DataFrame(epoch_rows)
+    for column in EPOCH_COLUMNS:
+        if column not in epochs.columns:
+            epochs[column] = pd.Series(dtype="float64")
+    epochs = epochs[list(EPOCH_COLUMNS) + [c for c in epochs.columns if c not in EPOCH_COLUMNS]]
+
+    return Tables(trials=trials, epochs=epochs, summary=summarise(trials, sweep, path_axes))
+
+
+def summarise(trials: pd.DataFrame, sweep: str, axes: Sequence[str] = ()) -> pd.DataFrame:
+    """Mean, std and n of every ``test_*`` metric over seeds and splits, per configuration.
+
+    Groups the ok trials by ``method``, ``label_fraction`` and ``axes`` (the other grid axes).
+    """
+    keys = ["method", "label_fraction", *axes]
+    metrics = sorted(c for c in trials.columns if c.startswith("test_"))
+    ok = trials[trials["status"] == "ok"] if "status" in trials.columns else trials.iloc[0:0]
+    columns = ["sweep", *keys, "n_trials"] + [
+        f"{m}_{s}" for m in metrics for s in ("mean", "std", "n")
+    ]
+    if ok.empty:
+        return pd.DataFrame(columns=columns)
+    grouped = ok.assign(**{k: ok[k].map(_hashable) for k in keys}).groupby(
+        keys, dropna=False, sort=False
+    )
+    rows = []
+    for values, group in grouped:
+        row: dict[str, Any] = {"sweep": sweep, **dict(zip(keys, values, strict=True))}
+        row["n_trials"] = len(group)
+        for metric in metrics:
+            column = pd.to_numeric(group[metric], errors="coerce")
+            row[f"{metric}_mean"] = float(column.mean()) if column.notna().any() else math.nan
+            row[f"{metric}_std"] = (
+                float(column.std(ddof=1)) if column.notna().sum() > 1 else math.nan
+            )
+            row[f"{metric}_n"] = int(column.notna().sum())
+        rows.append(row)
+    return pd.DataFrame(rows, columns=columns)
+
+
+def write_tables(tables: Tables, store: StageStore) -> dict[str, Path]:
+    """Write ``tables/{trials,epochs,summary}.parquet`` atomically; returns their paths."""
+    paths = {}
+    for name in TABLE_NAMES:
+        frame = parquet_safe(getattr(tables, name))
+        buffer = io.BytesIO()
+        frame.to_parquet(buffer, index=False)
+        path = store.tables_dir / f"{name}.parquet"
+        atomic_write(path, lambda handle, data=buffer.getvalue(): handle.write(data))
+        paths[name] = path
+    return paths
+
+
+def read_tables(storage: str | os.PathLike[str]) -> Tables:
+    """Read a sweep's parquet tables; ``FileNotFoundError`` naming the missing file."""
+    folder = StageStore(storage).tables_dir
+    frames = {}
+    for name in TABLE_NAMES:
+        path = folder / f"{name}.parquet"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path}: no such table (run `semicon-sweep tabulate {storage}`)"
+            )
+        frames[name] = pd.read_parquet(path)
+    return Tables(**frames)
+
+
+def tables_stale(store: StageStore) -> bool:
+    """Whether the tables are missing or older than anything in the store they are built from."""
+    paths = [store.tables_dir / f"{name}.parquet" for name in TABLE_NAMES]
+    if not all(p.is_file() for p in paths):
+        return True
+    built = min(p.stat().st_mtime_ns for p in paths)
+    sources = [store.sweep_path]
+    if store.stages_dir.is_dir():
+        for folder in store.stages_dir.iterdir():
+            sources += [
+                folder / n for n in ("COMPLETE", "metrics.json", "error.txt", "epochs.jsonl")
+            ]
+            sources.append(folder)  # a deleted error.txt changes the folder's mtime
+    newest = max((p.stat().st_mtime_ns for p in sources if p.exists()), default=0)
+    return newest > built
+
+
+def parquet_safe(frame: pd.DataFrame) -> pd.DataFrame:
+    """Object columns whose non-null values are not all one scalar type become strings.
+
+    Lists and mappings (e.g. a ``dataset.label_remap`` axis) become JSON text; None stays None.
+    """
+    out = frame.copy()
+    for column in out.columns:
+        if out[column].dtype != object:
+            continue
+        values = [
+            v for v in out[column] if v is not None and not (isinstance(v, float) and math.isnan(v))
+        ]
+        kinds = {type(v) for v in values}
+        if len(kinds) <= 1 and not kinds & {list, tuple, dict}:
+            continue
+        out[column] = out[column].map(lambda v: v if v is None else _text(v))
+    return out
+
+
+def paper_table(
+    trials: pd.DataFrame,
+    metric: str = "test_dice_pooled_mean",
+    rows: str | Sequence[str] = "method",
+    cols: str = "label_fraction",
+) -> pd.DataFrame:
+    """A table of ``"mean ± std (n)"`` strings over the ok trials, as in the paper.
+
+    Rows are ``rows`` (methods in the paper's order) plus every other grid axis that varies
+    among the ok trials (never seed or split, which are what the mean is taken over), so no
+    two different configurations are pooled into one cell. Columns are the values of ``cols``.
+    Cells with one trial read ``"mean (1)"``; missing cells are empty.
+    """
+    if metric not in trials.columns:
+        available = (
+            ", ".join(c for c in trials.columns if c.startswith(("test_", "val_"))) or "none yet"
+        )
+        raise ValueError(f"metric {metric!r}: not in the trials table (available: {available})")
+    if cols not in trials.columns:
+        raise ValueError(
+            f"--by {cols!r}: not a column of the trials table (axes: {', '.join(_axes(trials))})"
+        )
+    row_keys = [rows] if isinstance(rows, str) else list(rows)
+    for key in row_keys:
+        if key not in trials.columns:
+            raise ValueError(f"rows {key!r}: not a column of the trials table")
+    ok = trials[trials["status"] == "ok"]
+    extra = [
+        axis
+        for axis in _axes(trials)
+        if axis not in (*row_keys, cols, "seed", "split")
+        and ok[axis].map(_hashable).nunique(dropna=False) > 1
+    ]
+    row_keys += extra
+    if ok.empty:
+        return pd.DataFrame()
+    ok = ok.assign(**{k: ok[k].map(_hashable) for k in [*row_keys, cols]})
+    values = pd.to_numeric(ok[metric], errors="coerce")
+    stats = values.groupby([ok[k] for k in [*row_keys, cols]], dropna=False).agg(
+        ["mean", "std", "count"]
+    )
+    cells = stats.apply(lambda s: _cell(s["mean"], s["std"], int(s["count"])), axis=1)
+    table = cells.unstack(cols).fillna("")
+    table = table.reindex(columns=sorted(table.columns, key=_sort_key))
+    table = table.reindex(index=sorted(table.index, key=lambda idx: _row_key(idx, row_keys)))
+    table.columns = [_label(c) for c in table.columns]
+    table.columns.name = cols
+    return table
+
+
+def format_table(table: pd.DataFrame, fmt: str = "text") -> str:
+    """Render a ``paper_table`` as plain text, Markdown, LaTeX (tabular) or CSV."""
+    if fmt not in ("text", "md", "latex", "csv"):
+        raise ValueError(f"format {fmt!r}: must be one of text, md, latex, csv")
+    index_names = [n if n is not None else "" for n in table.index.names]
+    header = [*index_names, *[str(c) for c in table.columns]]
+    if table.columns.name and header:
+        header[len(index_names) - 1] = f"{header[len(index_names) - 1]} \\ {table.columns.name}"
+    body = []
+    for idx, values in table.iterrows():
+        idx_values = idx if isinstance(idx, tuple) else (idx,)
+        body.append([_label(v) for v in idx_values] + [str(v) for v in values])
+    if fmt == "csv":
+        buffer = io.StringIO()
+        pd.DataFrame(body, columns=header).to_csv(buffer, index=False)
+        return buffer.getvalue()
+    if fmt == "md":
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in body]
+        return "\n".join(lines) + "\n"
+    if fmt == "latex":
+        spec = "l" * len(index_names) + "c" * len(table.columns)
+        lines = [f"\\begin{{tabular}}{{{spec}}}", "\\hline"]
+        lines.append(" & ".join(_latex(h) for h in header) + " \\\\")
+        lines.append("\\hline")
+        lines += [" & ".join(_latex(c) for c in row) + " \\\\" for row in body]
+        lines += ["\\hline", "\\end{tabular}"]
+        return "\n".join(lines) + "\n"
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths, strict=True)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in body
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+
+def _dedupe_epochs(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Keep the last record of each epoch (a restart re-runs and re-records epochs)."""
+    by_epoch: dict[Any, dict[str, Any]] = {}
+    unnumbered = []
+    for record in records:
+        if "epoch" in record:
+            by_epoch[record["epoch"]] = record
+        else:
+            unnumbered.append(record)
+    ordered = sorted(by_epoch.items(), key=lambda item: _sort_key(item[0]))
+    return [record for _, record in ordered] + unnumbered
+
+
+def _seconds(
+    metrics: dict[str, Any], epochs: list[dict[str, Any]], final_key: str, epoch_key: str
+) -> float:
+    value = metrics.get(final_key)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    per_epoch = [e[epoch_key] for e in epochs if isinstance(e.get(epoch_key), int | float)]
+    return float(sum(per_epoch)) if per_epoch else math.nan
+
+
+def _axes(trials: pd.DataFrame) -> list[str]:
+    """Grid-axis-like columns of a trials table: dotted paths and the named axes."""
+    named = ["method", "label_fraction", "seed", "split"]
+    return [c for c in trials.columns if "." in c] + [c for c in named if c in trials.columns]
+
+
+def _hashable(value: Any) -> Any:
+    return _text(value) if isinstance(value, list | tuple | dict) else value
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    try:
+        return json.dumps(value)
+    except TypeError:
+        return str(value)
+
+
+def _cell(mean: float, std: float, count: int) -> str:
+    if count == 0 or math.isnan(mean):
+        return ""
+    if count == 1 or math.isnan(std):
+        return f"{mean:.3f} ({count})"
+    return f"{mean:.3f} ± {std:.3f} ({count})"
+
+
+def _sort_key(value: Any) -> tuple[int, Any]:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return (0, value)
+    return (1, str(value))
+
+
+def _row_key(idx: Any, row_keys: Sequence[str]) -> tuple[Any, ...]:
+    values = idx if isinstance(idx, tuple) else (idx,)
+    out = []
+    for key, value in zip(row_keys, values, strict=True):
+        if key == "method":
+            rank = METHOD_ORDER.index(value) if value in METHOD_ORDER else len(METHOD_ORDER)
+            out.append((rank, _sort_key(value)))
+        else:
+            out.append((0, _sort_key(value)))
+    return tuple(out)
+
+
+def _label(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+_LATEX = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+}
+
+
+def _latex(text: str) -> str:
+    escaped = "".join(_LATEX.get(ch, ch) for ch in text)
+    return escaped.replace("±", r"$\pm$")

@@ -1,0 +1,362 @@
+"""The CLI without Ray: dry runs, bad input (exit 2, one line, nothing written), launch with a
+stand-in executor, status, tabulate and the data commands."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import types
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from orchestrator.cli import app
+from orchestrator.plan import Plan, build_plan
+from orchestrator.spec import load_spec
+from orchestrator.store import StageStore
+
+REPO = Path(__file__).resolve().parents[2]
+
+SPEC = """
+name: cli-test
+dataset: {kind: synthetic, image_size: 32, synthetic_cases: 8}
+model: {base_channels: 4, depth: 2}
+method: [global, global+local_block]
+label_fraction: [0.2, 0.5]
+seed: [0, 1]
+stages:
+  local: {block_size: 8}
+"""
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def write_spec(tmp_path: Path, text: str = SPEC, name: str = "spec.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def one_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("semicon-sweep: error: "), stderr
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+def test_dry_run_json_is_one_object_and_writes_nothing(runner: CliRunner, tmp_path: Path) -> None:
+    spec_path = write_spec(tmp_path)
+    storage = tmp_path / "storage"
+    result = runner.invoke(
+        app, ["launch", str(spec_path), "--dry-run", "--json", "--storage", str(storage)]
+    )
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert set(summary) == {"trials", "stages", "storage", "spec_hash"}
+    assert summary["trials"] == 8
+    assert summary["stages"] == {
+        "global": {"nodes": 2, "to_run": 2},
+        "local": {"nodes": 4, "to_run": 4},
+        "finetune": {"nodes": 8, "to_run": 8},
+    }
+    assert summary["storage"] == str(storage)
+    assert summary["spec_hash"] == load_spec(spec_path).spec_hash
+    assert not storage.exists()
+
+
+def test_dry_run_json_stdout_in_a_real_process(tmp_path: Path) -> None:
+    spec_path = write_spec(tmp_path)
+    storage = tmp_path / "storage"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "launch",
+            str(spec_path),
+            "--dry-run",
+            "--json",
+            "--storage",
+            str(storage),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["trials"] == 8  # the whole stdout is one JSON document
+    assert out.stdout.count("\n") == 1
+    assert not storage.exists()
+
+
+def test_dry_run_counts_done_nodes(runner: CliRunner, tmp_path: Path) -> None:
+    spec_path = write_spec(tmp_path)
+    storage = tmp_path / "storage"
+    plan = build_plan(load_spec(spec_path, overrides={"storage": str(storage)}))
+    StageStore(storage).write_result(plan.levels[0][0], {"w": torch.zeros(1)}, {})
+    before = sorted(p.relative_to(storage) for p in storage.rglob("*"))
+    result = runner.invoke(app, ["launch", str(spec_path), "--dry-run", "--storage", str(storage)])
+    assert result.exit_code == 0
+    assert "8 trials" in result.stdout and "nothing was run or written" in result.stdout
+    global_line = next(line for line in result.stdout.splitlines() if line.startswith("global "))
+    assert global_line.split() == ["global", "2", "1", "1"]
+    assert sorted(p.relative_to(storage) for p in storage.rglob("*")) == before
+
+
+BAD = {
+    "unknown key": (SPEC + "epoch: 3\n", "epoch: unknown key"),
+    "bad temperature": (
+        SPEC + "grid:\n  stages.local.temperature: [-1]\n",
+        "grid.stages.local.temperature",
+    ),
+    "unknown method": (
+        SPEC.replace("method: [global, global+local_block]", "method: simclr"),
+        "method",
+    ),
+    "malformed": ("name: x\nmodel: [1, 2\n", "malformed YAML at line"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_bad_spec_exits_2_with_one_line(
+    runner: CliRunner, tmp_path: Path, case: str, dry_run: bool
+) -> None:
+    text, key = BAD[case]
+    spec_path = write_spec(tmp_path, text)
+    storage = tmp_path / "storage"
+    args = ["launch", str(spec_path), "--storage", str(storage)] + (
+        ["--dry-run"] if dry_run else []
+    )
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    line = one_error_line(result.stderr)
+    assert str(spec_path) in line and key in line
+    assert result.stdout == ""
+    assert not storage.exists()
+
+
+def test_json_needs_dry_run(runner: CliRunner, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["launch", str(write_spec(tmp_path)), "--json"])
+    assert result.exit_code == 2
+    assert "--json" in one_error_line(result.stderr)
+
+
+def fake_executor(
+    fail: Callable[[Plan, str], bool] | None = None, cluster_error: bool = False
+) -> types.ModuleType:
+    """A stand-in for orchestrator.execute: runs nothing, writes results like the real one."""
+    module = types.ModuleType("orchestrator.execute")
+
+    class ClusterError(ValueError):
+        pass
+
+    def check_address(address: str) -> None:
+        if address == "unreachable:1":
+            raise ClusterError(f"cannot reach the Ray cluster at {address}: connection refused")
+
+    def run_sweep(
+        plan: Plan, store: StageStore, address: str | None = None, progress=None, reuse: bool = True
+    ):
+        if cluster_error:
+            raise ClusterError("cannot connect to a local Ray instance: no")
+        for level in plan.levels:
+            for key in level:
+                node = plan.nodes[key]
+                if store.is_complete(key) or (node.parent and not store.is_complete(node.parent)):
+                    continue
+                store.write_node(node)
+                if fail is not None and fail(plan, key):
+                    store.write_error(key, "RuntimeError: injected")
+                    continue
+                dice = 0.5 + (node.label_fraction or 0) / 2 + node.seed / 100
+                store.write_result(
+                    key, {"w": torch.zeros(1)}, {"test_dice_pooled_mean": dice, "wall_s": 1.0}
+                )
+        progress("fake sweep done")
+
+    module.ClusterError = ClusterError  # type: ignore[attr-defined]
+    module.check_address = check_address  # type: ignore[attr-defined]
+    module.run_sweep = run_sweep  # type: ignore[attr-defined]
+    return module
+
+
+def test_launch_runs_collects_and_exits_0(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "orchestrator.execute", fake_executor())
+    storage = tmp_path / "storage"
+    result = runner.invoke(app, ["launch", str(write_spec(tmp_path)), "--storage", str(storage)])
+    assert result.exit_code == 0, result.stderr
+    assert "fake sweep done" in result.stderr
+    header = result.stdout.splitlines()[0].split()
+    assert header == ["method", "\\", "label_fraction", "0.2", "0.5"]
+    assert "global+local_block" in result.stdout and "± " in result.stdout
+    assert {p.name for p in (storage / "tables").iterdir()} == {
+        "trials.parquet",
+        "epochs.parquet",
+        "summary.parquet",
+    }
+    assert json.loads((storage / "sweep.json").read_text())["name"] == "cli-test"
+
+
+def test_launch_exits_1_when_a_trial_failed(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(plan: Plan, key: str) -> bool:
+        node = plan.nodes[key]
+        return node.stage == "finetune" and node.label_fraction == 0.5 and node.seed == 1
+
+    monkeypatch.setitem(sys.modules, "orchestrator.execute", fake_executor(fail))
+    storage = tmp_path / "storage"
+    result = runner.invoke(app, ["launch", str(write_spec(tmp_path)), "--storage", str(storage)])
+    assert result.exit_code == 1
+    assert "failed 2" in result.stderr  # both methods' (0.5, seed 1) fine-tuning
+
+
+def test_storage_conflict_exits_2_before_writing(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "orchestrator.execute", fake_executor())
+    storage = tmp_path / "storage"
+    other = load_spec(write_spec(tmp_path, SPEC.replace("seed: [0, 1]", "seed: 5"), "other.yaml"))
+    StageStore(storage).claim_sweep(other.with_overrides(storage=str(storage)))
+    before = (storage / "sweep.json").read_bytes()
+    result = runner.invoke(app, ["launch", str(write_spec(tmp_path)), "--storage", str(storage)])
+    assert result.exit_code == 2
+    line = one_error_line(result.stderr)
+    assert "holds sweep 'cli-test'" in line and "--force" in line
+    assert (storage / "sweep.json").read_bytes() == before
+    assert not (storage / "stages").exists()
+    forced = runner.invoke(
+        app, ["launch", str(write_spec(tmp_path)), "--storage", str(storage), "--force"]
+    )
+    assert forced.exit_code == 0, forced.stderr
+
+
+@pytest.mark.parametrize("where", ["probe", "connect"])
+def test_cluster_error_exits_2_and_leaves_no_trace(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    monkeypatch.setitem(
+        sys.modules, "orchestrator.execute", fake_executor(cluster_error=where == "connect")
+    )
+    storage = tmp_path / "storage"
+    args = ["launch", str(write_spec(tmp_path)), "--storage", str(storage)]
+    if where == "probe":
+        args += ["--address", "unreachable:1"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    # the Ray connection is made after the launch line: progress may precede the error
+    errors = [
+        line for line in result.stderr.splitlines() if line.startswith("semicon-sweep: error:")
+    ]
+    assert "Ray" in one_error_line("\n".join(errors))
+    assert "Traceback" not in result.stderr
+    assert not storage.exists()
+
+
+@pytest.fixture
+def finished(runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A storage folder after a launch where seed 1's global pretraining failed."""
+
+    def fail(plan: Plan, key: str) -> bool:
+        return plan.nodes[key].stage == "global" and plan.nodes[key].seed == 1
+
+    monkeypatch.setitem(sys.modules, "orchestrator.execute", fake_executor(fail))
+    storage = tmp_path / "storage"
+    result = runner.invoke(app, ["launch", str(write_spec(tmp_path)), "--storage", str(storage)])
+    assert result.exit_code == 1
+    return storage
+
+
+def test_status(runner: CliRunner, finished: Path) -> None:
+    result = runner.invoke(app, ["status", str(finished)])
+    assert result.exit_code == 0, result.stderr
+    assert "sweep 'cli-test'" in result.stdout
+    assert "8 trials: ok 4, failed 0, skipped 4, pending 0" in result.stdout
+    rows = {
+        line.split()[0]: line.split()[1:] for line in result.stdout.splitlines() if line.split()
+    }
+    assert rows["stage"] == ["nodes", "complete", "failed", "skipped", "pending"]
+    assert rows["global"] == ["2", "1", "1", "0", "0"]
+    assert rows["local"] == ["4", "2", "0", "2", "0"]  # seed 1's local nodes: parent failed
+    assert rows["finetune"] == ["8", "4", "0", "4", "0"]
+
+
+def test_status_without_sweep(runner: CliRunner, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["status", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "no sweep.json" in one_error_line(result.stderr)
+
+
+def test_tabulate_formats_and_out(runner: CliRunner, finished: Path, tmp_path: Path) -> None:
+    (finished / "tables" / "trials.parquet").unlink()  # missing tables are re-collected
+    result = runner.invoke(app, ["tabulate", str(finished), "--format", "md"])
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "| method \\ label_fraction | 0.2 | 0.5 |"
+    assert lines[2].startswith("| global | 0.600 (1) |")
+    assert (finished / "tables" / "trials.parquet").is_file()
+    out = tmp_path / "table.tex"
+    result = runner.invoke(app, ["tabulate", str(finished), "--format", "latex", "--out", str(out)])
+    assert result.exit_code == 0
+    assert out.read_text().startswith("\\begin{tabular}")
+    by_seed = runner.invoke(app, ["tabulate", str(finished), "--by", "seed", "--format", "csv"])
+    assert by_seed.stdout.splitlines()[0] == "method,label_fraction \\ seed,0"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--metric", "test_hd95"], "metric 'test_hd95'"),
+        (["--by", "nope"], "--by 'nope'"),
+        (["--format", "html"], "--format 'html'"),
+    ],
+)
+def test_tabulate_bad_options(
+    runner: CliRunner, finished: Path, args: list[str], message: str
+) -> None:
+    result = runner.invoke(app, ["tabulate", str(finished), *args])
+    assert result.exit_code == 2
+    assert message in one_error_line(result.stderr)
+
+
+def test_data_synth_and_check(runner: CliRunner, tmp_path: Path) -> None:
+    root = tmp_path / "synth"
+    result = runner.invoke(app, ["data", "synth", str(root), "--cases", "3", "--seed", "1"])
+    assert result.exit_code == 0, result.stderr
+    assert (root / "dataset.json").is_file()
+    result = runner.invoke(app, ["data", "check", str(root)])
+    assert result.exit_code == 0, result.stderr
+    assert "3 cases" in result.stdout
+    assert "1 anterior" in result.stdout and "2 posterior" in result.stdout
+
+    label = sorted((root / "labelsTr").iterdir())[1]
+    label.write_bytes(label.read_bytes()[:100])  # a truncated, corrupt file
+    result = runner.invoke(app, ["data", "check", str(root)])
+    assert result.exit_code == 2
+    assert label.name in one_error_line(result.stderr)
+
+
+def test_data_check_missing_folder(runner: CliRunner, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["data", "check", str(tmp_path / "absent")])
+    assert result.exit_code == 2
+    assert "absent" in one_error_line(result.stderr)
+
+
+def test_data_synth_bad_arguments(runner: CliRunner, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["data", "synth", str(tmp_path / "s"), "--cases", "0"])
+    assert result.exit_code == 2
+    assert "num_cases" in one_error_line(result.stderr)

@@ -1,0 +1,233 @@
+"""Spec loading: every bad spec is a SpecError naming the file and the key; good specs load."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from orchestrator.spec import SpecError, load_spec, spec_from_mapping
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+GOOD = """
+name: tiny
+dataset: {kind: synthetic, image_size: 32, synthetic_cases: 8}
+model: {base_channels: 4, depth: 2}
+method: [global, global+local_block]
+label_fraction: [0.2, 0.5]
+seed: 0
+stages:
+  local: {block_size: 8}
+grid:
+  stages.local.temperature: [0.1, 0.5]
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "spec.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def good_with(**replacements: str) -> str:
+    """GOOD with whole lines replaced: {"old line start": "new line"}."""
+    lines = GOOD.splitlines()
+    for old, new in replacements.items():
+        matches = [i for i, line in enumerate(lines) if line.startswith(old)]
+        if len(matches) != 1:
+            raise ValueError(f"{old!r} matches {len(matches)} lines of GOOD")
+        lines[matches[0]] = new
+    return "\n".join(lines) + "\n"
+
+
+BAD_SPECS = {
+    "malformed YAML": ("name: x\ndataset: {kind: synthetic\n", "malformed YAML at line"),
+    "unknown top-level key": (GOOD + "epochs: 3\n", "epochs: unknown key"),
+    "unknown nested key": (
+        good_with(model="model: {base_channels: 4, depth: 2, width: 3}"),
+        "model.width",
+    ),
+    "unknown stage": (
+        GOOD.replace(
+            "  local: {block_size: 8}", "  local: {block_size: 8}\n  pretrain: {epochs: 1}"
+        ),
+        "stages.pretrain",
+    ),
+    "unknown stage key": (
+        good_with(**{"  local:": "  local: {block_size: 8, tau: 1}"}),
+        "stages.local.tau",
+    ),
+    "wrong type": (
+        good_with(model="model: {base_channels: four, depth: 2}"),
+        "model.base_channels",
+    ),
+    "temperature <= 0": (
+        good_with(**{"  local:": "  local: {block_size: 8, temperature: 0}"}),
+        "stages.local.temperature",
+    ),
+    "block size not dividing": (
+        good_with(**{"  local:": "  local: {block_size: 12}"}),
+        "stages.local.block_size",
+    ),
+    "stride > image size": (
+        good_with(method="method: local_stride", **{"  local:": "  local: {stride: 40}"}),
+        "stages.local.stride",
+    ),
+    "image size vs depth": (
+        good_with(model="model: {base_channels: 4, depth: 6}"),
+        "dataset.image_size",
+    ),
+    "label fraction 0": (good_with(label_fraction="label_fraction: [0, 0.5]"), "label_fraction"),
+    "label fraction 1.5": (good_with(label_fraction="label_fraction: 1.5"), "label_fraction"),
+    "unknown method": (
+        good_with(method="method: [global, simclr]"),
+        "method: unknown method 'simclr'",
+    ),
+    "unknown grid path": (GOOD + "  stages.local.tau: [1, 2]\n", "grid.stages.local.tau"),
+    "unknown grid section": (GOOD + "  optimizer.lr: [1, 2]\n", "grid.optimizer.lr"),
+    "grid value invalid": (
+        GOOD + "  stages.global.temperature: [0.5, -1]\n",
+        "grid.stages.global.temperature",
+    ),
+    "grid value wrong type": (
+        GOOD + "  model.base_channels: [4, wide]\n",
+        "grid.model.base_channels",
+    ),
+    "empty grid axis": (GOOD + "  model.depth: []\n", "grid.model.depth"),
+    "grid combination": (
+        GOOD + "  stages.local.block_size: [8, 12]\n",
+        "grid.stages.local.block_size: 12",
+    ),
+    "axis given twice": (GOOD + "  seed: [0, 1]\n", "grid.seed"),
+    "split index >= repeats": (GOOD + "split_index: 2\n", "split_index"),
+    "bad resources": (GOOD + "resources: {workers_per_trial: 0}\n", "resources.workers_per_trial"),
+    "fractional gpu multi-worker": (
+        GOOD + "resources: {workers_per_trial: 2, gpus_per_worker: 0.5}\n",
+        "resources.gpus_per_worker",
+    ),
+    "unknown resources key": (GOOD + "resources: {gpus: 1}\n", "resources.gpus"),
+    "unknown ray key": (GOOD + "ray: {adress: auto}\n", "ray.adress"),
+    "unknown tracking key": (GOOD + "tracking: {wandb: true}\n", "tracking.wandb"),
+    "missing data root": (
+        good_with(dataset="dataset: {kind: msd, root: /nonexistent/semicon/data, image_size: 32}"),
+        "dataset.root: no such folder: /nonexistent/semicon/data",
+    ),
+    "unset variable": (
+        good_with(dataset="dataset: {kind: msd, root: '${SEMICON_TEST_UNSET}/x'}"),
+        "dataset.root: environment variable SEMICON_TEST_UNSET is not set",
+    ),
+    "no name": (GOOD.replace("name: tiny", "name: ''"), "name:"),
+    "section not a mapping": (good_with(model="model: 3"), "model: must be a mapping"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SPECS))
+def test_bad_spec_names_file_and_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    monkeypatch.delenv("SEMICON_TEST_UNSET", raising=False)
+    text, expected = BAD_SPECS[case]
+    path = write(tmp_path, text)
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: "), message
+    assert expected in message, message
+    assert "\n" not in message
+
+
+def test_missing_file_is_a_spec_error(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="no such file"):
+        load_spec(tmp_path / "absent.yaml")
+
+
+def test_good_spec_loads_with_axes_in_written_order(tmp_path: Path) -> None:
+    spec = load_spec(write(tmp_path, GOOD))
+    assert spec.name == "tiny"
+    assert [name for name, _ in spec.axes] == [
+        "method",
+        "label_fraction",
+        "stages.local.temperature",
+    ]
+    assert spec.num_trials == 8
+    points = list(spec.points())
+    assert points[0] == {"method": "global", "label_fraction": 0.2, "stages.local.temperature": 0.1}
+    assert points[1]["stages.local.temperature"] == 0.5  # last axis varies fastest
+    assert spec.storage == str(Path.cwd() / "results" / "tiny")
+    # synthetic data without a root lives in the storage's cache
+    assert spec.dataset.root == str(Path(spec.storage) / "cache" / "synthetic-c8-s0")
+    point = spec.configure(points[-1])
+    assert point.stages.local.temperature == 0.5
+    assert list(point.stage_configs) == ["global", "local", "finetune"]
+
+
+def test_variable_expansion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    monkeypatch.setenv("SEMICON_TEST_DATA", str(tmp_path))
+    text = good_with(
+        dataset="dataset: {kind: msd, root: '${SEMICON_TEST_DATA}/data', image_size: 32}"
+    )
+    spec = load_spec(write(tmp_path, text))
+    assert spec.dataset.root == str(data)
+
+
+def test_spec_hash_ignores_resources_storage_ray_tracking(tmp_path: Path) -> None:
+    base = load_spec(write(tmp_path, GOOD, "a.yaml"))
+    other = load_spec(
+        write(
+            tmp_path,
+            GOOD
+            + "resources: {workers_per_trial: 2, cpus_per_worker: 2}\nstorage: elsewhere\n"
+            + "ray: {address: auto}\ntracking: {tensorboard: true}\n",
+            "b.yaml",
+        )
+    )
+    assert other.spec_hash == base.spec_hash
+    assert other.resources.workers_per_trial == 2 and other.ray.address == "auto"
+    changed = load_spec(write(tmp_path, GOOD.replace("seed: 0", "seed: 1"), "c.yaml"))
+    assert changed.spec_hash != base.spec_hash
+
+
+def test_overrides_and_round_trip(tmp_path: Path) -> None:
+    spec = load_spec(write(tmp_path, GOOD), overrides={"storage": str(tmp_path / "s1")})
+    assert spec.storage == str(tmp_path / "s1")
+    moved = spec.with_overrides(storage=str(tmp_path / "s2"), address="ray://head:10001")
+    assert moved.storage == str(tmp_path / "s2") and moved.ray.address == "ray://head:10001"
+    assert moved.dataset.root.startswith(str(tmp_path / "s2"))
+    assert moved.spec_hash == spec.spec_hash
+    rebuilt = spec_from_mapping(spec.to_dict())
+    assert rebuilt.spec_hash == spec.spec_hash
+    assert rebuilt.axes == spec.axes
+    assert list(rebuilt.points()) == list(spec.points())
+
+
+def test_split_index_defaults_to_every_split(tmp_path: Path) -> None:
+    spec = load_spec(write(tmp_path, GOOD + "split: {repeats: 3}\n"))
+    assert ("split", (0, 1, 2)) in spec.axes
+    assert spec.num_trials == 24
+
+
+def test_named_axis_in_grid(tmp_path: Path) -> None:
+    text = GOOD.replace("seed: 0\n", "") + "  seed: [3, 4]\n"
+    spec = load_spec(write(tmp_path, text))
+    assert spec.axes[-1] == ("seed", (3, 4))
+    assert spec.seed == (3, 4)
+    assert spec_from_mapping(spec.to_dict()).spec_hash == spec.spec_hash
+
+
+@pytest.mark.parametrize(
+    "name", ["quickstart.yaml", "paper_hippocampus.yaml", "ablation_hippocampus.yaml"]
+)
+def test_search_spaces_load(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if (SHARED_DATA / "Task04_Hippocampus").is_dir():
+        monkeypatch.setenv("SEMICON_DATA", str(SHARED_DATA))
+    else:  # an empty stand-in folder: loading checks only that the root exists
+        (tmp_path / "Task04_Hippocampus").mkdir()
+        monkeypatch.setenv("SEMICON_DATA", str(tmp_path))
+    spec = load_spec(REPO / "search_spaces" / name)
+    assert spec.num_trials >= 1
+    assert spec.name

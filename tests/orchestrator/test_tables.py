@@ -1,0 +1,263 @@
+"""Result tables from a hand-written store: statuses, metrics, summary statistics, formats."""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from orchestrator.plan import Plan, build_plan
+from orchestrator.spec import load_spec
+from orchestrator.store import StageStore
+from orchestrator.tables import (
+    collect,
+    format_table,
+    paper_table,
+    read_tables,
+    tables_stale,
+    write_tables,
+)
+
+SPEC = """
+name: tables-test
+dataset: {kind: synthetic, image_size: 32, synthetic_cases: 8}
+model: {base_channels: 4, depth: 2}
+method: [global, global+local_block]
+label_fraction: [0.2, 0.5]
+seed: [0, 1, 2]
+stages:
+  local: {block_size: 8}
+"""
+
+
+def dice(method: str, fraction: float, seed: int) -> float:
+    """The fake test Dice written for a trial's finetune node."""
+    return round(
+        0.5 + (0.1 if method == "global+local_block" else 0.0) + fraction / 10 + seed / 100, 6
+    )
+
+
+@pytest.fixture
+def swept(tmp_path: Path) -> tuple[Plan, StageStore]:
+    """A store where seed 1's global failed, (glb, 0.5, seed 0)'s finetune failed and
+    (global, 0.5, seed 2)'s finetune is unfinished; everything else completed."""
+    path = tmp_path / "spec.yaml"
+    path.write_text(textwrap.dedent(SPEC))
+    spec = load_spec(path, overrides={"storage": str(tmp_path / "storage")})
+    plan = build_plan(spec)
+    store = StageStore(spec.storage)
+    store.claim_sweep(spec, plan=plan)
+    state = {"w": torch.zeros(1)}
+    for trial in plan.trials:
+        for stage, key in trial.nodes.items():
+            if store.is_complete(key) or store.read_error(key):
+                continue
+            if trial.seed == 1:
+                if stage == "global":
+                    store.write_error(key, "RuntimeError: CUDA out of memory")
+                break
+            if stage != "finetune":
+                store.append_epoch(
+                    key, {"epoch": 0, "loss": 2.0, "seconds": 1.5, "slices_per_s": 100.0}
+                )
+                store.write_result(key, state, {"loss": 1.0, "wall_s": 3.0})
+                continue
+            if (trial.method, trial.label_fraction, trial.seed) == ("global+local_block", 0.5, 0):
+                store.write_error(key, "ValueError: loss is NaN")
+            elif (trial.method, trial.label_fraction, trial.seed) == ("global", 0.5, 2):
+                store.append_epoch(key, {"epoch": 0, "loss": 1.0, "seconds": 1.0})
+            else:
+                for epoch, loss in (
+                    (0, 1.0),
+                    (1, 0.9),
+                    (1, 0.8),
+                ):  # epoch 1 recorded twice (restart)
+                    record = {
+                        "epoch": epoch,
+                        "loss": loss,
+                        "seconds": 2.0,
+                        "val_dice_mean": 0.6,
+                        "gpu_s": 1.0,
+                    }
+                    store.append_epoch(key, record)
+                value = dice(trial.method, trial.label_fraction, trial.seed)
+                metrics = {
+                    "test_dice_pooled_mean": value,
+                    "test_dice_volume_mean": value - 0.01,
+                    "test_dice_pooled_c1": value + 0.02,
+                    "val_dice_pooled_mean": 0.6,
+                }
+                store.write_result(key, state, metrics)
+    return plan, store
+
+
+def test_one_row_per_trial_with_status_and_error(swept: tuple[Plan, StageStore]) -> None:
+    plan, store = swept
+    trials = collect(plan, store).trials.set_index("trial_id")
+    assert len(trials) == len(plan.trials) == 12
+    by_config = {(t.method, t.label_fraction, t.seed): t.trial_id for t in plan.trials}
+    statuses = trials["status"].value_counts().to_dict()
+    assert statuses == {"ok": 6, "skipped": 4, "failed": 1, "pending": 1}
+    failed = trials.loc[by_config[("global+local_block", 0.5, 0)]]
+    assert failed["status"] == "failed"
+    assert "finetune" in failed["error"] and "loss is NaN" in failed["error"]
+    assert math.isnan(failed["test_dice_pooled_mean"])
+    skipped = trials.loc[by_config[("global", 0.2, 1)]]
+    assert (
+        skipped["status"] == "skipped"
+        and "global" in skipped["error"]
+        and "out of memory" in skipped["error"]
+    )
+    pending = trials.loc[by_config[("global", 0.5, 2)]]
+    assert pending["status"] == "pending" and pd.isna(pending["error"])
+    ok = trials.loc[by_config[("global+local_block", 0.2, 2)]]
+    assert ok["test_dice_pooled_mean"] == pytest.approx(dice("global+local_block", 0.2, 2))
+    assert ok["key_local"] == next(t for t in plan.trials if t.trial_id == ok.name).nodes["local"]
+    assert pd.isna(trials.loc[by_config[("global", 0.2, 0)], "key_local"])
+    assert ok["wall_s_global"] == 3.0  # recorded by the worker
+    assert ok["wall_s_finetune"] == 4.0  # sum over epochs 0 and (last) 1
+    assert ok["gpu_s_finetune"] == 2.0
+    assert math.isnan(ok["gpu_s_global"])
+    for column in (
+        "sweep",
+        "method",
+        "label_fraction",
+        "seed",
+        "split",
+        "torch_version",
+        "git_commit",
+    ):
+        assert column in trials.columns
+    assert (trials["sweep"] == "tables-test").all()
+    assert "wall_s" not in trials.columns
+
+
+def test_epochs_table(swept: tuple[Plan, StageStore]) -> None:
+    plan, store = swept
+    trials, epochs, summary = collect(plan, store)  # the contract's tuple form
+    assert len(trials) == 12 and len(summary) > 0
+    assert list(epochs.columns[:8]) == [
+        "sweep",
+        "key",
+        "stage",
+        "epoch",
+        "loss",
+        "val_dice_mean",
+        "slices_per_s",
+        "seconds",
+    ]
+    assert not epochs.duplicated(["key", "epoch"]).any()
+    finetune = epochs[(epochs["stage"] == "finetune") & (epochs["epoch"] == 1)]
+    assert (finetune["loss"] == 0.8).all()  # the last record of a re-run epoch wins
+
+
+def test_summary_mean_std_n(swept: tuple[Plan, StageStore]) -> None:
+    plan, store = swept
+    summary = collect(plan, store).summary.set_index(["method", "label_fraction"])
+    # (global+local_block, 0.2): seeds 0 and 2 ok
+    row = summary.loc[("global+local_block", 0.2)]
+    values = [dice("global+local_block", 0.2, s) for s in (0, 2)]
+    assert row["test_dice_pooled_mean_mean"] == pytest.approx(sum(values) / 2)
+    assert row["test_dice_pooled_mean_std"] == pytest.approx(pd.Series(values).std(ddof=1))
+    assert row["test_dice_pooled_mean_n"] == 2 and row["n_trials"] == 2
+    # (global+local_block, 0.5): only seed 2 ok (seed 0 failed, seed 1 skipped)
+    single = summary.loc[("global+local_block", 0.5)]
+    assert single["test_dice_pooled_mean_n"] == 1 and math.isnan(
+        single["test_dice_pooled_mean_std"]
+    )
+    assert "val_dice_pooled_mean_mean" not in summary.columns
+
+
+def test_parquet_round_trip_and_staleness(swept: tuple[Plan, StageStore]) -> None:
+    plan, store = swept
+    assert tables_stale(store)
+    tables = collect(plan, store)
+    paths = write_tables(tables, store)
+    assert sorted(p.name for p in paths.values()) == [
+        "epochs.parquet",
+        "summary.parquet",
+        "trials.parquet",
+    ]
+    assert not tables_stale(store)
+    again = read_tables(store.root)
+    pd.testing.assert_frame_equal(again.trials, tables.trials, check_dtype=False)
+    pd.testing.assert_frame_equal(again.summary, tables.summary, check_dtype=False)
+    assert len(again.epochs) == len(tables.epochs)
+    assert not list(store.tables_dir.glob("*.tmp"))
+    key = plan.trials[0].nodes["finetune"]
+    store.write_error(key, "later failure")
+    assert tables_stale(store)
+
+
+def test_mixed_type_columns_survive_parquet(tmp_path: Path) -> None:
+    path = tmp_path / "spec.yaml"
+    path.write_text(
+        textwrap.dedent(SPEC) + "grid:\n  dataset.label_remap: [[], [[1, 1], [2, 2]]]\n"
+    )
+    spec = load_spec(path, overrides={"storage": str(tmp_path / "s")})
+    plan = build_plan(spec)
+    store = StageStore(spec.storage)
+    write_tables(collect(plan, store), store)
+    trials = read_tables(store.root).trials
+    assert set(trials["dataset.label_remap"]) == {"[]", "[[1, 1], [2, 2]]"}
+
+
+def test_paper_table_and_formats(swept: tuple[Plan, StageStore]) -> None:
+    plan, store = swept
+    table = paper_table(collect(plan, store).trials)
+    assert list(table.index) == ["global", "global+local_block"]  # the paper's order
+    assert list(table.columns) == ["0.2", "0.5"]
+    values = [dice("global", 0.2, s) for s in (0, 2)]
+    mean, std = sum(values) / 2, pd.Series(values).std(ddof=1)
+    assert table.loc["global", "0.2"] == f"{mean:.3f} ± {std:.3f} (2)"
+    assert table.loc["global+local_block", "0.5"] == f"{dice('global+local_block', 0.5, 2):.3f} (1)"
+
+    text = format_table(table, "text")
+    assert text.splitlines()[0].split() == ["method", "\\", "label_fraction", "0.2", "0.5"]
+    assert "global+local_block" in text and "±" in text
+    md = format_table(table, "md").splitlines()
+    assert md[0] == "| method \\ label_fraction | 0.2 | 0.5 |" and md[1] == "|---|---|---|"
+    latex = format_table(table, "latex")
+    assert (
+        latex.startswith("\\begin{tabular}{lcc}")
+        and "$\\pm$" in latex
+        and "global+local\\_block" in latex
+    )
+    csv = format_table(table, "csv").splitlines()
+    assert csv[0] == "method \\ label_fraction,0.2,0.5" and len(csv) == 3
+    with pytest.raises(ValueError, match="format"):
+        format_table(table, "html")
+
+
+def test_paper_table_rejects_unknown_metric_and_axis(swept: tuple[Plan, StageStore]) -> None:
+    plan, store = swept
+    trials = collect(plan, store).trials
+    with pytest.raises(ValueError, match="test_dice_pooled_mean"):
+        paper_table(trials, metric="test_hd95")
+    with pytest.raises(ValueError, match="--by 'temperature'"):
+        paper_table(trials, cols="temperature")
+
+
+def test_paper_table_keeps_other_axes_apart(tmp_path: Path) -> None:
+    trials = pd.DataFrame(
+        {
+            "trial_id": ["t0", "t1", "t2", "t3"],
+            "stages.local.temperature": [0.1, 0.1, 0.5, 0.5],
+            "method": ["global+local_block"] * 4,
+            "label_fraction": [0.1] * 4,
+            "seed": [0, 1, 0, 1],
+            "split": [0] * 4,
+            "status": ["ok"] * 4,
+            "test_dice_pooled_mean": [0.8, 0.82, 0.7, 0.72],
+        }
+    )
+    table = paper_table(trials)
+    assert list(table.index.names) == ["method", "stages.local.temperature"]
+    assert list(table["0.1"]) == ["0.810 ± 0.014 (2)", "0.710 ± 0.014 (2)"]
+    by_temperature = paper_table(trials, cols="stages.local.temperature")
+    assert list(by_temperature.columns) == ["0.1", "0.5"]
+    assert by_temperature.shape == (1, 2)
