@@ -1,0 +1,55 @@
+"""Smoke test of the whole in-process pipeline on the real MSD Hippocampus data (skipped with a
+visible reason when ../shared/data/Task04_Hippocampus is absent)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainers.config import DataConfig, FinetuneConfig, ModelConfig, StageConfigs
+from trainers.pipeline import PipelineConfig, run_pipeline
+
+pytestmark = pytest.mark.realdata
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny tensors run faster on one thread, and the test machine's cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_random_init_finetune_on_one_labelled_hippocampus_volume(
+    shared_data_root: Path, tmp_path: Path
+) -> None:
+    cfg = PipelineConfig(
+        data=DataConfig(kind="msd", root=str(shared_data_root), image_size=32),
+        method="random",
+        label_fraction=0.005,  # max(1, round(0.005 * 125 training volumes)) = 1 volume
+        model=ModelConfig(base_channels=4, depth=2, embed_dim=8, global_hidden=16, local_hidden=8),
+        stages=StageConfigs(finetune=FinetuneConfig(epochs=1, batch_size=8, lr=1e-3)),
+        cache_dir=str(tmp_path / "cache"),
+    )
+    out = run_pipeline(cfg, device="cpu")
+
+    split = out["split"]
+    assert len(split.train) + len(split.val) + len(split.test) == 208
+    assert len(out["labelled"]) == 1
+    assert [(r["stage"], r["epoch"]) for r in out["epochs"]] == [("finetune", 1)]
+    assert math.isfinite(out["epochs"][0]["loss"])
+    metrics = out["metrics"]
+    assert metrics["test_n_volumes"] == len(split.test)
+    assert metrics["val_n_volumes"] == len(split.val)
+    for key in (
+        "test_dice_pooled_mean",
+        "test_dice_volume_mean",
+        "test_dice_pooled_c1",
+        "test_dice_pooled_c2",
+    ):
+        assert 0 <= metrics[key] <= 1, key
