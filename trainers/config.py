@@ -138,7 +138,15 @@ class SplitConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """2D U-Net: ``base_channels`` doubling at each of ``depth`` poolings (reference: 64, 4)."""
+    """2D U-Net: ``base_channels`` doubling at each of ``depth`` poolings (reference: 64, 4).
+
+    ``global_grid``: the global head average-pools the centre features to a
+    ``global_grid`` x ``global_grid`` grid and flattens it (1 = the reference's global average
+    pool). After InstanceNorm a global average is nearly the same vector for every image (cosine
+    similarity 0.997 between random images at initialisation, against 0.60 for the flattened 4x4
+    centre), which stalls NT-Xent; Chaitanya et al.'s global head likewise flattens the encoder
+    output rather than averaging it.
+    """
 
     base_channels: int = 64
     depth: int = 4
@@ -146,6 +154,7 @@ class ModelConfig:
     embed_dim: int = 128
     global_hidden: int = 512
     local_hidden: int = 128
+    global_grid: int = 4
 
     def __post_init__(self) -> None:
         _positive_int("model", "base_channels", self.base_channels)
@@ -156,6 +165,7 @@ class ModelConfig:
         _positive_int("model", "embed_dim", self.embed_dim)
         _positive_int("model", "global_hidden", self.global_hidden)
         _positive_int("model", "local_hidden", self.local_hidden)
+        _positive_int("model", "global_grid", self.global_grid)
 
 
 @dataclass(frozen=True)

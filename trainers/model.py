@@ -7,7 +7,8 @@ Shapes follow (B, C, H, W). With ``base = cfg.base_channels`` and ``depth = cfg.
 resolution.
 
 Submodules, one per transferable part (``PARTS``): ``encoder``, ``decoder``, ``global_head``
-(global average pool -> Linear -> ReLU -> Linear on the centre features), ``local_head``
+(average pool to a ``global_grid`` x ``global_grid`` grid, flatten -> Linear -> ReLU -> Linear
+on the centre features; ``global_grid`` = 1 is the reference's global average pool), ``local_head``
 (1x1 conv -> ReLU -> 1x1 conv on the last decoder features) and ``seg_head`` (1x1 conv to the
 class count). The reference projection head had no non-linearity between its two linear layers
 and was never given to the optimiser; here it has a ReLU and is an ordinary trained submodule.
@@ -134,9 +135,9 @@ class UNet(nn.Module):
         self.encoder = Encoder(in_channels, widths, cfg.norm)
         self.decoder = Decoder(widths, cfg.norm)
         self.global_head = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1),
+            nn.AdaptiveAvgPool2d(cfg.global_grid),
             nn.Flatten(1),
-            nn.Linear(widths[-1], cfg.global_hidden),
+            nn.Linear(widths[-1] * cfg.global_grid**2, cfg.global_hidden),
             nn.ReLU(inplace=True),
             nn.Linear(cfg.global_hidden, cfg.embed_dim),
         )
@@ -183,7 +184,7 @@ class UNet(nn.Module):
         return features, self.seg_head(features)
 
     def global_embedding(self, x: Tensor) -> Tensor:
-        """z = normalise(W2 relu(W1 avgpool(centre(x)) + b1) + b2): (B, in, H, W) -> (B, embed_dim)."""
+        """z = normalise(W2 relu(W1 flatten(gridpool(centre(x))) + b1) + b2): (B, in, H, W) -> (B, embed_dim)."""
         return F.normalize(self.global_head(self.encode(x)[-1]).float(), dim=1)
 
     def local_embedding(self, x: Tensor) -> Tensor:

@@ -51,7 +51,10 @@ def test_reference_widths_and_parameter_count() -> None:
     widths = [level[0].out_channels for level in model.encoder.levels]
     assert widths == [64, 128, 256, 512, 1024]
     assert model.decoder.blocks[-1][-3].out_channels == 64
-    assert 30e6 < count_parameters(model) < 33e6  # the classic 2D U-Net's ~31M
+    body = count_parameters(model.encoder) + count_parameters(model.decoder)
+    assert 30e6 < body < 33e6  # the classic 2D U-Net's ~31M
+    # global head on the flattened 4x4 centre: 1024*16 -> 512 -> 128
+    assert count_parameters(model.global_head) == 1024 * 16 * 512 + 512 + 512 * 128 + 128
 
 
 @pytest.mark.parametrize(
