@@ -579,7 +579,8 @@ def supervised_local_contrastive(
     if emb.numel() == 0:
         raise ValueError(f"emb must not be empty, got shape {tuple(emb.shape)}")
     labels = labels.to(device=emb.device, dtype=torch.long)
-    if bool((labels < 0).any()):
+    # value checks read the tensor on the host: only where that costs no device sync
+    if labels.device.type == "cpu" and bool((labels < 0).any()):
         raise ValueError("labels must be >= 0 (0 = background)")
 
     with _no_autocast(emb.device):
@@ -649,7 +650,8 @@ def segmentation_loss(logits: Tensor, target: Tensor, dice_weight: float = 1.0) 
                     f"{tuple(logits.shape)} (expected {(b, h, w)})"
                 )
             target = target.long()
-            if bool(((target < 0) | (target >= k)).any()):
+            # on CUDA, nll_loss's own device-side check catches this without a host sync
+            if target.device.type == "cpu" and bool(((target < 0) | (target >= k)).any()):
                 raise ValueError(
                     f"target labels must lie in 0..{k - 1} for logits with K={k} classes"
                 )
