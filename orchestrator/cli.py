@@ -303,6 +303,66 @@ def tabulate(
         log(f"{PROG}: wrote {out}")
 
 
+# ---- evaluate / plot -----------------------------------------------------------------------
+
+
+@app.command()
+def evaluate(
+    storage: Annotated[Path, typer.Argument(help="The finished sweep's storage folder.")],
+    data: Annotated[
+        Path,
+        typer.Option(
+            "--data", help="An MSD-layout folder (external test set); every case is evaluated."
+        ),
+    ],
+    batch_size: Annotated[int, typer.Option(help="Slices per forward pass.")] = 256,
+    device: Annotated[str, typer.Option(help="cpu or cuda (cuda:N).")] = "cpu",
+) -> None:
+    """Score every fine-tuned model of a finished sweep on all cases of another MSD folder.
+
+    Preprocessed as the sweep's data; writes tables/external.parquet (ext_* Dice per trial).
+    """
+    from orchestrator.evaluate import ExternalEvalError, evaluate_external, write_external
+
+    with bad_input(ExternalEvalError):
+        plan, store = recorded_plan(storage)
+        frame = evaluate_external(
+            plan, store, data, batch_size=batch_size, device=device, progress=log
+        )
+    path = write_external(frame, store)
+    log(f"{PROG}: wrote {path}")
+    table = paper_table(frame, metric="ext_dice_pooled_mean")
+    if not table.empty:
+        typer.echo(format_table(table, "text"), nl=False)
+
+
+@app.command()
+def plot(
+    storage: Annotated[Path, typer.Argument(help="The sweep's storage folder.")],
+    metric: Annotated[
+        str,
+        typer.Option(help="Trials-table column to plot (ext_* columns: the external table)."),
+    ] = "test_dice_pooled_mean",
+    out: Annotated[
+        Path | None, typer.Option(help="Folder for the PNG files (default: STORAGE/plots).")
+    ] = None,
+) -> None:
+    """Write PNG figures: Dice vs label fraction, ablation heatmaps, per-epoch loss curves."""
+    from orchestrator.evaluate import ExternalEvalError, read_external
+    from orchestrator.plot import PlotError, plot_sweep
+
+    with bad_input(PlotError, ExternalEvalError):
+        plan, store = recorded_plan(storage)
+        stale = tables_stale(store)
+        tables = collect(plan, store) if stale else read_tables(storage)
+        trials = read_external(store) if metric.startswith("ext_") else tables.trials
+        paths = plot_sweep(trials, tables.epochs, out or store.root / "plots", metric=metric)
+    if stale:  # refreshed only once the plots succeeded: bad input writes nothing
+        write_tables(tables, store)
+    for path in paths:
+        typer.echo(str(path))
+
+
 # ---- data ----------------------------------------------------------------------------------
 
 
