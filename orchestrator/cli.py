@@ -5,6 +5,8 @@ Commands::
     semicon-sweep launch SPEC [--address A] [--storage DIR] [--dry-run [--json]] [--force] [--no-reuse]
     semicon-sweep status STORAGE
     semicon-sweep tabulate STORAGE [--metric M] [--by AXIS] [--format text|md|latex|csv] [--out FILE]
+    semicon-sweep evaluate STORAGE --data ROOT [--batch-size N] [--device cpu|cuda]
+    semicon-sweep plot STORAGE [--metric M] [--out DIR]
     semicon-sweep data synth DIR [--cases N] [--seed S]
     semicon-sweep data check ROOT
 
