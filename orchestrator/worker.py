@@ -1,0 +1,226 @@
+"""The Ray Train ``train_loop_per_worker``: one stage node, run by every rank of a TorchTrainer.
+
+``train_node(config)`` receives the plain-data ``config`` built by ``orchestrator.execute``::
+
+    {
+        "node": StageNode.to_dict(),     # stage, configs as dicts, split, seed, fraction, parent
+        "storage": "/abs/path",          # the sweep's StageStore root
+        "cache": "/abs/path/cache/<fp>", # the preprocessed slices, memory-mapped here (never copied
+                                         #   through the object store)
+        "checkpoint_every": 1,           # epochs between Train checkpoints
+        "gpus_per_worker": 0.0,          # for the gpu_s figure
+        "inject_failure": None | str,    # test hook, see below
+    }
+
+and runs, on every rank:
+
+1. the node's configs back to typed objects (``trainers.config.from_dict``), the slices
+   memory-mapped (``load_slice_cache``), the split and labelled subset (``make_split``,
+   ``labelled_subset``), the parent's final weights (``StageStore.load_state``, weights_only);
+2. a resume state from ``ray.train.get_checkpoint()`` when Train restarts this run (a dead
+   worker group, or a relaunch of the sweep: the Train run is named by the node key);
+3. ``trainers.stages.STAGES[stage](cfg, model_cfg, ctx)`` where ``ctx.report`` calls
+   ``ray.train.report`` on every rank each epoch; only rank 0 attaches a checkpoint (a
+   directory holding ``checkpoint_state.pt``, a ``torch.save`` of the stage's checkpoint state:
+   tensors, dicts, lists, numbers and strings only, so ``torch.load(weights_only=True)`` reads it);
+4. rank 0 appends every epoch's record to ``stages/<key>/epochs.jsonl`` and, at the end, writes
+   the node's result (``StageStore.write_result``: model, metrics, then ``COMPLETE``). The
+   metrics gain ``wall_s`` (worker wall seconds of the node: this run plus, for a resumed run,
+   those recorded in the checkpoint it resumed from) and ``gpu_s`` (``wall_s`` x GPUs per
+   worker x workers; 0 on CPU).
+
+Epoch records are the project's own log (Tune rewrites its ``result.json`` when a trial
+restarts): on a resumed run rank 0 first drops the records of epochs after the checkpoint it
+resumes from, so every epoch appears once. Each record holds the stage's metrics (``epoch``,
+``loss``, ``seconds``, ``slices_per_s`` ...) plus ``node``, ``stage``, ``world_size``,
+``resumed_from`` (the checkpoint epoch, 0 for a fresh start), ``worker_nodes`` (the Ray node id
+of every rank, comma-separated in rank order), ``torch_threads`` (rank 0's intra-op threads:
+Ray sets ``OMP_NUM_THREADS`` to the worker's whole CPUs, at least 1) and ``time`` (unix
+seconds, when the record was written).
+
+Failure injection (tests): ``config["inject_failure"]`` set to a message makes every rank raise
+``RuntimeError(message)`` before training, so a failing trial goes through the real Train /
+Tune error path. The executor sets it from ``SEMICON_SWEEP_FAIL_NODES`` (see
+``orchestrator.execute.injected_failures``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+
+from orchestrator.plan import StageNode
+from orchestrator.store import StageStore, atomic_write_text
+from trainers.config import (
+    FinetuneConfig,
+    GlobalConfig,
+    LocalConfig,
+    ModelConfig,
+    SplitConfig,
+    from_dict,
+)
+from trainers.data import labelled_subset, load_slice_cache, make_split
+from trainers.stages import STAGES, ReportFn, StageContext, StageResult
+
+CHECKPOINT_FILE = "checkpoint_state.pt"
+WALL_KEY = "worker_wall_s"  # added to each checkpoint state: wall seconds spent up to it
+
+STAGE_CONFIGS: dict[str, type] = {
+    "global": GlobalConfig,
+    "local": LocalConfig,
+    "finetune": FinetuneConfig,
+}
+
+REQUIRED_KEYS = ("node", "storage", "cache")
+
+
+def train_node(config: Mapping[str, Any]) -> None:
+    """Run one stage node on this Ray Train worker (see the module docstring for ``config``)."""
+    import ray.train
+    import ray.train.torch
+
+    missing = [key for key in REQUIRED_KEYS if key not in config]
+    if missing:
+        raise KeyError(f"train_node config: missing {missing[0]!r} (has {sorted(config)})")
+    node = StageNode.from_dict(config["node"])
+    if config.get("inject_failure"):
+        raise RuntimeError(str(config["inject_failure"]))
+
+    started = time.monotonic()
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    store = StageStore(config["storage"])
+    resume = _load_checkpoint(ray.train.get_checkpoint())
+    resumed_from = int(resume["epoch"]) if resume is not None else 0
+    earlier_wall_s = float(resume.get(WALL_KEY, 0.0)) if resume is not None else 0.0
+    gpus = float(config.get("gpus_per_worker", 0.0))
+    node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+    worker_nodes = ",".join(_gather_strings(node_id))
+    if rank == 0:
+        truncate_epochs(store, node.key, keep_through=resumed_from)
+
+    def report(metrics: dict[str, float], checkpoint_state: dict[str, Any] | None) -> None:
+        if rank == 0:
+            record = {
+                **metrics,
+                "node": node.key,
+                "stage": node.stage,
+                "world_size": world,
+                "resumed_from": resumed_from,
+                "worker_nodes": worker_nodes,
+                "torch_threads": torch.get_num_threads(),
+                "time": time.time(),
+            }
+            store.append_epoch(node.key, record)
+        if rank == 0 and checkpoint_state is not None:
+            state = {**checkpoint_state, WALL_KEY: earlier_wall_s + time.monotonic() - started}
+            with tempfile.TemporaryDirectory(prefix=f"ckpt-{node.key}-") as folder:
+                torch.save(state, Path(folder) / CHECKPOINT_FILE)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        else:
+            ray.train.report(metrics)
+
+    result = run_stage(
+        node,
+        cache=config["cache"],
+        store=store,
+        device=ray.train.torch.get_device(),
+        report=report,
+        resume=resume,
+        checkpoint_every=int(config.get("checkpoint_every", 1)),
+    )
+    if rank == 0:
+        wall_s = earlier_wall_s + time.monotonic() - started
+        metrics = {**result.metrics, "wall_s": wall_s, "gpu_s": wall_s * gpus * world}
+        store.write_result(node.key, result.state, metrics)
+
+
+def run_stage(
+    node: StageNode,
+    cache: str | os.PathLike[str],
+    store: StageStore,
+    device: torch.device,
+    report: ReportFn | None = None,
+    resume: Mapping[str, Any] | None = None,
+    checkpoint_every: int = 1,
+) -> StageResult:
+    """Build the node's ``StageContext`` and run its stage function; returns its ``StageResult``.
+
+    Needs no Ray (used by ``train_node`` and the in-process benchmark baseline). The parent's
+    weights come from ``store`` (its ``model.pt``, loaded weights_only).
+    """
+    if node.stage not in STAGES:
+        raise ValueError(
+            f"node {node.key}: unknown stage {node.stage!r} (known: {', '.join(STAGES)})"
+        )
+    stage_cfg = from_dict(STAGE_CONFIGS[node.stage], node.config, node.stage)
+    model_cfg = from_dict(ModelConfig, node.model, "model")
+    split_cfg = from_dict(SplitConfig, node.split, "split")
+    data = load_slice_cache(cache)
+    split = make_split(data.num_volumes, split_cfg, node.split_index)
+    labelled = (
+        labelled_subset(split, node.label_fraction) if node.label_fraction is not None else ()
+    )
+    init_state = store.load_state(node.parent) if node.parent is not None else None
+    ctx = StageContext(
+        data=data,
+        split=split,
+        labelled=labelled,
+        seed=node.seed,
+        device=device,
+        report=report,
+        init_state=init_state,
+        init_parts=tuple(node.init_parts) if init_state is not None else (),
+        resume=resume,
+        checkpoint_every=checkpoint_every,
+    )
+    return STAGES[node.stage](stage_cfg, model_cfg, ctx)
+
+
+def truncate_epochs(store: StageStore, key: str, keep_through: int) -> None:
+    """Keep only the epoch records with ``epoch <= keep_through`` (atomic rewrite).
+
+    A restarted run repeats the epochs after its checkpoint; their earlier records go first so
+    that ``epochs.jsonl`` lists every epoch once. No file, or nothing to drop: nothing written.
+    """
+    records = store.read_epochs(key)
+    kept = [r for r in records if _epoch_of(r) <= keep_through]
+    if len(kept) == len(records):
+        return
+    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept)
+    atomic_write_text(store.node_dir(key) / "epochs.jsonl", text)
+
+
+def _epoch_of(record: Mapping[str, Any]) -> int:
+    try:
+        return int(record.get("epoch", 0))
+    except (TypeError, ValueError):
+        return 0
+
+
+def _load_checkpoint(checkpoint: Any) -> dict[str, Any] | None:
+    """The stage checkpoint state inside a Ray Train ``Checkpoint`` (None when there is none)."""
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        path = Path(folder) / CHECKPOINT_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: Train checkpoint lacks {CHECKPOINT_FILE}")
+        return torch.load(path, weights_only=True, map_location="cpu")
+
+
+def _gather_strings(value: str) -> list[str]:
+    """``value`` from every rank, in rank order (just ``[value]`` outside torch.distributed)."""
+    if not (torch_dist.is_available() and torch_dist.is_initialized()):
+        return [value]
+    gathered: list[Any] = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(gathered, value)
+    return [str(v) for v in gathered]

@@ -1,0 +1,409 @@
+"""Ray execution: the executor's pure parts, the worker loop in Train's local mode, and a few
+end-to-end sweeps on a real (shared, session-wide) Ray instance.
+
+Fast tests (no Ray cluster): concurrency from resources, address checks, failure injection,
+error lines, epoch-record truncation, ``train_node`` in ``ScalingConfig(num_workers=0)`` mode.
+
+Ray tests (``ray`` + ``slow``; each sweep is tiny but Ray starts three processes per node, so
+they take tens of seconds each on 2 cores):
+- a launch through the CLI with an injected failing trial: exit 1, the failed trial recorded
+  with its error, the other trial ok with Dice, the shared global stage run once, three tables;
+- resume after ``kill -9`` of the driver: completed nodes untouched, the interrupted node
+  resumed from its Train checkpoint, every epoch recorded once;
+- a 2-node simulated cluster (subprocess) running 2-rank gloo DDP with STRICT_SPREAD;
+- an unreachable ``--address``: exit 2 in seconds, one line, nothing written (no Ray needed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from orchestrator.cli import app
+from orchestrator.execute import (
+    FAIL_NODES_ENV,
+    ClusterError,
+    check_address,
+    injected_failures,
+    one_line_error,
+    scaling_options,
+    trial_concurrency,
+)
+from orchestrator.plan import build_plan
+from orchestrator.spec import Resources, load_spec
+from orchestrator.store import StageStore
+from orchestrator.worker import truncate_epochs
+from tests.orchestrator.conftest import REPO_ROOT, ray_test_env
+
+TINY: dict[str, Any] = {
+    "dataset": {"kind": "synthetic", "image_size": 16, "synthetic_cases": 8},
+    "split": {"train": 0.5, "val": 0.25, "test": 0.25, "repeats": 1},
+    "model": {"base_channels": 4, "depth": 2, "embed_dim": 8, "global_hidden": 16, "local_hidden": 8},
+    "seed": 0,
+}
+
+
+def write_spec(folder: Path, name: str, **sections: Any) -> Path:
+    """A tiny synthetic spec (``TINY`` plus ``sections``) at ``folder/<name>.yaml``."""
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"name": name, **TINY, **sections}, sort_keys=False))
+    return path
+
+
+def launch(args: list[str]) -> Any:
+    """``semicon-sweep launch ...`` in this process (it joins the session's Ray)."""
+    return CliRunner().invoke(app, ["launch", *args])
+
+
+# --------------------------------------------------------------------------------------------
+# fast: no Ray cluster
+
+
+def test_trial_concurrency_from_cluster_resources() -> None:
+    two_cpu = Resources(workers_per_trial=1, cpus_per_worker=1.0)
+    assert trial_concurrency(two_cpu, {"CPU": 4.0}, pending=10) == 4
+    assert trial_concurrency(two_cpu, {"CPU": 4.0}, pending=3) == 3
+    ddp = Resources(workers_per_trial=2, cpus_per_worker=1.5)
+    assert trial_concurrency(ddp, {"CPU": 7.0}, pending=10) == 2  # floor(7 / 3)
+    packed = Resources(workers_per_trial=1, cpus_per_worker=1.0, gpus_per_worker=0.25)
+    assert trial_concurrency(packed, {"CPU": 16.0, "GPU": 1.0}, pending=10) == 4
+    assert trial_concurrency(packed, {"CPU": 2.0, "GPU": 1.0}, pending=10) == 2  # CPU-bound
+    fixed = Resources(max_concurrent_trials=3)
+    assert trial_concurrency(fixed, {"CPU": 1.0}, pending=10) == 3
+    with pytest.raises(ClusterError, match="needs 1 GPU"):
+        trial_concurrency(Resources(gpus_per_worker=1.0), {"CPU": 8.0}, pending=1)
+    options = scaling_options(packed, "SPREAD")
+    assert options["resources_per_worker"] == {"CPU": 1.0, "GPU": 0.25} and options["use_gpu"]
+    assert scaling_options(two_cpu)["resources_per_worker"] == {"CPU": 1.0}
+
+
+def test_check_address_rejects_bad_and_unreachable_addresses() -> None:
+    for bad in ("http://host:1", "host:port", "host:0", ":6379"):
+        with pytest.raises(ClusterError, match="invalid Ray address"):
+            check_address(bad)
+    started = time.monotonic()
+    with pytest.raises(ClusterError, match=r"cannot reach the Ray cluster at 127\.0\.0\.1:1\b"):
+        check_address("127.0.0.1:1", timeout_s=2.0)
+    assert time.monotonic() - started < 5
+
+
+def test_injected_failures_select_by_stage_or_key_prefix(tmp_path: Path) -> None:
+    spec = load_spec(
+        write_spec(tmp_path, "inject", method="global", label_fraction=[0.25, 0.5]),
+        overrides={"storage": str(tmp_path / "s")},
+    )
+    plan = build_plan(spec)
+    finetune = [key for key, node in plan.nodes.items() if node.stage == "finetune"]
+    assert set(injected_failures(plan.nodes, "finetune")) == set(finetune)
+    chosen = injected_failures(plan.nodes, f" {finetune[0][:6]} ")
+    assert list(chosen) == [finetune[0]] and "injected failure" in chosen[finetune[0]]
+    assert injected_failures(plan.nodes, "") == {}
+    with pytest.raises(ValueError, match=FAIL_NODES_ENV):
+        injected_failures(plan.nodes, "ab")
+
+
+def test_one_line_error_names_the_first_failing_rank() -> None:
+    class GroupError(Exception):
+        def __init__(self) -> None:
+            super().__init__("Training failed due to worker errors:\nlong traceback")
+            self.worker_failures = {1: ValueError("late"), 0: RuntimeError("boom\nTraceback ...")}
+
+    assert one_line_error(GroupError()) == "rank 0: RuntimeError: boom"
+    assert one_line_error(KeyError("x")) == "KeyError: 'x'"
+
+
+def test_truncate_epochs_keeps_records_up_to_the_checkpoint(tmp_path: Path) -> None:
+    store = StageStore(tmp_path)
+    for epoch in range(1, 6):
+        store.append_epoch("k" * 16, {"epoch": epoch, "loss": 1.0 / epoch})
+    truncate_epochs(store, "k" * 16, keep_through=2)
+    assert [r["epoch"] for r in store.read_epochs("k" * 16)] == [1, 2]
+    truncate_epochs(store, "k" * 16, keep_through=0)
+    assert store.read_epochs("k" * 16) == []
+
+
+def test_train_node_in_train_local_mode(tmp_path: Path) -> None:
+    """The worker loop end to end without a cluster (Train's num_workers=0 runs it in-process)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator.worker import train_node
+    from trainers.config import DataConfig, from_dict
+    from trainers.data import prepare_slices
+
+    spec = load_spec(
+        write_spec(tmp_path, "local", method="random", label_fraction=0.5,
+                   stages={"finetune": {"epochs": 2, "batch_size": 4}}),
+        overrides={"storage": str(tmp_path / "storage")},
+    )
+    plan = build_plan(spec)
+    store = StageStore(spec.storage)
+    node = plan.nodes[plan.levels[0][0]]
+    data = prepare_slices(from_dict(DataConfig, node.data, "dataset"), store.cache_dir)
+    config = {"node": node.to_dict(), "storage": str(store.root), "cache": str(store.cache_dir / data.fingerprint)}
+
+    def fit(loop_config: dict[str, Any]) -> None:
+        TorchTrainer(
+            train_node,
+            train_loop_config=loop_config,
+            scaling_config=ray.train.ScalingConfig(num_workers=0),
+            run_config=ray.train.RunConfig(name=node.key, storage_path=str(tmp_path / "train")),
+        ).fit()
+
+    with pytest.raises(Exception, match="injected failure here"):
+        fit({**config, "inject_failure": "injected failure here"})
+    assert not store.is_complete(node.key) and store.read_epochs(node.key) == []
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a 1-CPU Ray worker; 2 threads crawl on a busy 2-core box
+    try:
+        fit(config)
+    finally:
+        torch.set_num_threads(threads)
+    assert store.is_complete(node.key)
+    records = store.read_epochs(node.key)
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert {r["stage"] for r in records} == {"finetune"} and {r["world_size"] for r in records} == {1}
+    assert all(r["resumed_from"] == 0 and r["worker_nodes"] == "local" for r in records)
+    metrics = store.read_metrics(node.key)
+    assert metrics["wall_s"] > 0 and metrics["gpu_s"] == 0
+    assert 0 <= metrics["test_dice_volume_mean"] <= 1
+    state = store.load_state(node.key)
+    assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
+
+
+def test_tracking_callbacks_follow_the_spec(tmp_path: Path) -> None:
+    import importlib.util
+
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
+
+    from orchestrator.spec import SpecError
+    from orchestrator.tracking import logger_callbacks
+
+    def spec_with(tracking: dict[str, Any]) -> Any:
+        path = write_spec(tmp_path, "tracked", method="random", label_fraction=0.5, tracking=tracking)
+        return load_spec(path, overrides={"storage": str(tmp_path / "s")})
+
+    default = logger_callbacks(spec_with({}))
+    assert [type(c) for c in default] == [CSVLoggerCallback, JsonLoggerCallback]  # off by default
+    if importlib.util.find_spec("tensorboardX") is not None:
+        assert isinstance(logger_callbacks(spec_with({"tensorboard": True}))[-1], TBXLoggerCallback)
+    if importlib.util.find_spec("mlflow") is None:
+        with pytest.raises(SpecError, match=r"tracked\.yaml: tracking\.mlflow_uri: .*'mlflow' package is not installed"):
+            logger_callbacks(spec_with({"mlflow_uri": "file:///tmp/mlruns"}))
+
+
+def test_unreachable_address_exits_2_and_writes_nothing(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, "unreachable", method="random", label_fraction=0.5)
+    storage = tmp_path / "storage"
+    started = time.monotonic()
+    result = launch([str(spec), "--storage", str(storage), "--address", "127.0.0.1:1"])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "127.0.0.1:1" in lines[0] and "Traceback" not in result.stderr
+    assert time.monotonic() - started < 10
+    assert not storage.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Ray: end-to-end sweeps on the session's Ray instance
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_launch_with_a_failing_trial(ray_cluster: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """global -> finetune at two label fractions: one global node serves both trials; one
+    finetune node fails by injection, the other trial completes; exit 1; three tables."""
+    spec_path = write_spec(
+        tmp_path, "e2e", method="global", label_fraction=[0.25, 0.5],
+        stages={"global": {"epochs": 2, "batch_size": 16}, "finetune": {"epochs": 2, "batch_size": 4}},
+        resources={"max_failures": 0},
+    )
+    storage = tmp_path / "storage"
+    plan = build_plan(load_spec(spec_path, overrides={"storage": str(storage)}))
+    assert plan.summary()["stages"] == {"global": {"nodes": 1, "to_run": 1}, "finetune": {"nodes": 2, "to_run": 2}}
+    failing = plan.trials[1].nodes["finetune"]
+    monkeypatch.setenv(FAIL_NODES_ENV, failing)
+
+    result = launch([str(spec_path), "--storage", str(storage)])
+    assert result.exit_code == 1, result.output
+    print(result.stderr)
+    assert f"finetune {failing} FAILED" in result.stderr and " done in " in result.stderr
+
+    store = StageStore(storage)
+    global_key = plan.trials[0].nodes["global"]
+    assert sorted(p.name for p in store.stages_dir.iterdir()) == sorted(plan.nodes)  # no extra node
+    global_epochs = store.read_epochs(global_key)
+    assert [r["epoch"] for r in global_epochs] == [1, 2]  # the shared stage ran once
+    assert "injected failure" in (store.read_error(failing) or "")
+
+    trials = pd.read_parquet(storage / "tables" / "trials.parquet")
+    assert list(trials["trial_id"]) == ["t0000", "t0001"]
+    ok, failed = trials.iloc[0], trials.iloc[1]
+    assert ok["status"] == "ok" and pd.isna(ok["error"])
+    for column in ("test_dice_pooled_mean", "test_dice_volume_mean", "test_dice_pooled_c1", "val_dice_volume_mean"):
+        assert 0.0 <= ok[column] <= 1.0, column
+    assert failed["status"] == "failed" and failed["key_finetune"] == failing
+    assert "injected failure" in failed["error"]
+    epochs = pd.read_parquet(storage / "tables" / "epochs.parquet")
+    assert sorted(epochs["key"].unique()) == sorted([global_key, plan.trials[0].nodes["finetune"]])
+    summary = pd.read_parquet(storage / "tables" / "summary.parquet")
+    assert summary["n_trials"].sum() == 1
+
+
+def _snapshot_checkpoints(storage: Path, key: str) -> int:
+    """Checkpoints Ray Train has registered for node ``key`` (0 when none / unreadable)."""
+    path = storage / "ray" / "train" / key / "checkpoint_manager_snapshot.json"
+    try:
+        return len(json.loads(path.read_text()).get("checkpoint_results", []))
+    except (OSError, ValueError):
+        return 0
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_relaunch_after_sigkill_resumes(ray_cluster: str, tmp_path: Path) -> None:
+    """Kill -9 the driver once one node is COMPLETE and the other has a Train checkpoint; the
+    relaunch leaves the complete node alone and resumes the other from its checkpoint."""
+    import ray
+
+    epochs = 8
+    spec_path = write_spec(
+        tmp_path, "resume", method="random", label_fraction=[0.25, 0.5],
+        stages={"finetune": {"epochs": epochs, "batch_size": 4}},
+        resources={"max_concurrent_trials": 1},
+    )
+    storage = tmp_path / "storage"
+    plan = build_plan(load_spec(spec_path, overrides={"storage": str(storage)}))
+    keys = [trial.nodes["finetune"] for trial in plan.trials]
+    store = StageStore(storage)
+    log = (tmp_path / "first.log").open("wb")
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "launch", str(spec_path), "--storage", str(storage),
+         "--address", ray_cluster],
+        cwd=REPO_ROOT, env={**os.environ, **ray_test_env()}, stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        done = interrupted = None
+        while time.monotonic() < deadline and driver.poll() is None:
+            complete = [k for k in keys if store.is_complete(k)]
+            running = [k for k in keys if k not in complete and _snapshot_checkpoints(storage, k) > 0]
+            if complete and running:
+                done, interrupted = complete[0], running[0]
+                driver.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.05)
+    finally:
+        if driver.poll() is None and done is None:
+            driver.kill()
+        driver.wait(timeout=30)
+        log.close()
+    assert done is not None, f"never saw one node complete and one checkpointed:\n{(tmp_path / 'first.log').read_text()}"
+    killed_at = time.time()
+    complete_marker = (store.node_dir(done) / "COMPLETE").read_bytes()
+    done_epochs = store.read_epochs(done)
+
+    # the dead driver's trial, Train controller and worker actors go with its job
+    deadline = time.monotonic() + 60
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+    result = launch([str(spec_path), "--storage", str(storage), "--address", ray_cluster])
+    assert result.exit_code == 0, result.output
+    assert "1 node(s) to run" in result.stderr
+    assert (store.node_dir(done) / "COMPLETE").read_bytes() == complete_marker
+    assert store.read_epochs(done) == done_epochs
+
+    records = store.read_epochs(interrupted)
+    assert [r["epoch"] for r in records] == list(range(1, epochs + 1))  # each epoch once
+    resumed_from = records[-1]["resumed_from"]
+    assert resumed_from >= 1, "the relaunch did not resume from the Train checkpoint"
+    for record in records:
+        first_run = record["epoch"] <= resumed_from
+        assert record["resumed_from"] == (0 if first_run else resumed_from)
+        assert (record["time"] < killed_at) == first_run
+    trials = pd.read_parquet(storage / "tables" / "trials.parquet")
+    assert list(trials["status"]) == ["ok", "ok"]
+
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import ray
+    from ray.cluster_utils import Cluster
+    from orchestrator.execute import run_sweep
+    from orchestrator.plan import build_plan
+    from orchestrator.spec import load_spec
+    from orchestrator.store import StageStore
+
+    spec_path, storage = sys.argv[1], sys.argv[2]
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 96 << 20})
+    cluster.add_node(num_cpus=1, object_store_memory=96 << 20)
+    cluster.wait_for_nodes()
+    try:
+        spec = load_spec(spec_path, overrides={"storage": storage})
+        plan = build_plan(spec)
+        store = StageStore(spec.storage)
+        store.claim_sweep(spec, plan=plan)
+        outcome = run_sweep(plan, store, address=cluster.address, placement_strategy="STRICT_SPREAD")
+        nodes = [node.node_id for node in cluster.list_all_nodes()]
+        print("RESULT " + json.dumps({"completed": outcome.completed, "failed": outcome.failed, "nodes": nodes}))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    """
+)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_two_node_ddp_with_strict_spread(tmp_path: Path) -> None:
+    """Two simulated nodes of 1 CPU; one finetune node as 2-rank gloo DDP, a rank per node."""
+    spec_path = write_spec(
+        tmp_path, "ddp", method="random", label_fraction=0.5,
+        stages={"finetune": {"epochs": 2, "batch_size": 2}},
+        resources={"workers_per_trial": 2, "cpus_per_worker": 1, "max_failures": 0},
+    )
+    storage = tmp_path / "storage"
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    run = subprocess.run(
+        [sys.executable, str(script), str(spec_path), str(storage)],
+        cwd=REPO_ROOT, env={**os.environ, **ray_test_env()}, capture_output=True, text=True, timeout=300,
+    )
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    assert run.returncode == 0 and lines, run.stdout + run.stderr
+    result = json.loads(lines[-1].removeprefix("RESULT "))
+    assert result["failed"] == {} and len(result["completed"]) == 1
+    key = result["completed"][0]
+
+    store = StageStore(storage)
+    records = store.read_epochs(key)
+    assert [r["epoch"] for r in records] == [1, 2]
+    ranks = records[0]["worker_nodes"].split(",")
+    assert records[0]["world_size"] == 2 and len(ranks) == 2
+    assert len(set(ranks)) == 2 and set(ranks) <= set(result["nodes"])  # one rank per node
+    metrics = store.read_metrics(key)
+    assert all(math.isfinite(v) for v in metrics.values() if isinstance(v, float))
+    state = store.load_state(key)
+    from trainers.config import ModelConfig, from_dict
+    from trainers.model import UNet
+
+    reference = UNet(from_dict(ModelConfig, TINY["model"], "model"), in_channels=1, num_classes=3).state_dict()
+    assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in reference.items()}
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
