@@ -407,3 +407,37 @@ def test_two_node_ddp_with_strict_spread(tmp_path: Path) -> None:
     reference = UNet(from_dict(ModelConfig, TINY["model"], "model"), in_channels=1, num_classes=3).state_dict()
     assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in reference.items()}
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_quickstart_spec_end_to_end(ray_cluster: str, tmp_path: Path) -> None:
+    """The README's first command, on the shipped search_spaces/quickstart.yaml: every trial ok,
+    one trials row per trial, the shared global stage run once, a second launch runs nothing."""
+    spec_path = REPO_ROOT / "search_spaces" / "quickstart.yaml"
+    storage = tmp_path / "quickstart"
+    plan = build_plan(load_spec(spec_path, overrides={"storage": str(storage)}))
+    counts = {stage: entry["nodes"] for stage, entry in plan.summary()["stages"].items()}
+    assert counts == {"global": 1, "local": 2, "finetune": 4}
+
+    result = launch([str(spec_path), "--storage", str(storage)])
+    assert result.exit_code == 0, result.output
+    assert "global+local(block)" in result.stdout or "global+local_block" in result.stdout
+
+    store = StageStore(storage)
+    assert sorted(p.name for p in store.stages_dir.iterdir()) == sorted(plan.nodes)
+    (global_key,) = {t.nodes["global"] for t in plan.trials}
+    assert [r["epoch"] for r in store.read_epochs(global_key)] == list(range(1, 6))
+
+    tables = {name: pd.read_parquet(storage / "tables" / f"{name}.parquet") for name in ("trials", "epochs", "summary")}
+    trials = tables["trials"]
+    assert list(trials["trial_id"]) == [t.trial_id for t in plan.trials]
+    assert (trials["status"] == "ok").all()
+    assert trials["test_dice_pooled_mean"].between(0.0, 1.0).all()
+    assert set(tables["epochs"]["key"]) == set(plan.nodes)
+    assert len(tables["summary"]) == 4  # 2 methods x 2 label fractions, n = 1 each
+
+    mtimes = {key: (store.node_dir(key) / "COMPLETE").stat().st_mtime_ns for key in plan.nodes}
+    again = launch([str(spec_path), "--storage", str(storage)])
+    assert again.exit_code == 0, again.output
+    assert {key: (store.node_dir(key) / "COMPLETE").stat().st_mtime_ns for key in plan.nodes} == mtimes
