@@ -9,7 +9,9 @@ namely: the stage name, its config (after the method's overrides, less the setti
 choices leave unused: ``relevant_settings``), the model config, the data
 fingerprint (content, not location), the split fractions and split index, the seed, the label
 fraction only if the stage reads labels, the parent node's key, the parts loaded from the
-parent, and ``trainers.STAGE_CODE_VERSION``. Trials whose stages compute the same thing get the
+parent, ``trainers.STAGE_CODE_VERSION`` and the execution that changes the arithmetic (DDP world
+size, since ``batch_size`` is per rank and NT-Xent negatives span ranks; CPU fp32 vs CUDA bf16).
+Trials whose stages compute the same thing get the
 same key and share one node: e.g. one global pretraining per (seed, split) serves every
 temperature x block size x label fraction. ``split.repeats`` is left out of the key because a
 split depends only on its index and fractions (``trainers.data.make_split``).
@@ -192,6 +194,11 @@ def build_plan(spec: Spec, reuse: bool = True) -> Plan:
     Raises ``trainers.data.DatasetError`` when an msd dataset cannot be fingerprinted.
     """
     fingerprints: dict[DataConfig, str] = {}
+    # batch_size is per DDP rank and CUDA runs in bf16: both change what a stage computes
+    execution = {
+        "world_size": spec.resources.workers_per_trial,
+        "device": "cuda" if spec.resources.gpus_per_worker > 0 else "cpu",
+    }
     nodes: dict[str, StageNode] = {}
     trials: list[Trial] = []
     for index, params in enumerate(spec.points()):
@@ -220,6 +227,7 @@ def build_plan(spec: Spec, reuse: bool = True) -> Plan:
                 "parent": parent.key if parent else None,
                 "init_parts": list(parts),
                 "code_version": STAGE_CODE_VERSION,
+                "execution": execution,
             }
             if not reuse:
                 material["trial"] = trial_id

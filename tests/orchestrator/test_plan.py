@@ -196,3 +196,14 @@ def test_settings_a_stage_does_not_read_do_not_split_nodes(tmp_path: Path) -> No
         spec_of(tmp_path, stride + "grid:\n  stages.local.stride: [2, 4]\n", "b.yaml")
     )
     assert stage_counts(strided)["local"] == 2 * 2 * 2  # now stride matters
+
+
+def test_world_size_and_device_change_keys_but_cpus_do_not(tmp_path: Path) -> None:
+    """batch_size is per DDP rank and CUDA runs bf16: both change a stage's result, so a
+    relaunch with other workers or GPUs must not reuse nodes computed the other way."""
+    base = keys_by_trial(build_plan(spec_of(tmp_path)))
+    more_cpus = BASE + "resources: {cpus_per_worker: 2}\n"
+    assert keys_by_trial(build_plan(spec_of(tmp_path, more_cpus, "cpus.yaml"))) == base
+    for name, resources in [("ddp", "{workers_per_trial: 2}"), ("gpu", "{gpus_per_worker: 0.25}")]:
+        other = keys_by_trial(build_plan(spec_of(tmp_path, BASE + f"resources: {resources}\n", f"{name}.yaml")))
+        assert all(other[t][s] != base[t][s] for t in base for s in base[t]), name
