@@ -220,7 +220,7 @@ def test_named_axis_in_grid(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["quickstart.yaml", "paper_hippocampus.yaml", "ablation_hippocampus.yaml"]
+    "name", sorted(p.name for p in (REPO / "search_spaces").glob("*.yaml"))
 )
 def test_search_spaces_load(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if (SHARED_DATA / "Task04_Hippocampus").is_dir():
