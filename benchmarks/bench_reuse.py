@@ -19,6 +19,7 @@ shared nodes are seeded the same way, so it is 0 up to run-to-run floating-point
 non-determinism.
 
     python benchmarks/bench_reuse.py --quick
+    python benchmarks/bench_reuse.py --quick --label-fractions 0.2 0.35 0.5 0.65 0.8 1.0 --global-epochs 60
     python benchmarks/bench_reuse.py --device cuda
 
 stdout: one JSON object; stderr: progress and a short table.
@@ -92,7 +93,11 @@ def run_arm(folder: Path, name: str, size: dict[str, Any], grid: dict[str, Any],
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     size = sizes(args.quick, args.data)
-    grid = GRIDS["quick" if args.quick else "full"]
+    grid = dict(GRIDS["quick" if args.quick else "full"])
+    if args.label_fractions:
+        grid["label_fraction"] = args.label_fractions
+    if args.global_epochs:
+        size["global"] = {**size["global"], "epochs": args.global_epochs}
     cpus = os.cpu_count() or 1
     gpu = args.device == "cuda"
     per_worker = {"cpus_per_worker": 1, "gpus_per_worker": 0.25 if gpu else 0}
@@ -127,6 +132,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", help="an MSD folder instead of synthetic data")
     parser.add_argument("--checkpoint-every", type=int, default=1)
     parser.add_argument("--train-poll-s", type=float, help="RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (Ray's default: 2)")
+    parser.add_argument("--label-fractions", type=float, nargs="+",
+                        help="the grid's label fractions (how many trials share the global stage)")
+    parser.add_argument("--global-epochs", type=int, help="epochs of the shared global stage")
     parser.add_argument("--out", type=Path, help="also write the JSON object here")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -165,6 +165,8 @@ _UNUSED_SETTINGS: dict[
         (lambda c: c["loss"] == "supervised" and c["strategy"] != "block", ("block_size",)),
     ),
     "finetune": (
+        # validation only adds per-epoch records: the model and final metrics do not depend on it
+        (lambda c: True, ("val_every",)),
         (lambda c: c["regulariser"] != "mixup", ("mixup_alpha",)),
         (
             lambda c: c["regulariser"] != "mean_teacher",

@@ -247,6 +247,8 @@ class FinetuneConfig:
     regulariser="mean_teacher": EMA teacher (``ema_decay``), MSE consistency on unlabelled
     training slices weighted by ``consistency_weight`` ramped up over ``consistency_rampup``
     epochs (sigmoid ramp, Laine & Aila).
+    ``val_every``: validation Dice every this many epochs (and at the last); on small labelled
+    subsets a pass over all validation volumes can cost more than the epoch's training.
     """
 
     epochs: int = 120
@@ -261,6 +263,7 @@ class FinetuneConfig:
     consistency_rampup: int = 30
     unlabelled_batch_size: int = 8
     dice_weight: float = 1.0
+    val_every: int = 1
 
     def __post_init__(self) -> None:
         _positive_int("finetune", "epochs", self.epochs)
@@ -276,6 +279,7 @@ class FinetuneConfig:
             _fail("finetune", "consistency_rampup", f"must be >= 0, got {self.consistency_rampup!r}")
         _positive_int("finetune", "unlabelled_batch_size", self.unlabelled_batch_size)
         _non_negative("finetune", "dice_weight", self.dice_weight)
+        _positive_int("finetune", "val_every", self.val_every)
 
 
 @dataclass(frozen=True)

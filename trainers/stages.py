@@ -409,12 +409,13 @@ def _fit(
     min_batch: int = 1,
     after_step: Callable[[int], None] | None = None,
     evaluate: Callable[[], dict[str, float]] | None = None,
+    evaluate_every: int = 1,
 ) -> None:
     """Train ``run`` from ``run.start_epoch`` to ``epochs``; report each epoch.
 
     ``step_fn`` returns the batch's mean loss (a scalar with grad); ``after_step(n)`` runs after
-    the n-th optimiser step (1-based, e.g. an EMA update); ``evaluate()`` adds metrics after each
-    epoch. Each epoch reports ``epoch``, ``loss`` (mean over the epoch's slices, all ranks),
+    the n-th optimiser step (1-based, e.g. an EMA update); ``evaluate()`` adds metrics after
+    every ``evaluate_every``-th epoch and the last one. Each epoch reports ``epoch``, ``loss`` (mean over the epoch's slices, all ranks),
     ``seconds`` (training time, slowest rank) and ``slices_per_s`` (all ranks' slices / seconds).
     """
     ctx, device, dist = run.ctx, run.device, run.dist
@@ -444,7 +445,7 @@ def _fit(
             "seconds": seconds,
             "slices_per_s": total_seen / seconds,
         }
-        if evaluate is not None:
+        if evaluate is not None and (epoch % evaluate_every == 0 or epoch == epochs):
             metrics.update(evaluate())
         run.last_metrics = metrics
         due = epoch % ctx.checkpoint_every == 0 or epoch == epochs
@@ -624,8 +625,8 @@ def run_finetune(cfg: FinetuneConfig, model: ModelConfig, ctx: StageContext) -> 
       with decay min(ema_decay, 1 - 1/(n + 1)). The *teacher* is evaluated and returned (as is
       usual for Mean Teacher); the student lives on only in checkpoints' "model".
 
-    Each epoch adds ``val_dice_mean`` (per-volume mean) and ``val_dice_pooled_mean`` on
-    ``split.val`` (skipped when it is empty). Final metrics: ``val_*`` and ``test_*`` from
+    Every ``cfg.val_every``-th epoch and the last add ``val_dice_mean`` (per-volume mean) and
+    ``val_dice_pooled_mean`` on ``split.val`` (skipped when it is empty). Final metrics: ``val_*`` and ``test_*`` from
     ``evaluate_model`` plus ``loss`` and ``train_seconds``. The final model is kept (no
     selection on validation Dice).
     """
@@ -700,6 +701,7 @@ def run_finetune(cfg: FinetuneConfig, model: ModelConfig, ctx: StageContext) -> 
         step_fn=step,
         after_step=ema if teacher is not None else None,
         evaluate=validate,
+        evaluate_every=cfg.val_every,
     )
     metrics = _final_metrics(run)
     metrics.update(_prefixed("val", evaluate_model(evaluated, ctx.data, ctx.split.val, ctx.device)))

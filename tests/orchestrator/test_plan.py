@@ -207,3 +207,10 @@ def test_world_size_and_device_change_keys_but_cpus_do_not(tmp_path: Path) -> No
     for name, resources in [("ddp", "{workers_per_trial: 2}"), ("gpu", "{gpus_per_worker: 0.25}")]:
         other = keys_by_trial(build_plan(spec_of(tmp_path, BASE + f"resources: {resources}\n", f"{name}.yaml")))
         assert all(other[t][s] != base[t][s] for t in base for s in base[t]), name
+
+
+def test_validation_frequency_does_not_split_nodes(tmp_path: Path) -> None:
+    sparse = BASE.replace("finetune: {lr: 0.0005}", "finetune: {lr: 0.0005, val_every: 5}")
+    assert sparse != BASE
+    base = keys_by_trial(build_plan(spec_of(tmp_path)))
+    assert keys_by_trial(build_plan(spec_of(tmp_path, sparse, "sparse.yaml"))) == base

@@ -535,3 +535,12 @@ def test_two_ranks_report_the_same_numbers_and_model(
         for key, value in first["state"].items():
             assert torch.equal(value, second["state"][key]), (stage, key)
         assert all(math.isfinite(m["loss"]) for m in first["log"])
+
+
+def test_validation_every_k_epochs_and_at_the_last(
+    synthetic_slices: SliceData, split: Split, labelled: tuple[int, ...]
+) -> None:
+    reports: list[dict[str, float]] = []
+    cfg = _stage_config("finetune", epochs=5, val_every=2)
+    run_finetune(cfg, TINY, _context(synthetic_slices, split, labelled, report=lambda m, c: reports.append(m)))
+    assert [r["epoch"] for r in reports if "val_dice_mean" in r] == [2, 4, 5]
