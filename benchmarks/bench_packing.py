@@ -33,7 +33,6 @@ stdout: one JSON object; stderr: progress and a short table. Set ``--train-poll-
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -42,12 +41,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_ray_stage import (  # noqa: E402
     POLL_ENV,
+    bench_parser,
+    emit,
+    finish_args,
     log,
     machine_info,
     prepare,
@@ -137,17 +137,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="CPU smoke size (see bench_ray_stage.SIZES)")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--data", help="an MSD folder instead of synthetic data")
-    parser.add_argument("--checkpoint-every", type=int, default=1)
+    parser = bench_parser(__doc__.splitlines()[0], "CPU smoke size (see bench_ray_stage.SIZES)")
     parser.add_argument("--train-poll-s", type=float, help="RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (Ray's default: 2)")
-    parser.add_argument("--out", type=Path, help="also write the JSON object here")
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device")
-    return args
+    return finish_args(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -159,10 +151,7 @@ def main(argv: list[str] | None = None) -> None:
                        ("aggregate_compute_slices_per_s", "agg compute sl/s", ".0f"),
                        ("per_node_epoch_slices_per_s", "node epoch sl/s", ".0f"),
                        ("overlap", "overlap", ".2f"), ("wall_s", "wall s", ".1f"), ("torch_threads", "threads", ".0f")])
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -296,25 +296,45 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="CPU smoke size (tiny U-Net, 32 x 32, 8 synthetic cases, 5 epochs)")
+def bench_parser(description: str, quick_help: str) -> argparse.ArgumentParser:
+    """The options every Ray benchmark takes: --quick, --device, --data, --checkpoint-every."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--data", help="an MSD folder (e.g. Task04_Hippocampus) instead of synthetic data")
+    parser.add_argument("--checkpoint-every", type=int, default=1, help="epochs between Train checkpoints")
+    return parser
+
+
+def finish_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Add --out, parse, and refuse --device cuda without a CUDA device."""
+    parser.add_argument("--out", type=Path, help="also write the JSON object here")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device")
+    return args
+
+
+def emit(result: Mapping[str, Any], out: Path | None) -> None:
+    """The result as one JSON object on stdout, and in ``out`` when given."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        out.write_text(text + "\n")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = bench_parser(__doc__.splitlines()[0], "CPU smoke size (tiny U-Net, 32 x 32, 8 synthetic cases, 5 epochs)")
     parser.add_argument("--repeats", type=int, default=None, help="runs per arm (quick 1, else 3)")
     parser.add_argument("--cpus-per-worker", type=int, default=1,
                         help="Ray worker CPUs = torch threads on both sides (default 1: on a shared "
                              "machine, more threads than free cores make torch wait on itself)")
-    parser.add_argument("--checkpoint-every", type=int, default=1, help="epochs between Train checkpoints")
     parser.add_argument("--train-poll-s", type=float, nargs="+", default=[2.0, 0.5],
                         help="Ray Train controller poll intervals to compare (2.0: Ray's default, "
                              "0.5: run_sweep's default)")
-    parser.add_argument("--out", type=Path, help="also write the JSON object here")
-    args = parser.parse_args(argv)
+    args = finish_args(parser, argv)
     if args.repeats is None:
         args.repeats = 1 if args.quick else 3
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device")
     return args
 
 
@@ -326,10 +346,7 @@ def main(argv: list[str] | None = None) -> None:
                        ("epoch_slices_per_s", "epoch sl/s", ".0f"), ("epoch_interval_s", "epoch s", ".2f"),
                        ("startup_s", "start-up s", ".1f"), ("wall_s", "wall s", ".1f"),
                        ("torch_threads", "threads", ".0f")])
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ stdout: one JSON object; stderr: progress and a short table.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -38,12 +37,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_ray_stage import (  # noqa: E402
     POLL_ENV,
+    bench_parser,
+    emit,
+    finish_args,
     log,
     machine_info,
     prepare,
@@ -126,20 +126,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="CPU smoke size and a 3-trial grid")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--data", help="an MSD folder instead of synthetic data")
-    parser.add_argument("--checkpoint-every", type=int, default=1)
+    parser = bench_parser(__doc__.splitlines()[0], "CPU smoke size and a 3-trial grid")
     parser.add_argument("--train-poll-s", type=float, help="RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (Ray's default: 2)")
     parser.add_argument("--label-fractions", type=float, nargs="+",
                         help="the grid's label fractions (how many trials share the global stage)")
     parser.add_argument("--global-epochs", type=int, help="epochs of the shared global stage")
-    parser.add_argument("--out", type=Path, help="also write the JSON object here")
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device")
-    return args
+    return finish_args(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -151,10 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     print_table(rows, [("arm", "arm", ""), ("trials", "trials", ".0f"), ("stage_executions", "executions", ".0f"),
                        ("stages", "by stage", ""), ("epochs_run", "epochs run", ".0f"), ("wall_s", "wall s", ".1f")])
     log(f"max |test Dice difference| between arms: {result['reuse_vs_no_reuse']['max_test_dice_difference']:.2e}")
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":
