@@ -7,9 +7,10 @@ slices, seed and split) runs
   ``trainers.pipeline`` does), with as many torch threads as the Ray worker gets
   (``--cpus-per-worker``, default 1);
 - ``ray``:  ``orchestrator.execute.run_sweep`` on a local Ray: a Tune trial drives a one-worker
-  ``TorchTrainer`` whose worker runs the same ``run_stage``, reporting every epoch through
-  ``ray.train.report`` (with a checkpoint every ``--checkpoint-every`` epochs), once per value
-  of ``--train-poll-s`` (Ray Train's controller collects each report on this poll,
+  ``TorchTrainer`` whose worker runs the same ``run_stage``, reporting through
+  ``ray.train.report`` every epoch with a checkpoint (every ``--checkpoint-every`` epochs, and
+  the last) and otherwise at most once per poll interval of training time, once per value of
+  ``--train-poll-s`` (Ray Train's controller collects each report on this poll,
   ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``: Ray's default 2 s, ``run_sweep``'s 0.5 s; a worker's
   next report waits for it).
 

@@ -365,7 +365,8 @@ def train_env() -> dict[str, str]:
     collects each worker's report; a worker's next report waits for it, so with Ray's 2 s
     default, epochs shorter than about 2 s are paced by the poll (benchmarks/README.md,
     bench_ray_stage: 0.4 s epochs gave 77 slices/s at a 2 s poll, 242 at 0.5 s). Unless set,
-    sweeps use ``TRAIN_POLL_S``.
+    sweeps use ``TRAIN_POLL_S``, and workers report epochs without a checkpoint or validation
+    at most once per poll interval of training (``orchestrator.worker.ReportThrottle``).
     """
     env = {TRAIN_POLL_ENV: TRAIN_POLL_S}
     env.update({name: value for name, value in os.environ.items() if name.startswith("RAY_TRAIN_")})
@@ -567,6 +568,7 @@ def _run_levels(
         _prepare_caches(nodes, store, caches)
         for node in nodes:
             store.write_node(node)
+        env = train_env()
         payload = {
             "nodes": {
                 node.key: {
@@ -574,6 +576,7 @@ def _run_levels(
                     "storage": str(store.root.absolute()),
                     "cache": caches[json.dumps(node.data, sort_keys=True)],
                     "checkpoint_every": plan.spec.resources.checkpoint_every,
+                    "report_interval_s": float(env[TRAIN_POLL_ENV]),
                     "gpus_per_worker": plan.spec.resources.gpus_per_worker,
                     "inject_failure": failures.get(node.key),
                 }
@@ -583,7 +586,7 @@ def _run_levels(
             "train_dir": str((store.ray_dir / "train").absolute()),
             "storage": str(store.root.absolute()),
             "max_failures": plan.spec.resources.max_failures,
-            "train_env": train_env(),
+            "train_env": env,
         }
         errors = _run_level(plan, store, level, to_run, payload, progress, started)
         for key in to_run:

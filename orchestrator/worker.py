@@ -8,6 +8,7 @@
         "cache": "/abs/path/cache/<fp>", # the preprocessed slices, memory-mapped here (never copied
                                          #   through the object store)
         "checkpoint_every": 1,           # epochs between Train checkpoints
+        "report_interval_s": 0.5,        # least training seconds between Train reports (see 3.)
         "gpus_per_worker": 0.0,          # for the gpu_s figure
         "inject_failure": None | str,    # test hook, see below
     }
@@ -20,7 +21,10 @@ and runs, on every rank:
 2. a resume state from ``ray.train.get_checkpoint()`` when Train restarts this run (a dead
    worker group, or a relaunch of the sweep: the Train run is named by the node key);
 3. ``trainers.stages.STAGES[stage](cfg, model_cfg, ctx)`` where ``ctx.report`` calls
-   ``ray.train.report`` on every rank each epoch; only rank 0 attaches a checkpoint (a
+   ``ray.train.report`` on every rank for each epoch that carries a checkpoint, and otherwise
+   only once ``report_interval_s`` training seconds have passed since the last report (``ReportThrottle``: Ray Train holds one unread report per worker and collects it
+   on its controller's poll, so reporting every short epoch would pace training by the poll);
+   only rank 0 attaches a checkpoint (a
    directory holding ``checkpoint_state.pt``, a ``torch.save`` of the stage's checkpoint state:
    tensors, dicts, lists, numbers and strings only, so ``torch.load(weights_only=True)`` reads it);
 4. rank 0 appends every epoch's record to ``stages/<key>/epochs.jsonl`` and, at the end, writes
@@ -82,6 +86,33 @@ STAGE_CONFIGS: dict[str, type] = {
 REQUIRED_KEYS = ("node", "storage", "cache")
 
 
+class ReportThrottle:
+    """Decides which epochs are reported to Ray Train; the same decision on every rank.
+
+    Ray Train keeps one unread report per worker and its controller collects it on each poll
+    (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``), so a report made sooner than one poll after the
+    previous one blocks the training loop. An epoch is reported when it carries a checkpoint
+    (always the last epoch) or once ``min_interval_s`` of training time has accumulated since
+    the last report. The time is the epoch's ``seconds`` metric, already
+    the maximum over ranks, so every rank of a DDP group decides alike (a report is a
+    collective in Train). Every epoch still gets its record in the stage store
+    (validation metrics included): Tune sees a subset, the store holds them all.
+    """
+
+    def __init__(self, min_interval_s: float) -> None:
+        if not min_interval_s >= 0:
+            raise ValueError(f"report_interval_s must be >= 0, got {min_interval_s!r}")
+        self.min_interval_s = float(min_interval_s)
+        self._pending_s = 0.0
+
+    def due(self, metrics: Mapping[str, Any], has_checkpoint: bool) -> bool:
+        self._pending_s += float(metrics.get("seconds", 0.0))
+        if has_checkpoint or self._pending_s >= self.min_interval_s:
+            self._pending_s = 0.0
+            return True
+        return False
+
+
 def train_node(config: Mapping[str, Any]) -> None:
     """Run one stage node on this Ray Train worker (see the module docstring for ``config``)."""
     import ray.train
@@ -106,6 +137,7 @@ def train_node(config: Mapping[str, Any]) -> None:
     worker_nodes = ",".join(_gather_strings(node_id))
     if rank == 0:
         truncate_epochs(store, node.key, keep_through=resumed_from)
+    throttle = ReportThrottle(float(config.get("report_interval_s", 0.0)))
 
     def report(metrics: dict[str, float], checkpoint_state: dict[str, Any] | None) -> None:
         if rank == 0:
@@ -120,6 +152,8 @@ def train_node(config: Mapping[str, Any]) -> None:
                 "time": time.time(),
             }
             store.append_epoch(node.key, record)
+        if not throttle.due(metrics, checkpoint_state is not None):
+            return
         if rank == 0 and checkpoint_state is not None:
             state = {**checkpoint_state, WALL_KEY: earlier_wall_s + time.monotonic() - started}
             with tempfile.TemporaryDirectory(prefix=f"ckpt-{node.key}-") as folder:
