@@ -1,13 +1,16 @@
-"""Run a planned sweep on Ray: one Ray Tune run per plan level, one Ray Train job per node.
+"""Run a planned sweep on Ray: one Ray Tune run for the whole stage DAG, one Ray Train job per node.
 
-``run_sweep(plan, store)`` walks ``plan.levels`` in order (depth 0 = nodes without a parent).
-For each level it takes the nodes that are not ``COMPLETE`` in the store and whose parent is
-complete, and runs them as one Tune experiment::
+``run_sweep(plan, store)`` takes every node of the plan that is not ``COMPLETE`` in the store
+and runs them as one Tune experiment whose search algorithm is the DAG itself
+(``DagScheduler`` inside a Tune ``Searcher``): a node is suggested as soon as its parent is
+complete (no barrier between depths: a level-0 fine-tuning does not hold back the children of
+a finished pretraining), the ready node with the most descendants first, and a failed node's
+descendants are skipped with the reason::
 
     Tuner(with_resources(with_parameters(node_trial, payload=...), TRIAL_DRIVER_RESOURCES),
-          param_space={"node_key": grid_search(keys)},
-          tune_config=TuneConfig(max_concurrent_trials=n),
-          run_config=RunConfig(name="level<d>-<hash>", storage_path=<storage>/ray, ...))
+          tune_config=TuneConfig(search_alg=DagSearcher, num_samples=<nodes>,
+                                 max_concurrent_trials=n),
+          run_config=RunConfig(name="sweep-<hash>", storage_path=<storage>/ray, ...))
 
 Each Tune trial (``node_trial``) is only the driver of a Ray Train job: it builds a
 ``TorchTrainer(orchestrator.worker.train_node, ScalingConfig(num_workers=workers_per_trial,
@@ -19,7 +22,7 @@ cluster's resources:
 
     n = min(floor(cluster CPUs / (workers_per_trial * cpus_per_worker)),
             floor(cluster GPUs / (workers_per_trial * gpus_per_worker))   [when GPUs are used],
-            nodes in the level)
+            nodes to run)
 
 unless ``resources.max_concurrent_trials`` is set (e.g. for an autoscaling cluster).
 
@@ -35,10 +38,11 @@ folder (``<storage>/ray/train/<key>``) still holds its checkpoints, so the new T
 same name continues from the last one (the worker drops the epoch records after it). Once a
 node is complete its Train checkpoints are deleted (its result lives in the stage store).
 
-Reports: every epoch each worker calls ``ray.train.report``; Train's controller collects them
-on its health-check poll, which sweeps shorten from Ray's 2 s to ``TRAIN_POLL_S`` (0.5 s) unless
-``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` is set: short epochs would otherwise wait on it
-(``train_env``).
+Reports: each worker calls ``ray.train.report`` for every checkpoint epoch and otherwise at
+most once per poll interval (``orchestrator.worker.ReportThrottle``); Train's controller
+collects them on its health-check poll, which sweeps shorten from Ray's 2 s to ``TRAIN_POLL_S``
+(0.5 s) unless ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` is set: short epochs would otherwise wait on
+it (``train_env``).
 
 Data: the slices are preprocessed once on the driver (``trainers.data.prepare_slices`` into
 ``<storage>/cache/<fingerprint>``); workers receive the folder's path and memory-map it.
@@ -83,7 +87,7 @@ QUIET_ENV = {
     "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
     "RAY_AIR_NEW_OUTPUT": "0",  # Tune's legacy reporter: silent at verbose=0, the new one is not
     "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # loggers are listed by orchestrator.tracking
-    "TUNE_DISABLE_SIGINT_HANDLER": "1",  # Ctrl+C stops the sweep instead of the level only
+    "TUNE_DISABLE_SIGINT_HANDLER": "1",  # Ctrl+C stops the whole sweep at once
 }
 
 CONNECT_TIMEOUT_S = 5.0
@@ -232,7 +236,7 @@ def quiet_ray_env(values: Mapping[str, str] = QUIET_ENV) -> Iterator[None]:
 
 
 def trial_concurrency(resources: Resources, cluster: Mapping[str, float], pending: int) -> int:
-    """How many trials of a level run at once (see the module docstring for the formula).
+    """How many trials run at once (see the module docstring for the formula).
 
     Raises ``ClusterError`` when one trial's workers need more than the whole cluster has and
     ``resources.max_concurrent_trials`` is not set.
@@ -315,7 +319,7 @@ def one_line_error(err: BaseException) -> str:
 def node_trial(config: Mapping[str, Any], payload: Mapping[str, Any]) -> None:
     """Tune function trainable: run node ``config["node_key"]`` as a Ray Train job.
 
-    ``payload`` (shared by the level's trials through ``tune.with_parameters``): ``nodes``
+    ``payload`` (shared by the sweep's trials through ``tune.with_parameters``): ``nodes``
     (key -> ``train_node`` config), ``scaling`` (``ScalingConfig`` kwargs), ``train_dir``,
     ``storage``, ``max_failures``, ``train_env`` (see ``train_env``).
     """
@@ -383,7 +387,7 @@ def trial_name(trial: Any) -> str:
 
 
 def _progress_callback(
-    plan: Plan, store: StageStore, progress: Callable[[str], None], sweep_start: float, level: int
+    plan: Plan, store: StageStore, progress: Callable[[str], None], sweep_start: float
 ) -> Any:
     """A ``ray.tune.Callback`` printing a line per node start / finish / failure."""
     from ray.tune import Callback
@@ -404,7 +408,7 @@ def _progress_callback(
         def _line(self, key: str, text: str) -> None:
             node = self.plan.nodes[key]
             clock = time.monotonic() - self.sweep_start
-            self.progress(f"[{_clock(clock)}] level {level} {node.stage:<8} {key} {text}")
+            self.progress(f"[{_clock(clock)}] {node.stage:<8} {key} {text}")
 
         def _loss(self, key: str) -> str:
             last = self.last.get(key, {})
@@ -468,10 +472,10 @@ def _prepare_caches(nodes: list[StageNode], store: StageStore, cache: dict[str, 
             cache[ident] = str((store.cache_dir / data.fingerprint).absolute())
 
 
-def _experiment_name(store: StageStore, level: int, keys: list[str]) -> str:
-    """``level<d>-<hash of the keys>``, with ``-2``, ``-3`` ... when that folder exists already."""
+def _experiment_name(store: StageStore, keys: list[str]) -> str:
+    """``sweep-<hash of the keys>``, with ``-2``, ``-3`` ... when that folder exists already."""
     digest = hashlib.sha256(",".join(sorted(keys)).encode()).hexdigest()[:8]
-    name = base = f"level{level}-{digest}"
+    name = base = f"sweep-{digest}"
     attempt = 1
     while (store.ray_dir / name).exists():
         attempt += 1
@@ -496,7 +500,7 @@ def run_sweep(
     reuse: bool = True,
     placement_strategy: str = "PACK",
 ) -> SweepOutcome:
-    """Run every node of ``plan`` not yet complete in ``store``, level by level, on Ray.
+    """Run every node of ``plan`` not yet complete in ``store`` on Ray, each once its parent is.
 
     ``address``: None uses ``plan.spec.ray.address`` (None there too: start Ray locally);
     ``"auto"``, ``host:port`` or ``ray://host:port`` join a cluster. A bad or unreachable address
@@ -525,7 +529,7 @@ def run_sweep(
     with quiet_ray_env(), quiet_ray_loggers():
         started_ray = connect_ray(address)
         try:
-            _run_levels(plan, store, progress, placement_strategy, outcome, started)
+            _run_nodes(plan, store, progress, placement_strategy, outcome, started)
         finally:
             if started_ray:
                 import ray
@@ -540,7 +544,110 @@ def run_sweep(
     return outcome
 
 
-def _run_levels(
+class DagScheduler:
+    """Which incomplete node to start next, as soon as its parent is complete (Ray-free).
+
+    ``parents``: node key -> parent key, or None when the node can start now (no parent, or the
+    parent complete already); a parent must itself be one of the keys. ``stages``: key -> stage
+    name (for messages). Among the ready nodes the one with the most descendants goes first (a
+    shared pretraining node unlocks every trial it serves), ties in the order of ``parents``.
+
+    ``next()`` gives a key to start, None when nothing is ready until a running node ends, or
+    ``DONE`` when nothing is left to start. ``finished(key, ok, why)`` records a node's end; a
+    failed node's descendants are dropped into ``skipped`` (key -> reason) and never started.
+    """
+
+    DONE = "DONE"
+
+    def __init__(self, parents: Mapping[str, str | None], stages: Mapping[str, str]) -> None:
+        for key, parent in parents.items():
+            if parent is not None and parent not in parents:
+                raise ValueError(f"node {key}: parent {parent} is not among the nodes to run")
+        self.parents = dict(parents)
+        self.stages = dict(stages)
+        self.children: dict[str, list[str]] = {key: [] for key in parents}
+        for key, parent in parents.items():
+            if parent is not None:
+                self.children[parent].append(key)
+        order = {key: i for i, key in enumerate(parents)}
+        self.priority = {key: (-self._descendants(key), order[key]) for key in parents}
+        self.waiting: list[str] = list(parents)
+        self.running: set[str] = set()
+        self.completed: list[str] = []
+        self.failed: dict[str, str] = {}
+        self.skipped: dict[str, str] = {}
+
+    def _descendants(self, key: str) -> int:
+        return sum(1 + self._descendants(child) for child in self.children[key])
+
+    def next(self) -> str | None:
+        done = set(self.completed)
+        ready = [key for key in self.waiting if self.parents[key] is None or self.parents[key] in done]
+        if not ready:
+            return self.DONE if not self.waiting else None
+        key = min(ready, key=self.priority.__getitem__)
+        self.waiting.remove(key)
+        self.running.add(key)
+        return key
+
+    def finished(self, key: str, ok: bool, why: str = "did not complete") -> None:
+        if key not in self.running:
+            raise ValueError(f"node {key} is not running")
+        self.running.discard(key)
+        if ok:
+            self.completed.append(key)
+            return
+        self.failed[key] = why
+        self._skip_children(key, why)
+
+    def _skip_children(self, key: str, why: str) -> None:
+        for child in self.children[key]:
+            if child in self.waiting:
+                self.waiting.remove(child)
+                self.skipped[child] = f"parent {key} ({self.stages[key]}) did not complete: {why}"
+                self._skip_children(child, why)
+
+
+def _dag_searcher(scheduler: DagScheduler, store: StageStore) -> Any:
+    """A ``ray.tune.search.Searcher`` that suggests ``{"node_key": key}`` from ``scheduler``."""
+    from ray.tune.search import Searcher
+
+    class DagSearcher(Searcher):
+        def __init__(self, scheduler: DagScheduler, store: StageStore) -> None:
+            super().__init__()
+            self.scheduler, self.store = scheduler, store
+            self.trial_keys: dict[str, str] = {}
+
+        def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+            key = self.scheduler.next()
+            if key == DagScheduler.DONE:
+                return Searcher.FINISHED
+            if key is None:
+                return None  # Tune asks again once a running node ends
+            self.trial_keys[trial_id] = key
+            return {"node_key": key}
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            key = self.trial_keys.get(trial_id)
+            if key is not None and key in self.scheduler.running:
+                why = self.store.read_error(key) or "did not complete"
+                self.scheduler.finished(key, self.store.is_complete(key), why)
+
+        def save(self, checkpoint_path: str) -> None:
+            # Tune snapshots its searcher; a sweep never restores one (a relaunch replans from
+            # the store), so the snapshot is a readable record, not a restorable state.
+            state = {"trial_keys": self.trial_keys, "completed": self.scheduler.completed,
+                     "failed": self.scheduler.failed, "skipped": self.scheduler.skipped,
+                     "waiting": self.scheduler.waiting, "running": sorted(self.scheduler.running)}
+            Path(checkpoint_path).write_text(json.dumps(state, indent=1))
+
+        def restore(self, checkpoint_path: str) -> None:
+            raise NotImplementedError("a sweep resumes by relaunching, from the stage store")
+
+    return DagSearcher(scheduler, store)
+
+
+def _run_nodes(
     plan: Plan,
     store: StageStore,
     progress: Callable[[str], None],
@@ -548,80 +655,82 @@ def _run_levels(
     outcome: SweepOutcome,
     started: float,
 ) -> None:
-    caches: dict[str, str] = {}
-    failures = injected_failures(plan.nodes)
-    for level, keys in enumerate(plan.levels):
-        to_run: list[str] = []
-        for key in keys:
-            node = plan.nodes[key]
+    """Every node not yet complete, in one Tune run; a node starts once its parent completes."""
+    parents: dict[str, str | None] = {}
+    for level in plan.levels:
+        for key in level:
             if store.is_complete(key):
                 outcome.already_complete.append(key)
-            elif node.parent is not None and not store.is_complete(node.parent):
-                parent = plan.nodes[node.parent]
-                why = outcome.failed.get(node.parent) or outcome.skipped.get(node.parent) or "not complete"
-                outcome.skipped[key] = f"parent {node.parent} ({parent.stage}) did not complete: {why}"
             else:
-                to_run.append(key)
-        if not to_run:
+                parent = plan.nodes[key].parent
+                parents[key] = parent if parent is not None and not store.is_complete(parent) else None
+    if not parents:
+        return
+    nodes = [plan.nodes[key] for key in parents]
+    caches: dict[str, str] = {}
+    _prepare_caches(nodes, store, caches)
+    for node in nodes:
+        store.write_node(node)
+    failures = injected_failures(plan.nodes)
+    env = train_env()
+    payload = {
+        "nodes": {
+            node.key: {
+                "node": node.to_dict(),
+                "storage": str(store.root.absolute()),
+                "cache": caches[json.dumps(node.data, sort_keys=True)],
+                "checkpoint_every": plan.spec.resources.checkpoint_every,
+                "report_interval_s": float(env[TRAIN_POLL_ENV]),
+                "gpus_per_worker": plan.spec.resources.gpus_per_worker,
+                "inject_failure": failures.get(node.key),
+            }
+            for node in nodes
+        },
+        "scaling": scaling_options(plan.spec.resources, placement_strategy),
+        "train_dir": str((store.ray_dir / "train").absolute()),
+        "storage": str(store.root.absolute()),
+        "max_failures": plan.spec.resources.max_failures,
+        "train_env": env,
+    }
+    scheduler = DagScheduler(parents, {key: plan.nodes[key].stage for key in parents})
+    errors = _run_tune(plan, store, scheduler, payload, progress, started)
+    outcome.skipped.update(scheduler.skipped)
+    for key in parents:
+        if key in scheduler.skipped:
             continue
-        nodes = [plan.nodes[key] for key in to_run]
-        _prepare_caches(nodes, store, caches)
-        for node in nodes:
-            store.write_node(node)
-        env = train_env()
-        payload = {
-            "nodes": {
-                node.key: {
-                    "node": node.to_dict(),
-                    "storage": str(store.root.absolute()),
-                    "cache": caches[json.dumps(node.data, sort_keys=True)],
-                    "checkpoint_every": plan.spec.resources.checkpoint_every,
-                    "report_interval_s": float(env[TRAIN_POLL_ENV]),
-                    "gpus_per_worker": plan.spec.resources.gpus_per_worker,
-                    "inject_failure": failures.get(node.key),
-                }
-                for node in nodes
-            },
-            "scaling": scaling_options(plan.spec.resources, placement_strategy),
-            "train_dir": str((store.ray_dir / "train").absolute()),
-            "storage": str(store.root.absolute()),
-            "max_failures": plan.spec.resources.max_failures,
-            "train_env": env,
-        }
-        errors = _run_level(plan, store, level, to_run, payload, progress, started)
-        for key in to_run:
-            if store.is_complete(key):
-                outcome.completed.append(key)
-            else:
-                outcome.failed[key] = store.read_error(key) or errors.get(key) or "did not complete"
+        if store.is_complete(key):
+            outcome.completed.append(key)
+        else:
+            outcome.failed[key] = store.read_error(key) or errors.get(key) or "did not complete"
 
 
-def _run_level(
+def _run_tune(
     plan: Plan,
     store: StageStore,
-    level: int,
-    keys: list[str],
+    scheduler: DagScheduler,
     payload: dict[str, Any],
     progress: Callable[[str], None],
     started: float,
 ) -> dict[str, str]:
-    """One Tune experiment over ``keys``; returns node key -> error of trials Tune saw crash."""
+    """The Tune experiment over the scheduler's nodes; returns key -> error of crashed trials."""
     import ray
     from ray import tune
 
     resources = plan.spec.resources
+    keys = list(scheduler.parents)
     concurrency = trial_concurrency(resources, ray.cluster_resources(), len(keys))
-    name = _experiment_name(store, level, keys)
+    name = _experiment_name(store, keys)
     stages = sorted({plan.nodes[key].stage for key in keys})
     progress(
-        f"[{_clock(time.monotonic() - started)}] level {level}: {len(keys)} node(s) to run "
-        f"({', '.join(stages)}), {concurrency} at a time -> {store.ray_dir / name}"
+        f"[{_clock(time.monotonic() - started)}] {len(keys)} node(s) to run ({', '.join(stages)}), "
+        f"{concurrency} at a time, each once its parent is complete -> {store.ray_dir / name}"
     )
     trainable = tune.with_resources(tune.with_parameters(node_trial, payload=payload), TRIAL_DRIVER_RESOURCES)
     tuner = tune.Tuner(
         trainable,
-        param_space={"node_key": tune.grid_search(keys)},
         tune_config=tune.TuneConfig(
+            search_alg=_dag_searcher(scheduler, store),
+            num_samples=len(keys),
             max_concurrent_trials=concurrency,
             trial_name_creator=trial_name,
             trial_dirname_creator=trial_name,
@@ -630,7 +739,7 @@ def _run_level(
             name=name,
             storage_path=str(store.ray_dir.absolute()),
             failure_config=tune.FailureConfig(max_failures=resources.max_failures),
-            callbacks=[_progress_callback(plan, store, progress, started, level), *logger_callbacks(plan.spec)],
+            callbacks=[_progress_callback(plan, store, progress, started), *logger_callbacks(plan.spec)],
             verbose=0,
         ),
     )

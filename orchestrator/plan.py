@@ -19,8 +19,8 @@ split depends only on its index and fractions (``trainers.data.make_split``).
 With ``reuse=False`` the trial id is added to every key, giving one node per trial and stage
 (the benchmark's ``--no-reuse``).
 
-Nodes are grouped into ``levels`` by depth (0 = no parent); the executor runs one level after
-the other, all of a level's incomplete nodes concurrently.
+Nodes are grouped into ``levels`` by depth (0 = no parent), for display and ordering; the
+executor starts each incomplete node as soon as its parent is complete, whatever its level.
 """
 
 from __future__ import annotations

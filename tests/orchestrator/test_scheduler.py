@@ -1,0 +1,67 @@
+"""DagScheduler: the order in which a sweep starts its nodes (no Ray needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.execute import DagScheduler
+
+# g1 -> l1 -> f1, g1 -> l2 -> f2 (a shared global), r (random init: no parent), g2 -> f3
+PARENTS = {"r": None, "g2": None, "g1": None, "l1": "g1", "l2": "g1", "f1": "l1", "f2": "l2", "f3": "g2"}
+STAGES = {"r": "finetune", "g1": "global", "g2": "global", "l1": "local", "l2": "local",
+          "f1": "finetune", "f2": "finetune", "f3": "finetune"}
+
+
+def _run(scheduler: DagScheduler, slots: int, fail: frozenset[str] = frozenset()) -> list[str]:
+    """Simulate ``slots`` workers finishing nodes first-in first-out; returns the start order."""
+    started: list[str] = []
+    running: list[str] = []
+    while True:
+        while len(running) < slots:
+            key = scheduler.next()
+            if key is None or key == DagScheduler.DONE:
+                break
+            started.append(key)
+            running.append(key)
+        if not running:
+            assert scheduler.next() == DagScheduler.DONE
+            return started
+        key = running.pop(0)
+        scheduler.finished(key, key not in fail, f"{key} broke")
+
+
+def test_most_descendants_first_and_children_start_without_a_level_barrier() -> None:
+    scheduler = DagScheduler(PARENTS, STAGES)
+    order = _run(scheduler, slots=2)
+    # g1 (4 descendants) then g2 (1) before r (0); l1 starts when g1 ends, while r has not started
+    assert order[:3] == ["g1", "g2", "l1"]
+    assert order.index("l2") < order.index("r")  # depth-1 nodes before a depth-0 leaf: no barrier
+    assert sorted(order) == sorted(PARENTS)
+    assert scheduler.completed and not scheduler.failed and not scheduler.skipped
+
+
+def test_nothing_ready_waits_instead_of_finishing() -> None:
+    scheduler = DagScheduler({"g": None, "f": "g"}, {"g": "global", "f": "finetune"})
+    assert scheduler.next() == "g"
+    assert scheduler.next() is None  # f waits for g; the sweep is not over
+    scheduler.finished("g", True)
+    assert scheduler.next() == "f"
+    assert scheduler.next() == DagScheduler.DONE  # nothing left to start (f still running)
+
+
+def test_a_failed_node_skips_its_descendants_with_the_reason() -> None:
+    scheduler = DagScheduler(PARENTS, STAGES)
+    order = _run(scheduler, slots=1, fail=frozenset({"g1"}))
+    assert set(order) == {"g1", "g2", "f3", "r"}
+    assert scheduler.failed == {"g1": "g1 broke"}
+    assert set(scheduler.skipped) == {"l1", "l2", "f1", "f2"}
+    assert scheduler.skipped["l1"] == "parent g1 (global) did not complete: g1 broke"
+    assert scheduler.skipped["f1"] == "parent l1 (local) did not complete: g1 broke"
+
+
+def test_rejects_a_parent_outside_the_nodes_and_an_unknown_finish() -> None:
+    with pytest.raises(ValueError, match="parent g is not among"):
+        DagScheduler({"f": "g"}, {"f": "finetune"})
+    scheduler = DagScheduler({"g": None}, {"g": "global"})
+    with pytest.raises(ValueError, match="not running"):
+        scheduler.finished("g", True)
