@@ -22,9 +22,10 @@ and runs, on every rank:
    worker group, or a relaunch of the sweep: the Train run is named by the node key);
 3. ``trainers.stages.STAGES[stage](cfg, model_cfg, ctx)`` where ``ctx.report`` calls
    ``ray.train.report`` on every rank for each epoch that carries a checkpoint, and otherwise
-   only once ``report_interval_s`` training seconds have passed since the last report (``ReportThrottle``: Ray Train holds one unread report per worker and collects it
-   on its controller's poll, so reporting every short epoch would pace training by the poll);
-   only rank 0 attaches a checkpoint (a
+   only once ``report_interval_s`` training seconds have passed since the last report
+   (``ReportThrottle``: Ray Train holds one unread report per worker and collects it on its
+   controller's poll, so reporting every short epoch would pace training by the poll); only
+   rank 0 attaches a checkpoint (a
    directory holding ``checkpoint_state.pt``, a ``torch.save`` of the stage's checkpoint state:
    tensors, dicts, lists, numbers and strings only, so ``torch.load(weights_only=True)`` reads it);
 4. rank 0 appends every epoch's record to ``stages/<key>/epochs.jsonl`` and, at the end, writes
@@ -93,9 +94,8 @@ class ReportThrottle:
     (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``), so a report made sooner than one poll after the
     previous one blocks the training loop. An epoch is reported when it carries a checkpoint
     (always the last epoch) or once ``min_interval_s`` of training time has accumulated since
-    the last report. The time is the epoch's ``seconds`` metric, already
-    the maximum over ranks, so every rank of a DDP group decides alike (a report is a
-    collective in Train). Every epoch still gets its record in the stage store
+    the last report. The time is the epoch's ``seconds`` metric, already the maximum over
+    ranks, so every rank of a DDP group decides alike (a report is a collective in Train). Every epoch still gets its record in the stage store
     (validation metrics included): Tune sees a subset, the store holds them all.
     """
 
