@@ -414,8 +414,12 @@ def _progress_callback(
             last = self.last.get(key, {})
             if "loss" not in last:
                 return "no epoch reported"
-            epochs = self.plan.nodes[key].config.get("epochs", "?")
-            return f"epoch {last.get('epoch', '?')}/{epochs} loss {float(last['loss']):.4f}"
+            config = self.plan.nodes[key].config
+            if config.get("steps") is not None:
+                budget = f"step {last.get('steps', '?')}/{config['steps']}"
+            else:
+                budget = f"epoch {last.get('epoch', '?')}/{config.get('epochs', '?')}"
+            return f"{budget} loss {float(last['loss']):.4f}"
 
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             key = trial.config["node_key"]

@@ -166,14 +166,26 @@ _UNUSED_SETTINGS: dict[
     ),
     "finetune": (
         # validation only adds per-epoch records: the model and final metrics do not depend on it
-        (lambda c: True, ("val_every",)),
+        (lambda c: True, ("val_every", "val_every_steps")),
         (lambda c: c["regulariser"] != "mixup", ("mixup_alpha",)),
         (
             lambda c: c["regulariser"] != "mean_teacher",
-            ("ema_decay", "consistency_weight", "consistency_rampup", "unlabelled_batch_size"),
+            (
+                "ema_decay",
+                "consistency_weight",
+                "consistency_rampup",
+                "consistency_rampup_steps",
+                "unlabelled_batch_size",
+            ),
         ),
+        (lambda c: c.get("consistency_rampup_steps", 0) > 0, ("consistency_rampup",)),
     ),
 }
+# every stage's budget is epochs or steps: the other one is unused
+_BUDGET_SETTINGS = (
+    (lambda c: c.get("steps") is None, ("steps",)),
+    (lambda c: c.get("steps") is not None, ("epochs",)),
+)
 
 
 def relevant_settings(stage: str, config: Mapping[str, Any]) -> dict[str, Any]:
@@ -183,7 +195,7 @@ def relevant_settings(stage: str, config: Mapping[str, Any]) -> dict[str, Any]:
     stage without a regulariser never reads ``mixup_alpha`` or the Mean Teacher settings.
     """
     unused: set[str] = set()
-    for applies, names in _UNUSED_SETTINGS.get(stage, ()):
+    for applies, names in (*_BUDGET_SETTINGS, *_UNUSED_SETTINGS.get(stage, ())):
         if applies(config):
             unused.update(names)
     return {name: value for name, value in config.items() if name not in unused}

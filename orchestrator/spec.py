@@ -63,6 +63,7 @@ from trainers.config import (
     ModelConfig,
     SplitConfig,
     StageConfigs,
+    bind_dataset,
     from_dict,
     to_dict,
 )
@@ -611,7 +612,11 @@ def _configure(spec: Spec, params: Mapping[str, Any], cross_checks: bool = True)
     for section, values in sections.items():
         cls = _SECTIONS[section][0]
         try:
-            current[section] = from_dict(cls, {**to_dict(current[section]), **values}, section)
+            base = to_dict(current[section])
+            for one, other in (("steps", "epochs"), ("epochs", "steps")):
+                if one in values and other not in values and other in base:
+                    base[other] = None  # an axis over one budget kind replaces the other
+            current[section] = from_dict(cls, {**base, **values}, section)
         except ConfigError as err:
             raise ConfigError(_spec_key(str(err))) from None
         except TypeError as err:
@@ -657,7 +662,9 @@ def _point(current: Mapping[str, Any], named: Mapping[str, Any]) -> PointConfig:
         label_fraction=float(named["label_fraction"]),
         seed=named["seed"],
         split_index=named["split"],
-        stage_configs=MappingProxyType(dict(stage_configs)),
+        stage_configs=MappingProxyType(
+            {stage: bind_dataset(cfg, current["dataset"]) for stage, cfg in stage_configs.items()}
+        ),
     )
 
 

@@ -20,10 +20,13 @@ image read 0 (background, both for min-max-normalised images and for labels).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from trainers.config import AugmentConfig
 
 
 def _check_images(x: Tensor, name: str = "x") -> None:
@@ -87,6 +90,19 @@ def intensity_views(
     return both[: x.shape[0]], both[x.shape[0] :]
 
 
+def intensity_augment(
+    x: Tensor,
+    g: torch.Generator,
+    brightness: float = 0.1,
+    gamma: tuple[float, float] = (0.7, 1.5),
+    noise_std: float = 0.05,
+) -> Tensor:
+    """One intensity-augmented view of ``x`` (B, C, H, W) (see ``intensity_views``)."""
+    _check_images(x)
+    _check_generator(g, x)
+    return _intensity(x, g, brightness, gamma, noise_std)
+
+
 def _affine_theta(
     n: int,
     height: int,
@@ -97,16 +113,20 @@ def _affine_theta(
     max_rotate_deg: float,
     scale: tuple[float, float],
     max_translate: float,
+    flip_axes: tuple[int, ...] = (0, 1),
 ) -> Tensor:
     """(n, 2, 3) float32 ``affine_grid`` matrices: output -> input normalised coordinates.
 
-    Per image: horizontal and vertical flips each with probability ``p_flip``, rotation by
+    Per image: a flip along each slice axis in ``flip_axes`` (0 = rows, H; 1 = columns, W) with
+    probability ``p_flip`` (both draws are made whatever the axes, so the rest of the stream does
+    not depend on them), rotation by
     ``U(-max_rotate_deg, max_rotate_deg)`` degrees (in pixel space, so non-square images are not
     sheared), zoom by ``s ~ U(scale)`` (s > 1 enlarges the content) and a shift of the sampled
     window by ``U(-max_translate, max_translate)`` of the half-extent along each axis.
     """
-    flip_x = 1 - 2 * (torch.rand(n, generator=g, device=device) < p_flip).float()
-    flip_y = 1 - 2 * (torch.rand(n, generator=g, device=device) < p_flip).float()
+    p_cols, p_rows = (p_flip if 1 in flip_axes else 0.0), (p_flip if 0 in flip_axes else 0.0)
+    flip_x = 1 - 2 * (torch.rand(n, generator=g, device=device) < p_cols).float()
+    flip_y = 1 - 2 * (torch.rand(n, generator=g, device=device) < p_rows).float()
     angle = _uniform(n, -math.radians(max_rotate_deg), math.radians(max_rotate_deg), g, device)
     inv_zoom = 1 / _uniform(n, scale[0], scale[1], g, device)
     shift = _uniform(2 * n, -max_translate, max_translate, g, device).view(n, 2)
@@ -168,11 +188,12 @@ def global_views(
     brightness: float = 0.1,
     gamma: tuple[float, float] = (0.7, 1.5),
     noise_std: float = 0.05,
+    flip_axes: tuple[int, ...] = (0, 1),
 ) -> tuple[Tensor, Tensor]:
     """Two SimCLR-style views of ``x`` (B, C, H, W), each (B, C, H, W).
 
-    Each view of each image gets its own random flips, rotation, zoom and crop-like shift
-    (see ``_affine_theta``), resampled bilinearly, then the intensity changes of
+    Each view of each image gets its own random flips along ``flip_axes``, rotation, zoom and
+    crop-like shift (see ``_affine_theta``), resampled bilinearly, then the intensity changes of
     ``intensity_views``.
     """
     _check_images(x)
@@ -183,7 +204,7 @@ def global_views(
     n, _, height, width = x.shape
     both = torch.cat([x, x])
     theta = _affine_theta(
-        2 * n, height, width, g, x.device, p_flip, max_rotate_deg, scale, max_translate
+        2 * n, height, width, g, x.device, p_flip, max_rotate_deg, scale, max_translate, flip_axes
     )
     grid = F.affine_grid(theta, list(both.shape), align_corners=False)
     both = _resample(both, grid, mode="bilinear")
@@ -208,11 +229,14 @@ def spatial_augment(
     scale: tuple[float, float] = (0.85, 1.15),
     elastic_alpha: float = 1.5,
     elastic_sigma: float = 6.0,
+    flip_axes: tuple[int, ...] = (0, 1),
+    max_translate: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """The same random spatial transform applied to images ``x`` (B, C, H, W) and labels ``y``
     (B, H, W) (integer): returns (x', y') of the same shapes and dtypes.
 
-    Per image: flips, rotation, zoom (as ``global_views``, no shift) composed with an elastic
+    Per image: flips along ``flip_axes``, rotation, zoom and shift (as ``global_views``; no
+    shift by default) composed with an elastic
     deformation whose displacement is N(0, elastic_alpha^2) pixels per component, smoothed
     over ``elastic_sigma`` pixels (``elastic_alpha=0`` turns it off). One sampling grid serves
     both tensors: bilinear for images, nearest for labels, so labels keep their values.
@@ -234,7 +258,9 @@ def spatial_augment(
     if not (math.isfinite(elastic_sigma) and elastic_sigma > 0):
         raise ValueError(f"elastic_sigma must be a finite number > 0, got {elastic_sigma}")
     n, _, height, width = x.shape
-    theta = _affine_theta(n, height, width, g, x.device, p_flip, max_rotate_deg, scale, 0.0)
+    theta = _affine_theta(
+        n, height, width, g, x.device, p_flip, max_rotate_deg, scale, max_translate, flip_axes
+    )
     grid = F.affine_grid(theta, [n, 1, height, width], align_corners=False)
     if elastic_alpha > 0:
         grid = grid + _elastic_displacement(
@@ -243,3 +269,40 @@ def spatial_augment(
     x_out = _resample(x, grid, mode="bilinear")
     y_out = _resample(y[:, None].float(), grid, mode="nearest")[:, 0].to(y.dtype)
     return x_out, y_out
+
+
+# ---------------------------------------------------------------------------------------------
+# from a stage's AugmentConfig to the arguments of the functions above
+
+
+def intensity_args(cfg: AugmentConfig) -> dict[str, Any]:
+    """``intensity_views`` / ``intensity_augment`` arguments of ``cfg``."""
+    return {"brightness": cfg.brightness, "gamma": cfg.gamma, "noise_std": cfg.noise_std}
+
+
+def _flip_args(cfg: AugmentConfig) -> dict[str, Any]:
+    # None (defer to the dataset) reaching a stage means no dataset bound it: flip nothing
+    return {"p_flip": cfg.p_flip, "flip_axes": cfg.flip_axes or ()}
+
+
+def spatial_args(cfg: AugmentConfig) -> dict[str, Any]:
+    """``spatial_augment`` arguments of ``cfg``."""
+    return {
+        **_flip_args(cfg),
+        "max_rotate_deg": cfg.rotate_deg,
+        "scale": cfg.scale,
+        "elastic_alpha": cfg.elastic_alpha,
+        "elastic_sigma": cfg.elastic_sigma,
+        "max_translate": cfg.translate,
+    }
+
+
+def global_view_args(cfg: AugmentConfig) -> dict[str, Any]:
+    """``global_views`` arguments of ``cfg`` (no elastic deformation there)."""
+    return {
+        **_flip_args(cfg),
+        "max_rotate_deg": cfg.rotate_deg,
+        "scale": cfg.scale,
+        "max_translate": cfg.translate,
+        **intensity_args(cfg),
+    }

@@ -55,6 +55,26 @@ def _unit_interval(section: str, key: str, value: float, *, closed_low: bool = F
         _fail(section, key, f"must be in {interval}, got {value!r}")
 
 
+def _axes(section: str, key: str, value: Any) -> tuple[int, ...]:
+    """A sorted tuple of distinct in-plane axes (0 and/or 1)."""
+    if isinstance(value, int | str | float) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v in (0, 1) for v in value
+    ):
+        _fail(section, key, f"must be a list of in-plane axes (0, 1), got {value!r}")
+    return tuple(sorted(set(value)))
+
+
+def _pair(section: str, key: str, value: Any, minimum: float) -> tuple[float, float]:
+    """A (low, high) range with minimum <= low <= high < inf."""
+    if isinstance(value, int | float | str) or len(value) != 2:
+        _fail(section, key, f"must be a [low, high] pair, got {value!r}")
+    low, high = value
+    ok = all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+    if not (ok and math.isfinite(high) and minimum <= low <= high):
+        _fail(section, key, f"must satisfy {minimum} <= low <= high < inf, got {list(value)!r}")
+    return (float(low), float(high))
+
+
 def from_dict(cls: type[T], data: Mapping[str, Any] | None, section: str) -> T:
     """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError."""
     data = dict(data or {})
@@ -62,8 +82,16 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, section: str) -> T:
     unknown = sorted(set(data) - set(known))
     if unknown:
         _fail(section, unknown[0], f"unknown key (known: {', '.join(sorted(known))})")
+    # a budget is epochs or steps: naming only one of them switches the budget to it
+    if data.get("steps") is not None and "epochs" not in data and "epochs" in known:
+        data["epochs"] = None
     for name, value in data.items():
-        default = getattr(cls, name, None) if known[name].default is not dataclasses.MISSING else None
+        default = (
+            getattr(cls, name, None) if known[name].default is not dataclasses.MISSING else None
+        )
+        if isinstance(default, AugmentConfig):
+            data[name] = AugmentConfig.parse(value, default, f"{section}.{name}")
+            continue
         # ints are accepted where floats are expected; everything else must match the default's type
         if default is not None and value is not None:
             expected = type(default)
@@ -82,8 +110,129 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, section: str) -> T:
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Canonical plain-dict form (tuples become lists) used for hashing and JSON."""
-    out = dataclasses.asdict(cfg)
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in out.items()}
+    return _plain(dataclasses.asdict(cfg))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _budget(section: str, cfg: Any, default_epochs: int) -> None:
+    """A stage's budget is ``epochs`` (passes over its slices) or ``steps`` (optimiser updates),
+    exactly one of them; neither given means ``default_epochs``."""
+    if cfg.steps is not None and cfg.epochs is not None:
+        _fail(
+            section,
+            "steps",
+            f"give either epochs or steps, not both (epochs {cfg.epochs}, steps {cfg.steps})",
+        )
+    if cfg.steps is None:
+        if cfg.epochs is None:
+            object.__setattr__(cfg, "epochs", default_epochs)
+        _positive_int(section, "epochs", cfg.epochs)
+    else:
+        _positive_int(section, "steps", cfg.steps)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """One stage's data augmentation (``augment:`` in a stage's spec section).
+
+    Spatial (one transform per image, the same for its label map): a flip along each axis in
+    ``flip_axes`` with probability ``p_flip`` (None = the dataset's ``flip_axes``: only axes where
+    the anatomy is mirror-symmetric, see ``DataConfig``), rotation by U(-rotate_deg, rotate_deg)
+    degrees, zoom s ~ U(scale), a shift of up to ``translate`` of the half-extent, an elastic
+    deformation of N(0, elastic_alpha^2) pixels smoothed over ``elastic_sigma`` pixels.
+    Intensity (images only): v = max(x + b, 0) ** g + e with b ~ U(-brightness, brightness),
+    g ~ U(gamma), e ~ N(0, noise_std^2) per pixel.
+
+    In a spec, ``augment: false`` turns everything off, ``true`` keeps the stage's defaults and a
+    mapping changes only the keys it names. Stage defaults: global = the SimCLR views (flips,
+    rotation 15, scale 0.85-1.15, translate 0.1, intensity); local = intensity only (its losses
+    compare pixel-aligned views, so spatial settings are refused there); finetune = flips,
+    rotation 15, scale 0.85-1.15, elastic 1.5 / 6.
+    """
+
+    flip_axes: tuple[int, ...] | None = None
+    p_flip: float = 0.5
+    rotate_deg: float = 0.0
+    scale: tuple[float, float] = (1.0, 1.0)
+    translate: float = 0.0
+    elastic_alpha: float = 0.0
+    elastic_sigma: float = 6.0
+    brightness: float = 0.0
+    gamma: tuple[float, float] = (1.0, 1.0)
+    noise_std: float = 0.0
+
+    def __post_init__(self) -> None:
+        section = "augment"
+        if self.flip_axes is not None:
+            object.__setattr__(self, "flip_axes", _axes(section, "flip_axes", self.flip_axes))
+        _unit_interval(section, "p_flip", self.p_flip, closed_low=True)
+        _non_negative(section, "rotate_deg", self.rotate_deg)
+        if self.rotate_deg > 180:
+            _fail(section, "rotate_deg", f"must be <= 180, got {self.rotate_deg!r}")
+        object.__setattr__(self, "scale", _pair(section, "scale", self.scale, 1e-3))
+        _unit_interval(section, "translate", self.translate, closed_low=True)
+        _non_negative(section, "elastic_alpha", self.elastic_alpha)
+        _positive(section, "elastic_sigma", self.elastic_sigma)
+        _non_negative(section, "brightness", self.brightness)
+        object.__setattr__(self, "gamma", _pair(section, "gamma", self.gamma, 1e-6))
+        _non_negative(section, "noise_std", self.noise_std)
+
+    @classmethod
+    def parse(cls, value: Any, default: AugmentConfig, key: str) -> AugmentConfig:
+        """``value`` as written in a spec (bool or mapping) on top of the stage's ``default``."""
+        if isinstance(value, AugmentConfig):
+            return value
+        if value is False:
+            return NO_AUGMENT
+        if value is True or value is None:
+            return default
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: must be true, false or a mapping, got {value!r}")
+        try:
+            return from_dict(cls, {**dataclasses.asdict(default), **value}, "augment")
+        except ConfigError as err:
+            raise ConfigError(f"{key}{str(err).removeprefix('augment')}") from None
+
+    @property
+    def spatial(self) -> bool:
+        """Whether any setting moves pixels (flips, rotation, zoom, shift, elastic)."""
+        flips = bool(self.flip_axes) and self.p_flip > 0
+        return flips or bool(
+            self.rotate_deg or self.scale != (1.0, 1.0) or self.translate or self.elastic_alpha
+        )
+
+    @property
+    def intensity(self) -> bool:
+        """Whether any intensity setting is on."""
+        return bool(self.brightness or self.gamma != (1.0, 1.0) or self.noise_std)
+
+    def with_flip_axes(self, axes: tuple[int, ...]) -> AugmentConfig:
+        """This config with ``flip_axes`` bound to ``axes`` where it defers to the dataset."""
+        return self if self.flip_axes is not None else dataclasses.replace(self, flip_axes=axes)
+
+
+NO_AUGMENT = AugmentConfig(flip_axes=(), p_flip=0.0)
+GLOBAL_AUGMENT = AugmentConfig(
+    rotate_deg=15.0,
+    scale=(0.85, 1.15),
+    translate=0.1,
+    brightness=0.1,
+    gamma=(0.7, 1.5),
+    noise_std=0.05,
+)
+LOCAL_AUGMENT = AugmentConfig(
+    flip_axes=(), p_flip=0.0, brightness=0.1, gamma=(0.7, 1.5), noise_std=0.05
+)
+FINETUNE_AUGMENT = AugmentConfig(
+    rotate_deg=15.0, scale=(0.85, 1.15), elastic_alpha=1.5, elastic_sigma=6.0
+)
 
 
 @dataclass(frozen=True)
@@ -94,6 +243,16 @@ class DataConfig:
     folder generated (once, deterministically from ``synthetic_seed``) at ``root``.
     ``label_remap``: pairs (raw value, class) applied to label maps before checking, e.g. MMWHS's
     500,600,420,550,205,820,850 -> 1..7; unmapped non-zero values are an error.
+
+    ``flip_axes``: the in-plane slice axes along which the anatomy is mirror-symmetric, i.e. where
+    a random flip yields a plausible image *with the same label meaning* (0 = the first volume axis
+    left after removing ``axis``, i.e. slice rows; 1 = the second, slice columns). Every stage's
+    augmentation flips only along these axes unless its own ``augment.flip_axes`` says otherwise.
+    A flip is a claim about anatomy, so the default for an MSD folder is no axis at all. For
+    Hippocampus (orientation R-A-S, slices along S) only axis 0 (R) is safe: labels 1 and 2 are
+    the anterior and posterior hippocampus and lie apart along A (axis 1; their centroids are
+    ~36 % of the crop apart), so an A flip puts class 1 where class 2 lives. The synthetic data's
+    tube runs along axis 1 with its head/tail classes likewise, so its default is ``(0,)`` too.
     """
 
     kind: str = "synthetic"
@@ -103,9 +262,13 @@ class DataConfig:
     label_remap: tuple[tuple[int, int], ...] = ()
     synthetic_cases: int = 24
     synthetic_seed: int = 0
+    flip_axes: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         _one_of("dataset", "kind", self.kind, ("msd", "synthetic"))
+        if self.flip_axes is None:
+            object.__setattr__(self, "flip_axes", (0,) if self.kind == "synthetic" else ())
+        object.__setattr__(self, "flip_axes", _axes("dataset", "flip_axes", self.flip_axes))
         _positive_int("dataset", "image_size", self.image_size)
         if self.image_size < 8:
             _fail("dataset", "image_size", f"must be >= 8, got {self.image_size}")
@@ -132,7 +295,11 @@ class SplitConfig:
         for key in ("train", "val", "test"):
             _unit_interval("split", key, getattr(self, key), closed_low=key == "val")
         if abs(self.train + self.val + self.test - 1.0) > 1e-6:
-            _fail("split", "train", f"train + val + test must be 1, got {self.train + self.val + self.test:g}")
+            _fail(
+                "split",
+                "train",
+                f"train + val + test must be 1, got {self.train + self.val + self.test:g}",
+            )
         _positive_int("split", "repeats", self.repeats)
 
 
@@ -146,11 +313,15 @@ class ModelConfig:
     similarity 0.997 between random images at initialisation, against 0.60 for the flattened 4x4
     centre), which stalls NT-Xent; Chaitanya et al.'s global head likewise flattens the encoder
     output rather than averaging it.
+
+    ``decoder_norm``: "same" uses ``norm`` in the decoder too (ours); "none" leaves the decoder's
+    convolutions unnormalised (with biases), as the reference code's decoder does.
     """
 
     base_channels: int = 64
     depth: int = 4
     norm: str = "instance"
+    decoder_norm: str = "same"
     embed_dim: int = 128
     global_hidden: int = 512
     local_hidden: int = 128
@@ -162,6 +333,7 @@ class ModelConfig:
         if self.depth > 6:
             _fail("model", "depth", f"must be <= 6, got {self.depth}")
         _one_of("model", "norm", self.norm, ("instance", "batch", "group", "none"))
+        _one_of("model", "decoder_norm", self.decoder_norm, ("same", "none"))
         _positive_int("model", "embed_dim", self.embed_dim)
         _positive_int("model", "global_hidden", self.global_hidden)
         _positive_int("model", "local_hidden", self.local_hidden)
@@ -178,16 +350,25 @@ class GlobalConfig:
     loss: str = "ntxent"
     temperature: float = 0.5
     n_parts: int = 4
-    epochs: int = 100
+    epochs: int | None = None
+    steps: int | None = None
     batch_size: int = 120
     lr: float = 3e-4
     weight_decay: float = 1e-5
+    augment: AugmentConfig = GLOBAL_AUGMENT
 
     def __post_init__(self) -> None:
         _one_of("global", "loss", self.loss, ("ntxent", "partition"))
         _positive("global", "temperature", self.temperature)
         _positive_int("global", "n_parts", self.n_parts)
-        _positive_int("global", "epochs", self.epochs)
+        object.__setattr__(
+            self, "augment", AugmentConfig.parse(self.augment, GLOBAL_AUGMENT, "global.augment")
+        )
+        _budget("global", self, 100)
+        if self.augment.elastic_alpha:
+            _fail(
+                "global", "augment", "elastic_alpha: the global views have no elastic deformation"
+            )
         _positive_int("global", "batch_size", self.batch_size)
         if self.batch_size < 2:
             _fail("global", "batch_size", "must be >= 2 (negatives come from the batch)")
@@ -211,10 +392,12 @@ class LocalConfig:
     temperature: float = 0.1
     form: str = "out"
     self_regions: int = 8
-    epochs: int = 60
+    epochs: int | None = None
+    steps: int | None = None
     batch_size: int = 4
     lr: float = 1e-4
     weight_decay: float = 1e-4
+    augment: AugmentConfig = LOCAL_AUGMENT
 
     def __post_init__(self) -> None:
         _one_of("local", "loss", self.loss, ("supervised", "self"))
@@ -224,7 +407,18 @@ class LocalConfig:
         _positive("local", "temperature", self.temperature)
         _one_of("local", "form", self.form, ("out", "in"))
         _positive_int("local", "self_regions", self.self_regions)
-        _positive_int("local", "epochs", self.epochs)
+        object.__setattr__(
+            self, "augment", AugmentConfig.parse(self.augment, LOCAL_AUGMENT, "local.augment")
+        )
+        _budget("local", self, 60)
+        if self.augment.spatial:
+            _fail(
+                "local",
+                "augment",
+                "the local losses compare pixel-aligned views: only brightness, gamma and "
+                "noise_std apply (set flip_axes: [], rotate_deg: 0, scale: [1, 1], translate: 0, "
+                "elastic_alpha: 0)",
+            )
         _positive_int("local", "batch_size", self.batch_size)
         _positive("local", "lr", self.lr)
         _non_negative("local", "weight_decay", self.weight_decay)
@@ -234,9 +428,15 @@ class LocalConfig:
         if self.loss == "supervised" and self.strategy == "stride" and self.stride > image_size:
             _fail("local", "stride", f"{self.stride} exceeds image_size {image_size}")
         if self.loss == "supervised" and self.strategy == "block" and image_size % self.block_size:
-            _fail("local", "block_size", f"{self.block_size} does not divide image_size {image_size}")
+            _fail(
+                "local", "block_size", f"{self.block_size} does not divide image_size {image_size}"
+            )
         if self.loss == "self" and image_size % self.self_regions:
-            _fail("local", "self_regions", f"{self.self_regions} does not divide image_size {image_size}")
+            _fail(
+                "local",
+                "self_regions",
+                f"{self.self_regions} does not divide image_size {image_size}",
+            )
 
 
 @dataclass(frozen=True)
@@ -246,27 +446,37 @@ class FinetuneConfig:
     regulariser="mixup": images and losses mixed with lambda ~ Beta(mixup_alpha, mixup_alpha).
     regulariser="mean_teacher": EMA teacher (``ema_decay``), MSE consistency on unlabelled
     training slices weighted by ``consistency_weight`` ramped up over ``consistency_rampup``
-    epochs (sigmoid ramp, Laine & Aila).
+    epochs (sigmoid ramp, Laine & Aila), or over ``consistency_rampup_steps`` optimiser steps
+    when that is > 0 (the same ramp at every label fraction under a step budget).
     ``val_every``: validation Dice every this many epochs (and at the last); on small labelled
     subsets a pass over all validation volumes can cost more than the epoch's training.
+    ``val_every_steps`` (> 0 replaces ``val_every``): validate at the end of every epoch in which
+    the optimiser step count passed a multiple of it (and at the last), so that step budgets get
+    validation curves of the same density at every label fraction.
     """
 
-    epochs: int = 120
+    epochs: int | None = None
+    steps: int | None = None
     batch_size: int = 8
     lr: float = 5e-4
     weight_decay: float = 0.0
-    augment: bool = True
+    augment: AugmentConfig = FINETUNE_AUGMENT
     regulariser: str = "none"
     mixup_alpha: float = 1.0
     ema_decay: float = 0.99
     consistency_weight: float = 1.0
     consistency_rampup: int = 30
+    consistency_rampup_steps: int = 0
     unlabelled_batch_size: int = 8
     dice_weight: float = 1.0
     val_every: int = 1
+    val_every_steps: int = 0
 
     def __post_init__(self) -> None:
-        _positive_int("finetune", "epochs", self.epochs)
+        object.__setattr__(
+            self, "augment", AugmentConfig.parse(self.augment, FINETUNE_AUGMENT, "finetune.augment")
+        )
+        _budget("finetune", self, 120)
         _positive_int("finetune", "batch_size", self.batch_size)
         _positive("finetune", "lr", self.lr)
         _non_negative("finetune", "weight_decay", self.weight_decay)
@@ -276,10 +486,32 @@ class FinetuneConfig:
             _fail("finetune", "ema_decay", f"must be in (0, 1), got {self.ema_decay!r}")
         _non_negative("finetune", "consistency_weight", self.consistency_weight)
         if isinstance(self.consistency_rampup, bool) or self.consistency_rampup < 0:
-            _fail("finetune", "consistency_rampup", f"must be >= 0, got {self.consistency_rampup!r}")
+            _fail(
+                "finetune", "consistency_rampup", f"must be >= 0, got {self.consistency_rampup!r}"
+            )
+        if (
+            isinstance(self.consistency_rampup_steps, bool)
+            or not isinstance(self.consistency_rampup_steps, int)
+            or self.consistency_rampup_steps < 0
+        ):
+            _fail(
+                "finetune",
+                "consistency_rampup_steps",
+                f"must be an integer >= 0, got {self.consistency_rampup_steps!r}",
+            )
         _positive_int("finetune", "unlabelled_batch_size", self.unlabelled_batch_size)
         _non_negative("finetune", "dice_weight", self.dice_weight)
         _positive_int("finetune", "val_every", self.val_every)
+        if (
+            isinstance(self.val_every_steps, bool)
+            or not isinstance(self.val_every_steps, int)
+            or self.val_every_steps < 0
+        ):
+            _fail(
+                "finetune",
+                "val_every_steps",
+                f"must be an integer >= 0, got {self.val_every_steps!r}",
+            )
 
 
 @dataclass(frozen=True)
@@ -289,3 +521,12 @@ class StageConfigs:
     global_: GlobalConfig = field(default_factory=GlobalConfig)
     local: LocalConfig = field(default_factory=LocalConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+
+def bind_dataset(cfg: T, data: DataConfig) -> T:
+    """``cfg`` (a stage config) with an ``augment.flip_axes`` that defers to the dataset bound to
+    ``data.flip_axes``: what a stage runs, and what its node key records, is always explicit."""
+    augment = getattr(cfg, "augment", None)
+    if not isinstance(augment, AugmentConfig) or augment.flip_axes is not None:
+        return cfg
+    return dataclasses.replace(cfg, augment=augment.with_flip_axes(data.flip_axes))

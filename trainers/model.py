@@ -133,7 +133,7 @@ class UNet(nn.Module):
         self.num_classes = num_classes
         widths = [cfg.base_channels * 2**level for level in range(cfg.depth + 1)]
         self.encoder = Encoder(in_channels, widths, cfg.norm)
-        self.decoder = Decoder(widths, cfg.norm)
+        self.decoder = Decoder(widths, cfg.norm if cfg.decoder_norm == "same" else "none")
         self.global_head = nn.Sequential(
             nn.AdaptiveAvgPool2d(cfg.global_grid),
             nn.Flatten(1),

@@ -32,6 +32,7 @@ from trainers.config import (
     ModelConfig,
     SplitConfig,
     StageConfigs,
+    bind_dataset,
 )
 from trainers.data import labelled_subset, make_split, prepare_slices
 from trainers.methods import METHODS, init_parts, resolve_stages
@@ -118,7 +119,8 @@ def run_pipeline(
     stage_metrics: dict[str, dict[str, float]] = {}
     parent: str | None = None
     state = None
-    for stage, stage_cfg in resolve_stages(cfg.method, cfg.stages).items():
+    for stage, method_cfg in resolve_stages(cfg.method, cfg.stages).items():
+        stage_cfg = bind_dataset(method_cfg, cfg.data)
 
         def stage_report(metrics: dict[str, float], _checkpoint: Any, stage: str = stage) -> None:
             epochs.append({"stage": stage, **metrics})
@@ -134,7 +136,7 @@ def run_pipeline(
             report=stage_report,
             init_state=state,
             init_parts=init_parts(stage, parent),
-            checkpoint_every=stage_cfg.epochs,
+            checkpoint_every=2**31,  # i.e. only at the last epoch
         )
         result = STAGES[stage](stage_cfg, cfg.model, ctx)
         stage_metrics[stage] = result.metrics

@@ -55,7 +55,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainers import seed_everything
-from trainers.augment import global_views, intensity_views, spatial_augment
+from trainers.augment import (
+    global_view_args,
+    global_views,
+    intensity_args,
+    intensity_augment,
+    intensity_views,
+    spatial_args,
+    spatial_augment,
+)
 from trainers.config import FinetuneConfig, GlobalConfig, LocalConfig, ModelConfig
 from trainers.data import SliceData, Split
 from trainers.losses import (
@@ -402,7 +410,8 @@ def _train_epoch(
 def _fit(
     run: _Run,
     *,
-    epochs: int,
+    epochs: int | None,
+    steps: int | None = None,
     batch_size: int,
     num_slices: int,
     step_fn: StepFn,
@@ -410,13 +419,20 @@ def _fit(
     after_step: Callable[[int], None] | None = None,
     evaluate: Callable[[], dict[str, float]] | None = None,
     evaluate_every: int = 1,
+    evaluate_every_steps: int = 0,
 ) -> None:
-    """Train ``run`` from ``run.start_epoch`` to ``epochs``; report each epoch.
+    """Train ``run`` from ``run.start_epoch`` for a budget of ``epochs`` or ``steps``; report
+    each epoch.
 
-    ``step_fn`` returns the batch's mean loss (a scalar with grad); ``after_step(n)`` runs after
-    the n-th optimiser step (1-based, e.g. an EMA update); ``evaluate()`` adds metrics after
-    every ``evaluate_every``-th epoch and the last one. Each epoch reports ``epoch``, ``loss`` (mean over the epoch's slices, all ranks),
-    ``seconds`` (training time, slowest rank) and ``slices_per_s`` (all ranks' slices / seconds).
+    A step budget runs ceil(steps / steps_per_epoch) epochs, the last one cut short, so that
+    exactly ``steps`` optimiser updates happen whatever the number of slices (label fractions
+    compared at equal updates, METHOD.md). ``step_fn`` returns the batch's mean loss (a scalar
+    with grad); ``after_step(n)`` runs after the n-th optimiser step (1-based, e.g. an EMA
+    update); ``evaluate()`` adds metrics after every ``evaluate_every``-th epoch, or with
+    ``evaluate_every_steps`` > 0 after every epoch in which the step count passed a multiple of
+    it, and after the last epoch. Each epoch reports ``epoch``, ``steps`` (optimiser steps so
+    far), ``loss`` (mean over the epoch's slices, all ranks), ``seconds`` (training time,
+    slowest rank) and ``slices_per_s`` (all ranks' slices / seconds).
     """
     ctx, device, dist = run.ctx, run.device, run.dist
     steps_per_epoch = _steps_per_epoch(num_slices, batch_size, min_batch, dist)
@@ -425,9 +441,13 @@ def _fit(
             f"{run.stage}: {num_slices} training slices over {dist.world} rank(s) give no batch of "
             f">= {min_batch} slices (batch_size {batch_size})"
         )
-    for epoch in range(run.start_epoch, epochs + 1):
+    total_steps = steps if steps is not None else epochs * steps_per_epoch
+    last_epoch = math.ceil(total_steps / steps_per_epoch)
+    for epoch in range(run.start_epoch, last_epoch + 1):
         order = _torch_generator(device, ctx.seed, run.stage, epoch, "order")
         batches = _epoch_batches(num_slices, batch_size, min_batch, order, dist, device)
+        done_before = (epoch - 1) * steps_per_epoch
+        batches = batches[: total_steps - done_before]
         started = time.perf_counter()
         loss_sum, seen = _train_epoch(run, epoch, batches, steps_per_epoch, step_fn, after_step)
         totals = dist.all_reduce(torch.stack([loss_sum, loss_sum.new_tensor(float(seen))]))
@@ -439,16 +459,22 @@ def _fit(
         if not math.isfinite(mean_loss):
             raise FloatingPointError(f"{run.stage}: loss is {mean_loss} in epoch {epoch}")
         run.train_seconds += seconds
+        done = done_before + len(batches)
         metrics = {
             "epoch": epoch,
+            "steps": done,
             "loss": mean_loss,
             "seconds": seconds,
             "slices_per_s": total_seen / seconds,
         }
-        if evaluate is not None and (epoch % evaluate_every == 0 or epoch == epochs):
+        if evaluate_every_steps > 0:
+            due_eval = done // evaluate_every_steps > done_before // evaluate_every_steps
+        else:
+            due_eval = epoch % evaluate_every == 0
+        if evaluate is not None and (due_eval or epoch == last_epoch):
             metrics.update(evaluate())
         run.last_metrics = metrics
-        due = epoch % ctx.checkpoint_every == 0 or epoch == epochs
+        due = epoch % ctx.checkpoint_every == 0 or epoch == last_epoch
         if ctx.report is not None:
             ctx.report(dict(metrics), run.checkpoint(epoch) if due else None)
 
@@ -456,6 +482,7 @@ def _fit(
 def _final_metrics(run: _Run) -> dict[str, float]:
     return {
         "loss": float(run.last_metrics.get("loss", math.nan)),
+        "steps": int(run.last_metrics.get("steps", 0)),
         "train_seconds": run.train_seconds,
     }
 
@@ -540,7 +567,7 @@ def run_global(cfg: GlobalConfig, model: ModelConfig, ctx: StageContext) -> Stag
     )
 
     def step(s: _Step) -> Tensor:
-        v1, v2 = global_views(train.images[s.batch], s.gen)
+        v1, v2 = global_views(train.images[s.batch], s.gen, **global_view_args(cfg.augment))
         z1, z2 = run.forward(torch.cat([v1, v2]), output="global").chunk(2)
         if cfg.loss == "ntxent":
             return nt_xent(z1, z2, temperature=cfg.temperature)
@@ -550,6 +577,7 @@ def run_global(cfg: GlobalConfig, model: ModelConfig, ctx: StageContext) -> Stag
     _fit(
         run,
         epochs=cfg.epochs,
+        steps=cfg.steps,
         batch_size=cfg.batch_size,
         num_slices=len(train),
         step_fn=step,
@@ -574,7 +602,7 @@ def run_local(cfg: LocalConfig, model: ModelConfig, ctx: StageContext) -> StageR
     train = _device_slices(ctx.data, volumes, ctx.device, labels=supervised)
 
     def step(s: _Step) -> Tensor:
-        v1, v2 = intensity_views(train.images[s.batch], s.gen)
+        v1, v2 = intensity_views(train.images[s.batch], s.gen, **intensity_args(cfg.augment))
         emb = run.forward(torch.cat([v1, v2]), output="local")
         if not supervised:
             e1, e2 = emb.chunk(2)
@@ -590,7 +618,14 @@ def run_local(cfg: LocalConfig, model: ModelConfig, ctx: StageContext) -> StageR
             form=cfg.form,
         )
 
-    _fit(run, epochs=cfg.epochs, batch_size=cfg.batch_size, num_slices=len(train), step_fn=step)
+    _fit(
+        run,
+        epochs=cfg.epochs,
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        num_slices=len(train),
+        step_fn=step,
+    )
     return StageResult(_to_cpu(run.model.state_dict()), _final_metrics(run))
 
 
@@ -645,7 +680,11 @@ def run_finetune(cfg: FinetuneConfig, model: ModelConfig, ctx: StageContext) -> 
 
     def supervised_batch(s: _Step) -> tuple[Tensor, Tensor]:
         x, y = train.images[s.batch], train.labels[s.batch]
-        return spatial_augment(x, y, s.gen) if cfg.augment else (x, y)
+        if cfg.augment.spatial:
+            x, y = spatial_augment(x, y, s.gen, **spatial_args(cfg.augment))
+        if cfg.augment.intensity:
+            x = intensity_augment(x, s.gen, **intensity_args(cfg.augment))
+        return x, y
 
     def step(s: _Step) -> Tensor:
         x, y = supervised_batch(s)
@@ -667,7 +706,12 @@ def run_finetune(cfg: FinetuneConfig, model: ModelConfig, ctx: StageContext) -> 
                     u_teacher.contiguous(memory_format=_memory_format(ctx.device))
                 ).float()
             consistency = F.mse_loss(logits[x.shape[0] :].softmax(1), target.softmax(1))
-            weight = cfg.consistency_weight * sigmoid_rampup(s.progress, cfg.consistency_rampup)
+            ramp = (
+                sigmoid_rampup(s.step, cfg.consistency_rampup_steps)
+                if cfg.consistency_rampup_steps > 0
+                else sigmoid_rampup(s.progress, cfg.consistency_rampup)
+            )
+            weight = cfg.consistency_weight * ramp
             return (
                 segmentation_loss(logits[: x.shape[0]], y, cfg.dice_weight) + weight * consistency
             )
@@ -682,29 +726,44 @@ def run_finetune(cfg: FinetuneConfig, model: ModelConfig, ctx: StageContext) -> 
         val = _device_slices(ctx.data, ctx.split.val, ctx.device, labels=True)
         val_volume = torch.from_numpy(ctx.data.volume[index].astype(np.int64)).to(ctx.device)
 
+    last_val: dict[str, Any] = {}  # _fit validates after its last epoch: that is the final model
+
     def validate() -> dict[str, float]:
         if val is None:
             return {}
         scores = _predict_and_score(
             evaluated, val.images, val.labels, val_volume, num_classes, ctx.device, 256
         )
-        return {
+        last_val["scores"] = scores
+        # per-epoch names: val_dice_mean / val_dice_pooled_mean (per-volume / pooled, as before),
+        # per class val_dice_c{k} (per-volume mean) and val_dice_pooled_c{k}
+        out = {
             "val_dice_mean": scores["dice_volume_mean"],
             "val_dice_pooled_mean": scores["dice_pooled_mean"],
         }
+        for k in range(1, num_classes):
+            out[f"val_dice_c{k}"] = scores[f"dice_volume_c{k}"]
+            out[f"val_dice_pooled_c{k}"] = scores[f"dice_pooled_c{k}"]
+        return out
 
     _fit(
         run,
         epochs=cfg.epochs,
+        steps=cfg.steps,
         batch_size=cfg.batch_size,
         num_slices=len(train),
         step_fn=step,
         after_step=ema if teacher is not None else None,
         evaluate=validate,
         evaluate_every=cfg.val_every,
+        evaluate_every_steps=cfg.val_every_steps,
     )
     metrics = _final_metrics(run)
-    metrics.update(_prefixed("val", evaluate_model(evaluated, ctx.data, ctx.split.val, ctx.device)))
+    if last_val:  # no second pass over the validation volumes
+        final_val = last_val["scores"]
+    else:
+        final_val = evaluate_model(evaluated, ctx.data, ctx.split.val, ctx.device)
+    metrics.update(_prefixed("val", final_val))
     metrics.update(
         _prefixed("test", evaluate_model(evaluated, ctx.data, ctx.split.test, ctx.device))
     )
