@@ -32,15 +32,18 @@ import typer
 
 from orchestrator.plan import Plan, build_plan
 from orchestrator.spec import SpecError, load_spec, spec_from_mapping
+from orchestrator.stats import paired_differences
 from orchestrator.store import StageStore, StorageConflict, atomic_write_text
 from orchestrator.tables import (
     STATUSES,
     collect,
     format_table,
+    paired_table,
     paper_table,
     read_tables,
     tables_stale,
     trial_status,
+    write_paired,
     write_tables,
 )
 from trainers.config import ConfigError
@@ -280,8 +283,18 @@ def tabulate(
     out: Annotated[
         Path | None, typer.Option(help="Write the table to this file instead of stdout.")
     ] = None,
+    baseline: Annotated[
+        str | None,
+        typer.Option(
+            help="Also report every method's mean paired difference to this method (same seed "
+            "and split) with its 95 % CI and wins/n; written to tables/paired.parquet."
+        ),
+    ] = None,
 ) -> None:
-    """Print the paper-style table (mean ± std (n) over seeds and splits)."""
+    """Print the paper-style table (mean ± std (n) over seeds and splits).
+
+    Cells marked † hold a run that had not converged, ‡ one with a collapsed class.
+    """
     with bad_input(ValueError):
         if fmt not in ("text", "md", "latex", "csv"):
             raise ValueError(f"--format {fmt!r}: must be one of text, md, latex, csv")
@@ -292,17 +305,38 @@ def tabulate(
         else:
             tables = read_tables(storage)
         table = paper_table(tables.trials, metric=metric, cols=by)
+        paired = None
+        if baseline is not None and not table.empty:
+            axes = [a for a in table.index.names if a not in ("method", by)]
+            paired = paired_differences(tables.trials, baseline, metric=metric, axes=axes)
     if table.empty:
         log(
             f"{PROG}: no finished trials in {storage} yet ({_status_line(Counter(tables.trials['status']), len(tables.trials))})"
         )
         return
-    text = format_table(table, fmt)
+    text = format_table(table, fmt) + _notes(table, fmt)
+    if paired is not None:
+        write_paired(paired, store)
+        text += (
+            f"\n{_comment(fmt)}{metric}: mean paired difference to {baseline} over matching "
+            f"(seed, split) runs [95 % t interval] wins/n\n"
+        )
+        text += format_table(paired_table(paired, cols=by), fmt)
     if out is None:
         typer.echo(text, nl=False)
     else:
         atomic_write_text(out, text)
         log(f"{PROG}: wrote {out}")
+
+
+def _comment(fmt: str) -> str:
+    return {"latex": "% ", "csv": "# "}.get(fmt, "")
+
+
+def _notes(table: Any, fmt: str) -> str:
+    notes = table.attrs.get("notes", [])
+    lead = "\n" if notes and fmt in ("text", "md") else ""
+    return lead + "".join(f"{_comment(fmt)}{note}\n" for note in notes)
 
 
 # ---- evaluate / plot -----------------------------------------------------------------------
@@ -348,17 +382,23 @@ def plot(
     out: Annotated[
         Path | None, typer.Option(help="Folder for the PNG files (default: STORAGE/plots).")
     ] = None,
+    baseline: Annotated[
+        str | None,
+        typer.Option(help="Also plot every method's paired difference to this method (95 % CI)."),
+    ] = None,
 ) -> None:
     """Write PNG figures: Dice vs label fraction, ablation heatmaps, per-epoch loss curves."""
     from orchestrator.evaluate import ExternalEvalError, read_external
     from orchestrator.plot import PlotError, plot_sweep
 
-    with bad_input(PlotError, ExternalEvalError):
+    with bad_input(PlotError, ExternalEvalError, ValueError):
         plan, store = recorded_plan(storage)
         stale = tables_stale(store)
         tables = collect(plan, store) if stale else read_tables(storage)
         trials = read_external(store) if metric.startswith("ext_") else tables.trials
-        paths = plot_sweep(trials, tables.epochs, out or store.root / "plots", metric=metric)
+        paths = plot_sweep(
+            trials, tables.epochs, out or store.root / "plots", metric=metric, baseline=baseline
+        )
     if stale:  # refreshed only once the plots succeeded: bad input writes nothing
         write_tables(tables, store)
     for path in paths:

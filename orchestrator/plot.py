@@ -44,6 +44,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator, NullLocator
 
+from orchestrator.stats import PAIRED_COLUMNS, paired_differences
 from orchestrator.store import atomic_write
 from orchestrator.tables import METHOD_ORDER
 from trainers.methods import STAGE_NAMES
@@ -500,10 +501,12 @@ _AVERAGE_ABOVE = 3  # a colour group with more nodes than this also gets its mea
 
 
 def _draw_curves(ax: Any, records: pd.DataFrame, column: str, colours: _UserColours) -> bool:
-    """Per-epoch ``column`` of every node in ``records`` (columns key, epoch, ``column``) on
-    ``ax``, coloured by users. A group of more than ``_AVERAGE_ABOVE`` nodes is drawn as thin
-    translucent lines plus a thick mean line (mean over its nodes at each epoch); returns
-    whether any group was. Integer epoch ticks."""
+    """``column`` of every node in ``records`` (columns key, epoch, ``column``, and ``steps``
+    where recorded) on ``ax`` against optimiser steps (epochs for nodes recorded before steps
+    were), coloured by users. A group of more than ``_AVERAGE_ABOVE`` nodes is drawn as thin
+    translucent lines plus a thick mean line (the nodes' curves interpolated onto the union of
+    their x values, averaged where all of them are defined); returns whether any group was."""
+    x = "steps" if "steps" in records.columns and records["steps"].notna().all() else "epoch"
     groups: dict[str, list[str]] = {}
     for key in dict.fromkeys(records["key"]):
         groups.setdefault(colours.of_key[key], []).append(key)
@@ -511,22 +514,32 @@ def _draw_curves(ax: Any, records: pd.DataFrame, column: str, colours: _UserColo
     for label in colours.labels:
         keys = groups.get(label, [])
         many = len(keys) > _AVERAGE_ABOVE
+        curves = []
         for key in keys:
-            curve = records[records["key"] == key].sort_values("epoch")
+            curve = records[records["key"] == key].sort_values(x)
+            curves.append(curve)
             ax.plot(
-                curve["epoch"],
+                curve[x],
                 curve[column],
                 color=colours.colours[label],
                 alpha=0.3 if many else 0.9,
                 linewidth=0.8 if many else 1.5,
-                marker="o" if len(curve) == 1 else None,
+                marker="o" if len(curve) <= 2 else None,
                 markersize=3,
             )
         if many:
-            mean = records[records["key"].isin(keys)].groupby("epoch")[column].mean()
-            ax.plot(mean.index, mean.to_numpy(), color=colours.colours[label], linewidth=2.4)
-            averaged = True
-    ax.set_xlabel("epoch")
+            grid = np.unique(np.concatenate([c[x].to_numpy(dtype=float) for c in curves]))
+            low = max(float(c[x].min()) for c in curves)
+            high = min(float(c[x].max()) for c in curves)
+            grid = grid[(grid >= low) & (grid <= high)]
+            if grid.size:
+                stacked = [
+                    np.interp(grid, c[x].to_numpy(dtype=float), c[column].to_numpy(dtype=float))
+                    for c in curves
+                ]
+                ax.plot(grid, np.mean(stacked, axis=0), color=colours.colours[label], linewidth=2.4)
+                averaged = True
+    ax.set_xlabel("optimiser steps" if x == "steps" else "epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, alpha=0.3, linewidth=0.6)
     return averaged
@@ -583,24 +596,33 @@ def plot_loss_curves(epochs: pd.DataFrame, trials: pd.DataFrame, out_dir: Path) 
 
 
 def plot_val_dice_curves(epochs: pd.DataFrame, trials: pd.DataFrame, out_dir: Path) -> Path | None:
-    """``val_dice_curves.png``: each fine-tuning node's per-epoch validation Dice, coloured by
-    method. None when no fine-tuning epoch recorded ``val_dice_mean``."""
+    """``val_dice_curves.png``: each fine-tuning node's validation Dice (per-volume mean) over
+    training, coloured by method: one panel for the mean of the classes and, where recorded,
+    one per class (``val_dice_c<k>``). None when no fine-tuning epoch recorded a validation."""
     if epochs.empty or "val_dice_mean" not in epochs.columns:
         return None
-    records = epochs[epochs["stage"] == "finetune"].assign(
-        val=lambda f: pd.to_numeric(f["val_dice_mean"], errors="coerce")
+    finetune = epochs[epochs["stage"] == "finetune"]
+    classes = sorted(
+        (c for c in finetune.columns if re.fullmatch(r"val_dice_c\d+", c)),
+        key=lambda c: int(c.removeprefix("val_dice_c")),
     )
-    records = records[np.isfinite(records["val"]) & records["epoch"].notna()]
+    panels = [("val_dice_mean", "mean of classes")]
+    panels += [(c, f"class {c.removeprefix('val_dice_c')}") for c in classes]
+    records = finetune.assign(**{c: pd.to_numeric(finetune[c], errors="coerce") for c, _ in panels})
+    records = records[np.isfinite(records["val_dice_mean"]) & records["epoch"].notna()]
     if records.empty:
         return None
     colours = _user_colours(records["key"], _node_methods(trials))
-    figure = Figure(figsize=(6.4, 4.0), layout="constrained")
-    ax = figure.add_subplot()
-    averaged = _draw_curves(ax, records, "val", colours)
-    ax.set_ylabel("validation Dice (mean of classes)")
+    figure = Figure(figsize=(3.6 * len(panels) + 2.0, 3.8), layout="constrained")
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    averaged = False
+    for ax, (column, title) in zip(axes, panels, strict=True):
+        averaged |= _draw_curves(ax, records[np.isfinite(records[column])], column, colours)
+        ax.set_title(title, fontsize=10)
+    axes[0].set_ylabel("validation Dice (per-volume mean)")
     count = records["key"].nunique()
-    ax.set_title(f"fine-tuning: validation Dice per epoch ({count} nodes)", fontsize=10)
-    ax.legend(
+    figure.suptitle(f"fine-tuning: validation Dice over training ({count} nodes)", fontsize=11)
+    axes[-1].legend(
         *colours.legend(averaged),
         loc="upper left",
         bbox_to_anchor=(1.02, 1.0),
@@ -613,6 +635,64 @@ def plot_val_dice_curves(epochs: pd.DataFrame, trials: pd.DataFrame, out_dir: Pa
     return _save(figure, out_dir / "val_dice_curves.png")
 
 
+def plot_paired(paired: pd.DataFrame, out_dir: Path) -> Path | None:
+    """``paired_differences__<metric>.png``: a forest plot per label fraction of every method's
+    mean paired difference to the baseline with its 95 % CI (``orchestrator.stats``), wins/n
+    written beside it, a line at zero. None for an empty table."""
+    if paired.empty:
+        return None
+    metric, baseline = str(paired["metric"].iloc[0]), str(paired["baseline"].iloc[0])
+    fractions = _order(list(dict.fromkeys(paired["label_fraction"])), "label_fraction")
+    extra = [c for c in paired.columns if c not in PAIRED_COLUMNS]
+    methods = sorted(
+        dict.fromkeys(paired["method"]),
+        key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m),
+    )
+    rows = [(m, *rest) for m in methods for rest in _extra_values(paired, m, extra)]
+    figure = Figure(
+        figsize=(3.2 * len(fractions) + 2.6, 0.42 * len(rows) + 1.6), layout="constrained"
+    )
+    axes = figure.subplots(1, len(fractions), squeeze=False, sharey=True)[0]
+    for ax, fraction in zip(axes, fractions, strict=True):
+        cell = paired[paired["label_fraction"] == fraction]
+        for y, row in enumerate(rows):
+            match = cell[cell["method"] == row[0]]
+            for axis, value in zip(extra, row[1:], strict=True):
+                match = match[match[axis].map(_value) == _value(value)]
+            if match.empty:
+                continue
+            r = match.iloc[0]
+            has_ci = math.isfinite(r["ci95_low"])
+            xerr = [[r["delta_mean"] - r["ci95_low"]], [r["ci95_high"] - r["delta_mean"]]]
+            ax.errorbar(
+                r["delta_mean"], y, xerr=xerr if has_ci else None, fmt="o", color="C0",
+                capsize=3, markersize=4,
+            )  # fmt: skip
+            ax.annotate(
+                f"{int(r['wins'])}/{int(r['n'])}", (1.0, y), xycoords=("axes fraction", "data"),
+                xytext=(2, 0), textcoords="offset points", va="center", fontsize=7,
+            )  # fmt: skip
+        ax.axvline(0.0, color="0.3", linewidth=0.8)
+        ax.set_title(f"{_value(fraction * 100)} % labelled", fontsize=10)
+        ax.set_xlabel(f"Δ {metric_label(metric)}", fontsize=8)
+        ax.grid(True, axis="x", alpha=0.3, linewidth=0.6)
+    labels = [" ".join([method_name(r[0]), *(_value(v) for v in r[1:])]) for r in rows]
+    axes[0].set_yticks(range(len(rows)), labels, fontsize=8)
+    axes[0].invert_yaxis()
+    figure.suptitle(
+        f"paired difference to {method_name(baseline)} (mean, 95 % CI; wins/n at right)",
+        fontsize=10,
+    )
+    return _save(figure, out_dir / f"paired_differences__{_file_part(metric)}.png")
+
+
+def _extra_values(paired: pd.DataFrame, method: str, extra: list[str]) -> list[tuple[Any, ...]]:
+    if not extra:
+        return [()]
+    rows = paired[paired["method"] == method][extra].map(_value)
+    return list(dict.fromkeys(map(tuple, rows.to_numpy().tolist())))
+
+
 # ---- all ---------------------------------------------------------------------------------
 
 
@@ -621,8 +701,12 @@ def plot_sweep(
     epochs: pd.DataFrame,
     out_dir: str | os.PathLike[str],
     metric: str = "test_dice_pooled_mean",
+    baseline: str | None = None,
 ) -> list[Path]:
     """Write every figure the tables support into ``out_dir``; returns their paths.
+
+    With ``baseline``, also the paired differences of every method to it (``plot_paired``);
+    ``ValueError`` when the baseline has no finished trial.
 
     Raises ``PlotError`` when there is nothing to plot (no ok trial with a value of ``metric``
     and no recorded epoch) or when ``metric`` is not a column of ``trials`` though trials
@@ -644,6 +728,11 @@ def plot_sweep(
     if (figure := plot_label_fraction(trials, metric, out)) is not None:
         paths.append(figure)
     paths += plot_heatmaps(trials, metric, out)
+    if baseline is not None:
+        axes = _varying_axes(_ok_rows(trials, metric))
+        paired = paired_differences(trials, baseline, metric=metric, axes=axes)
+        if (figure := plot_paired(paired, out)) is not None:
+            paths.append(figure)
     for draw in (plot_loss_curves, plot_val_dice_curves):
         if (figure := draw(epochs, trials, out)) is not None:
             paths.append(figure)

@@ -14,10 +14,16 @@ Schema (stable column names; a later ``tabulate`` can always re-read an old swee
     ``test_dice_pooled_c1`` ..., ``val_*``); ``wall_s_<stage>`` and ``gpu_s_<stage>`` for each
     stage (``wall_s``/``gpu_s`` of the node's ``metrics.json`` when the worker recorded them,
     else the sum of the epochs' ``seconds``/``gpu_s``; NaN when unknown); ``torch_version``,
-    ``ray_version``, ``numpy_version``, ``git_commit`` (recorded in ``sweep.json`` at launch).
+    ``ray_version``, ``numpy_version``, ``git_commit`` (recorded in ``sweep.json`` at launch);
+    ``steps_<stage>`` (optimiser steps the stage ran); ``converged`` (the fine-tuning node's
+    validation curve no longer improved in its last quarter, ``orchestrator.stats.converged``;
+    None when undecidable), ``val_gain_last_quarter`` (that improvement) and ``collapsed`` (some
+    class's pooled test Dice < 0.05).
 ``epochs``: one row per (node key, epoch): ``sweep``, ``key``, ``stage``, ``epoch``, ``loss``,
     ``val_dice_mean``, ``slices_per_s``, ``seconds`` and whatever else the stage reported. After
     a restart an epoch may have been recorded twice; the last record wins.
+``paired`` (written by ``tabulate --baseline``): ``orchestrator.stats.PAIRED_COLUMNS``, one row
+    per method and label fraction: mean paired difference to the baseline, 95 % CI, wins / n.
 ``summary``: ok trials grouped over seed and split by ``method``, ``label_fraction`` and the
     other grid axes: ``n_trials`` and, for each ``test_*`` metric ``m``, ``m_mean``, ``m_std``
     (sample standard deviation, NaN for a single trial) and ``m_n`` (trials with a value).
@@ -37,6 +43,7 @@ import pandas as pd
 
 from orchestrator.plan import Plan, Trial
 from orchestrator.spec import NAMED_AXES
+from orchestrator.stats import PAIRED_COLUMNS, collapsed, converged
 from orchestrator.store import StageStore, atomic_write, environment_info
 from trainers.methods import STAGE_NAMES
 
@@ -69,6 +76,12 @@ EPOCH_COLUMNS = (
     "seconds",
 )
 _TIME_KEYS = ("wall_s", "gpu_s")
+# cell marks of paper_table: mark -> (trials column, the value that earns it)
+CELL_MARKS = {"†": ("converged", False), "‡": ("collapsed", True)}
+CELL_NOTES = {
+    "†": "† holds a run whose validation Dice still rose in its last quarter (not converged)",
+    "‡": "‡ holds a run with a class whose test Dice is below 0.05 (collapsed)",
+}
 
 
 class Tables(NamedTuple):
@@ -120,13 +133,27 @@ def collect(plan: Plan, store: StageStore) -> Tables:
         row.update({f"key_{stage}": trial.nodes.get(stage) for stage in STAGE_NAMES})
         final_key = list(trial.nodes.values())[-1]
         final = (store.read_metrics(final_key) or {}) if store.is_complete(final_key) else {}
-        row.update({name: value for name, value in sorted(final.items()) if name not in _TIME_KEYS})
+        row.update(
+            {
+                name: value
+                for name, value in sorted(final.items())
+                if name not in (*_TIME_KEYS, "steps")
+            }
+        )
         for stage in STAGE_NAMES:
             key = trial.nodes.get(stage)
             metrics = (store.read_metrics(key) or {}) if key else {}
             epochs = epochs_by_key.get(key, []) if key else []
             row[f"wall_s_{stage}"] = _seconds(metrics, epochs, "wall_s", "seconds")
             row[f"gpu_s_{stage}"] = _seconds(metrics, epochs, "gpu_s", "gpu_s")
+            row[f"steps_{stage}"] = _steps(metrics, epochs)
+        if final:
+            row["converged"], row["val_gain_last_quarter"] = converged(
+                epochs_by_key.get(final_key, [])
+            )
+            row["collapsed"] = collapsed(final)
+        else:
+            row["converged"], row["val_gain_last_quarter"], row["collapsed"] = None, math.nan, None
         row.update({name: environment.get(name, "unknown") for name in ENVIRONMENT_COLUMNS})
         rows.append(row)
     trials = pd.DataFrame(rows)
@@ -192,6 +219,15 @@ def write_tables(tables: Tables, store: StageStore) -> dict[str, Path]:
         atomic_write(path, lambda handle, data=buffer.getvalue(): handle.write(data))
         paths[name] = path
     return paths
+
+
+def write_paired(paired: pd.DataFrame, store: StageStore) -> Path:
+    """Write ``tables/paired.parquet`` (``orchestrator.stats.paired_differences``) atomically."""
+    buffer = io.BytesIO()
+    parquet_safe(paired).to_parquet(buffer, index=False)
+    path = store.tables_dir / "paired.parquet"
+    atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
+    return path
 
 
 def read_tables(storage: str | os.PathLike[str]) -> Tables:
@@ -282,16 +318,53 @@ def paper_table(
         return pd.DataFrame()
     ok = ok.assign(**{k: ok[k].map(_hashable) for k in [*row_keys, cols]})
     values = pd.to_numeric(ok[metric], errors="coerce")
-    stats = values.groupby([ok[k] for k in [*row_keys, cols]], dropna=False).agg(
-        ["mean", "std", "count"]
-    )
+    groups = [ok[k] for k in [*row_keys, cols]]
+    stats = values.groupby(groups, dropna=False).agg(["mean", "std", "count"])
+    # a cell holding an unconverged or collapsed run is marked, so nobody reads it as a result
+    flags = {
+        mark: ok[column]
+        .map(lambda v, bad=bad: v is bad or v == bad)
+        .groupby(groups, dropna=False)
+        .any()
+        for mark, (column, bad) in CELL_MARKS.items()
+        if column in ok.columns
+    }
     cells = stats.apply(lambda s: _cell(s["mean"], s["std"], int(s["count"])), axis=1)
+    for mark, flagged in flags.items():
+        cells = cells.where(~flagged.reindex(cells.index, fill_value=False), cells + " " + mark)
+    table = cells.unstack(cols).fillna("")
+    table.attrs["notes"] = [CELL_NOTES[m] for m, f in flags.items() if f.any()]
+    table = table.reindex(columns=sorted(table.columns, key=_sort_key))
+    table = table.reindex(index=sorted(table.index, key=lambda idx: _row_key(idx, row_keys)))
+    notes = table.attrs.get("notes", [])
+    table.columns = [_label(c) for c in table.columns]
+    table.columns.name = cols
+    table.attrs["notes"] = notes
+    return table
+
+
+def paired_table(paired: pd.DataFrame, cols: str = "label_fraction") -> pd.DataFrame:
+    """``paired_differences`` as a table of ``"+0.012 [-0.004, +0.028] 2/3"`` cells (mean paired
+    difference [95 % CI] wins/n), methods as rows in the paper's order, ``cols`` as columns."""
+    if paired.empty:
+        return pd.DataFrame()
+    row_keys = [c for c in paired.columns if c not in (*PAIRED_COLUMNS[2:], cols)]
+    frame = paired.assign(**{k: paired[k].map(_hashable) for k in [*row_keys, cols]})
+    cells = frame.apply(_paired_cell, axis=1)
+    cells.index = pd.MultiIndex.from_frame(frame[[*row_keys, cols]])
     table = cells.unstack(cols).fillna("")
     table = table.reindex(columns=sorted(table.columns, key=_sort_key))
     table = table.reindex(index=sorted(table.index, key=lambda idx: _row_key(idx, row_keys)))
     table.columns = [_label(c) for c in table.columns]
     table.columns.name = cols
     return table
+
+
+def _paired_cell(row: pd.Series) -> str:
+    text = f"{row['delta_mean']:+.3f}"
+    if math.isfinite(row["ci95_low"]):
+        text += f" [{row['ci95_low']:+.3f}, {row['ci95_high']:+.3f}]"
+    return f"{text} {int(row['wins'])}/{int(row['n'])}"
 
 
 def format_table(table: pd.DataFrame, fmt: str = "text") -> str:
@@ -355,6 +428,16 @@ def _seconds(
         return float(value)
     per_epoch = [e[epoch_key] for e in epochs if isinstance(e.get(epoch_key), int | float)]
     return float(sum(per_epoch)) if per_epoch else math.nan
+
+
+def _steps(metrics: dict[str, Any], epochs: list[dict[str, Any]]) -> float:
+    """Optimiser steps a node ran: its final metrics' ``steps``, else its last epoch record's
+    (NaN for nodes recorded before steps were counted, or not run)."""
+    for source in (metrics, epochs[-1] if epochs else {}):
+        value = source.get("steps")
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    return math.nan
 
 
 def _axes(trials: pd.DataFrame) -> list[str]:
@@ -422,4 +505,4 @@ _LATEX = {
 
 def _latex(text: str) -> str:
     escaped = "".join(_LATEX.get(ch, ch) for ch in text)
-    return escaped.replace("±", r"$\pm$")
+    return escaped.replace("±", r"$\pm$").replace("†", r"$^\dagger$").replace("‡", r"$^\ddagger$")

@@ -11,6 +11,7 @@ import types
 from collections.abc import Callable
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -360,3 +361,26 @@ def test_data_synth_bad_arguments(runner: CliRunner, tmp_path: Path) -> None:
     result = runner.invoke(app, ["data", "synth", str(tmp_path / "s"), "--cases", "0"])
     assert result.exit_code == 2
     assert "num_cases" in one_error_line(result.stderr)
+
+
+def test_tabulate_baseline_prints_and_writes_paired_differences(
+    runner: CliRunner, finished: Path
+) -> None:
+    result = runner.invoke(app, ["tabulate", str(finished), "--baseline", "global"])
+    assert result.exit_code == 0, result.stderr
+    assert "mean paired difference to global" in result.stdout
+    paired = pd.read_parquet(finished / "tables" / "paired.parquet")
+    assert {
+        "method",
+        "label_fraction",
+        "baseline",
+        "n",
+        "delta_mean",
+        "ci95_low",
+        "ci95_high",
+        "wins",
+    } <= set(paired.columns)
+    assert (paired["baseline"] == "global").all() and "global" not in set(paired["method"])
+    bad = runner.invoke(app, ["tabulate", str(finished), "--baseline", "tcsm"])
+    assert bad.exit_code == 2
+    assert "--baseline 'tcsm'" in one_error_line(bad.stderr)

@@ -205,7 +205,9 @@ def test_world_size_and_device_change_keys_but_cpus_do_not(tmp_path: Path) -> No
     more_cpus = BASE + "resources: {cpus_per_worker: 2}\n"
     assert keys_by_trial(build_plan(spec_of(tmp_path, more_cpus, "cpus.yaml"))) == base
     for name, resources in [("ddp", "{workers_per_trial: 2}"), ("gpu", "{gpus_per_worker: 0.25}")]:
-        other = keys_by_trial(build_plan(spec_of(tmp_path, BASE + f"resources: {resources}\n", f"{name}.yaml")))
+        other = keys_by_trial(
+            build_plan(spec_of(tmp_path, BASE + f"resources: {resources}\n", f"{name}.yaml"))
+        )
         assert all(other[t][s] != base[t][s] for t in base for s in base[t]), name
 
 
@@ -214,3 +216,28 @@ def test_validation_frequency_does_not_split_nodes(tmp_path: Path) -> None:
     assert sparse != BASE
     base = keys_by_trial(build_plan(spec_of(tmp_path)))
     assert keys_by_trial(build_plan(spec_of(tmp_path, sparse, "sparse.yaml"))) == base
+
+
+def test_budget_kind_and_flip_axes_enter_keys_only_when_they_change_the_run(
+    tmp_path: Path,
+) -> None:
+    """A step budget is a different computation from an epoch budget (new keys); validation
+    cadence in steps is not; flips bound from the dataset give the same key as the same flips
+    written in the stage."""
+    base = keys_by_trial(build_plan(spec_of(tmp_path)))
+    steps = BASE.replace("finetune: {lr: 0.0005}", "finetune: {lr: 0.0005, steps: 40}")
+    stepped = keys_by_trial(build_plan(spec_of(tmp_path, steps, "steps.yaml")))
+    assert all(stepped[t]["finetune"] != base[t]["finetune"] for t in base)
+    assert all(stepped[t]["global"] == base[t]["global"] for t in base)
+    cadence = steps.replace("steps: 40}", "steps: 40, val_every_steps: 10}")
+    assert keys_by_trial(build_plan(spec_of(tmp_path, cadence, "cadence.yaml"))) == stepped
+    # the synthetic dataset's default flip axes are (0,): writing them in the stage changes nothing
+    written = BASE.replace(
+        "finetune: {lr: 0.0005}", "finetune: {lr: 0.0005, augment: {flip_axes: [0]}}"
+    )
+    assert keys_by_trial(build_plan(spec_of(tmp_path, written, "written.yaml"))) == base
+    both = BASE.replace(
+        "finetune: {lr: 0.0005}", "finetune: {lr: 0.0005, augment: {flip_axes: [0, 1]}}"
+    )
+    flipped = keys_by_trial(build_plan(spec_of(tmp_path, both, "both.yaml")))
+    assert all(flipped[t]["finetune"] != base[t]["finetune"] for t in base)

@@ -121,6 +121,39 @@ BAD_SPECS = {
     ),
     "no name": (GOOD.replace("name: tiny", "name: ''"), "name:"),
     "section not a mapping": (good_with(model="model: 3"), "model: must be a mapping"),
+    "epochs and steps": (
+        GOOD + "stages: {finetune: {epochs: 3, steps: 40}}\n",
+        "stages.finetune.steps: give either epochs or steps, not both",
+    ),
+    "zero steps": (GOOD + "stages: {global: {steps: 0}}\n", "stages.global.steps"),
+    "augment not a mapping": (
+        GOOD + "stages: {finetune: {augment: yes please}}\n",
+        "stages.finetune.augment: must be true, false or a mapping",
+    ),
+    "bad augment key": (
+        GOOD + "stages: {finetune: {augment: {flip: [0]}}}\n",
+        "stages.finetune.augment.flip: unknown key",
+    ),
+    "bad flip axis": (
+        GOOD + "stages: {finetune: {augment: {flip_axes: [2]}}}\n",
+        "stages.finetune.augment.flip_axes",
+    ),
+    "bad scale": (
+        GOOD + "stages: {global: {augment: {scale: [1.2, 0.8]}}}\n",
+        "stages.global.augment.scale",
+    ),
+    "spatial local augment": (
+        GOOD + "stages: {local: {augment: {rotate_deg: 10}}}\n",
+        "stages.local.augment: the local losses compare pixel-aligned views",
+    ),
+    "bad dataset flip axes": (
+        good_with(dataset="dataset: {kind: synthetic, image_size: 32, flip_axes: [0, 3]}"),
+        "dataset.flip_axes",
+    ),
+    "bad decoder norm": (
+        good_with(model="model: {base_channels: 4, depth: 2, decoder_norm: batch}"),
+        "model.decoder_norm",
+    ),
 }
 
 
@@ -219,9 +252,7 @@ def test_named_axis_in_grid(tmp_path: Path) -> None:
     assert spec_from_mapping(spec.to_dict()).spec_hash == spec.spec_hash
 
 
-@pytest.mark.parametrize(
-    "name", sorted(p.name for p in (REPO / "search_spaces").glob("*.yaml"))
-)
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "search_spaces").glob("*.yaml")))
 def test_search_spaces_load(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if (SHARED_DATA / "Task04_Hippocampus").is_dir():
         monkeypatch.setenv("SEMICON_DATA", str(SHARED_DATA))
@@ -231,3 +262,36 @@ def test_search_spaces_load(name: str, tmp_path: Path, monkeypatch: pytest.Monke
     spec = load_spec(REPO / "search_spaces" / name)
     assert spec.num_trials >= 1
     assert spec.name
+
+
+def test_step_budgets_and_augmentation_resolve_per_point(tmp_path: Path) -> None:
+    """A grid over steps replaces the section's epochs; flips follow the dataset unless a stage
+    says otherwise; ``augment: false`` turns a stage's augmentation off."""
+    text = textwrap.dedent(
+        """
+        name: budgets
+        dataset: {kind: synthetic, image_size: 32, synthetic_cases: 8, flip_axes: [0, 1]}
+        model: {base_channels: 4, depth: 2}
+        method: global
+        label_fraction: 0.5
+        stages:
+          global: {steps: 30}
+          local: {augment: {noise_std: 0.1}}
+          finetune: {epochs: 3, augment: false}
+        grid:
+          stages.finetune.steps: [50, 100]
+        """
+    )
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    spec = load_spec(path, overrides={"storage": str(tmp_path / "s")})
+    points = [spec.configure(p) for p in spec.points()]
+    assert [p.stages.finetune.steps for p in points] == [50, 100]
+    assert all(p.stages.finetune.epochs is None for p in points)
+    point = points[0]
+    assert point.stages.global_.steps == 30 and point.stages.global_.epochs is None
+    finetune = point.stage_configs["finetune"]
+    assert not finetune.augment.spatial and not finetune.augment.intensity
+    assert point.stage_configs["global"].augment.flip_axes == (0, 1)  # bound to the dataset
+    assert point.stages.local.augment.noise_std == 0.1
+    assert point.stages.local.augment.flip_axes == ()

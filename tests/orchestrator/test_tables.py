@@ -261,3 +261,52 @@ def test_paper_table_keeps_other_axes_apart(tmp_path: Path) -> None:
     by_temperature = paper_table(trials, cols="stages.local.temperature")
     assert list(by_temperature.columns) == ["0.1", "0.5"]
     assert by_temperature.shape == (1, 2)
+
+
+def test_trials_record_steps_convergence_and_collapse(swept: tuple[Plan, StageStore]) -> None:
+    plan, store = swept
+    trials = collect(plan, store).trials
+    ok = trials[trials["status"] == "ok"]
+    # the fake curves are flat at 0.6 (epochs 0, 1): converged; class 1 Dice > 0.05: no collapse
+    assert ok["converged"].eq(True).all() and ok["collapsed"].eq(False).all()
+    assert ok["val_gain_last_quarter"].eq(0.0).all()
+    assert {"steps_global", "steps_local", "steps_finetune"} <= set(trials.columns)
+    pending = trials[trials["status"] == "pending"]
+    assert pending["converged"].isna().all()
+
+
+def test_paper_table_marks_unconverged_and_collapsed_cells() -> None:
+    trials = pd.DataFrame(
+        {
+            "method": ["random"] * 4,
+            "label_fraction": [0.05, 0.05, 0.1, 0.2],
+            "seed": 0,
+            "split": [0, 1, 0, 0],
+            "status": "ok",
+            "test_dice_pooled_mean": [0.7, 0.8, 0.75, 0.8],
+            "converged": [True, False, True, None],
+            "collapsed": [False, False, True, False],
+        }
+    )
+    table = paper_table(trials)
+    row = table.loc["random"]
+    assert row["0.05"] == "0.750 ± 0.071 (2) †"
+    assert row["0.1"] == "0.750 (1) ‡"
+    assert row["0.2"] == "0.800 (1)"  # undecidable convergence is not marked
+    assert len(table.attrs["notes"]) == 2
+    assert "$^\\dagger$" in format_table(table, "latex")
+
+
+def test_paired_table_cells() -> None:
+    from orchestrator.stats import paired_differences
+    from orchestrator.tables import paired_table
+
+    rows = []
+    for split, (base, delta) in enumerate([(0.7, 0.01), (0.6, 0.03), (0.8, 0.05)]):
+        rows.append(("random", split, base))
+        rows.append(("global", split, base + delta))
+    trials = pd.DataFrame(rows, columns=["method", "split", "test_dice_pooled_mean"]).assign(
+        label_fraction=0.05, seed=0, status="ok"
+    )
+    table = paired_table(paired_differences(trials, "random"))
+    assert table.loc["global", "0.05"] == "+0.030 [-0.020, +0.080] 3/3"

@@ -8,7 +8,16 @@ import pytest
 import torch
 from torch import Tensor
 
-from trainers.augment import global_views, intensity_views, spatial_augment
+from trainers.augment import (
+    global_view_args,
+    global_views,
+    intensity_args,
+    intensity_augment,
+    intensity_views,
+    spatial_args,
+    spatial_augment,
+)
+from trainers.config import FINETUNE_AUGMENT, GLOBAL_AUGMENT, AugmentConfig
 
 
 def gen(seed: int) -> torch.Generator:
@@ -121,6 +130,44 @@ def test_certain_flips_flip_both_axes_exactly() -> None:
     assert torch.equal(ys, y.flip(-1, -2))
 
 
+@pytest.mark.parametrize(("axes", "dims"), [((0,), (-2,)), ((1,), (-1,)), ((), ())])
+def test_flips_happen_only_along_the_allowed_slice_axes(
+    axes: tuple[int, ...], dims: tuple[int, ...]
+) -> None:
+    """Slice axis 0 is the image rows (H), 1 the columns (W): Hippocampus may flip R (axis 0)
+    but never A (axis 1), which would swap the anterior and posterior classes."""
+    x, y = blobs()
+    xs, ys = spatial_augment(
+        x, y, gen(0), p_flip=1.0, max_rotate_deg=0.0, scale=(1.0, 1.0), elastic_alpha=0.0,
+        flip_axes=axes,
+    )  # fmt: skip
+    expected = x.flip(*dims) if dims else x
+    torch.testing.assert_close(xs, expected)
+    assert torch.equal(ys, y.flip(*dims) if dims else y)
+    v1, _ = global_views(
+        x, gen(0), p_flip=1.0, max_rotate_deg=0.0, scale=(1.0, 1.0), max_translate=0.0,
+        brightness=0.0, gamma=(1.0, 1.0), noise_std=0.0, flip_axes=axes,
+    )  # fmt: skip
+    torch.testing.assert_close(v1, expected)
+
+
+def test_stage_augment_configs_map_onto_the_functions() -> None:
+    """Every AugmentConfig field reaches an argument: a config that only flips rows flips rows;
+    ``augment: false`` is the identity; intensity settings reach ``intensity_augment``."""
+    x, y = blobs()
+    rows = AugmentConfig(flip_axes=(0,), p_flip=1.0)
+    xs, ys = spatial_augment(x, y, gen(0), **spatial_args(rows))
+    torch.testing.assert_close(xs, x.flip(-2))
+    off = AugmentConfig.parse(False, FINETUNE_AUGMENT, "finetune.augment")
+    assert not off.spatial and not off.intensity
+    xs, ys = spatial_augment(x, y, gen(0), **spatial_args(off))
+    torch.testing.assert_close(xs, x)
+    bright = AugmentConfig(brightness=0.5, gamma=(1.0, 1.0))
+    shifted = intensity_augment(x, gen(1), **intensity_args(bright))
+    assert not torch.allclose(shifted, x)
+    assert set(global_view_args(GLOBAL_AUGMENT)) <= set(global_views.__code__.co_varnames)
+
+
 @pytest.mark.parametrize("label_dtype", [torch.long, torch.uint8])
 def test_spatial_keeps_labels_in_set_and_aligned_with_image(label_dtype: torch.dtype) -> None:
     _, y = blobs(batch=6)
@@ -207,3 +254,26 @@ def test_bf16_images() -> None:
     xs, ys = spatial_augment(x.bfloat16(), y, gen(0))
     v1, _ = global_views(x.bfloat16(), gen(0))
     assert xs.dtype == v1.dtype == torch.bfloat16 and ys.dtype == torch.long
+
+
+def test_augment_config_parses_spec_values_on_the_stage_default() -> None:
+    assert AugmentConfig.parse(True, FINETUNE_AUGMENT, "k") is FINETUNE_AUGMENT
+    merged = AugmentConfig.parse({"flip_axes": [0], "rotate_deg": 5}, FINETUNE_AUGMENT, "k")
+    assert merged.flip_axes == (0,) and merged.rotate_deg == 5.0
+    assert merged.elastic_alpha == FINETUNE_AUGMENT.elastic_alpha  # untouched keys kept
+    with pytest.raises(ValueError, match=r"^finetune\.augment\.gamma"):
+        AugmentConfig.parse({"gamma": [2.0, 1.0]}, FINETUNE_AUGMENT, "finetune.augment")
+
+
+def test_flip_axes_default_to_the_dataset_and_budgets_to_epochs() -> None:
+    from trainers.config import DataConfig, FinetuneConfig, GlobalConfig, bind_dataset
+
+    assert DataConfig(kind="msd", root="x").flip_axes == ()  # a flip is a claim about anatomy
+    assert DataConfig(kind="synthetic").flip_axes == (0,)
+    cfg = bind_dataset(FinetuneConfig(), DataConfig(kind="msd", root="x", flip_axes=[1, 0]))
+    assert cfg.augment.flip_axes == (0, 1)
+    explicit = FinetuneConfig(augment={"flip_axes": []})
+    assert bind_dataset(explicit, DataConfig(kind="synthetic")).augment.flip_axes == ()
+    assert GlobalConfig().epochs == 100 and GlobalConfig(steps=5).epochs is None
+    with pytest.raises(ValueError, match="give either epochs or steps"):
+        FinetuneConfig(epochs=3, steps=5)

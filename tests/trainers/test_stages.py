@@ -542,5 +542,63 @@ def test_validation_every_k_epochs_and_at_the_last(
 ) -> None:
     reports: list[dict[str, float]] = []
     cfg = _stage_config("finetune", epochs=5, val_every=2)
-    run_finetune(cfg, TINY, _context(synthetic_slices, split, labelled, report=lambda m, c: reports.append(m)))
+    run_finetune(
+        cfg,
+        TINY,
+        _context(synthetic_slices, split, labelled, report=lambda m, c: reports.append(m)),
+    )
     assert [r["epoch"] for r in reports if "val_dice_mean" in r] == [2, 4, 5]
+
+
+@pytest.mark.parametrize("stage", ["global", "local", "finetune"])
+def test_step_budget_runs_exactly_that_many_updates(
+    stage: str, synthetic_slices: SliceData, split: Split, labelled: tuple[int, ...]
+) -> None:
+    """steps: N stops after N optimiser steps, cutting the last epoch short, whatever the
+    number of slices (equal updates at every label fraction)."""
+    reports: list[dict[str, float]] = []
+    cfg = dataclasses.replace(_stage_config(stage), epochs=None, steps=7, batch_size=4)
+    steps_taken: list[int] = []
+    original = torch.optim.Adam.step
+
+    def counting_step(self: torch.optim.Adam, *args: Any, **kwargs: Any) -> Any:
+        steps_taken.append(1)
+        return original(self, *args, **kwargs)
+
+    ctx = _context(synthetic_slices, split, labelled, report=lambda m, c: reports.append(m))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.optim.Adam, "step", counting_step)
+        result = STAGES[stage](cfg, TINY, ctx)
+    assert len(steps_taken) == 7
+    assert result.metrics["steps"] == 7
+    assert reports[-1]["steps"] == 7
+    assert [r["steps"] for r in reports] == sorted(r["steps"] for r in reports)
+
+
+def test_validation_every_k_steps_per_class_and_never_twice(
+    synthetic_slices: SliceData, split: Split, labelled: tuple[int, ...]
+) -> None:
+    reports: list[dict[str, float]] = []
+    cfg = dataclasses.replace(
+        _stage_config("finetune"), epochs=None, steps=20, batch_size=4, val_every_steps=6
+    )
+    ctx = _context(synthetic_slices, split, labelled, report=lambda m, c: reports.append(m))
+    calls: list[int] = []
+    original = stages._predict_and_score
+
+    def counting(*args: Any, **kwargs: Any) -> dict[str, float]:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(stages, "_predict_and_score", counting)
+        result = run_finetune(cfg, TINY, ctx)
+    validated = [r for r in reports if "val_dice_mean" in r]
+    per_epoch = reports[0]["steps"]
+    # an epoch is validated when its steps pass a multiple of 6, and the last one always
+    expected = [r["steps"] for r in reports if r["steps"] // 6 > (r["steps"] - per_epoch) // 6]
+    assert [r["steps"] for r in validated] == sorted(set(expected) | {20})
+    assert all({"val_dice_c1", "val_dice_c2", "val_dice_pooled_c1"} <= set(r) for r in validated)
+    # final metrics reuse the last epoch's validation: one pass per validated epoch + one test
+    assert len(calls) == len(validated) + 1
+    assert result.metrics["val_dice_volume_mean"] == validated[-1]["val_dice_mean"]
