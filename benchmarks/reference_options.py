@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 
 from orchestrator.spec import load_spec
@@ -79,7 +78,12 @@ def run_arm(spec: Any, method: str, fraction: float, split: int, model: Any, cac
 
 
 def ours_from_sweep(storage: str, method: str, fraction: float, split: int) -> dict | None:
-    trials = pd.read_parquet(Path(storage) / "tables" / "trials.parquet")
+    """The arm from a sweep's trials table, re-collected so that it is current."""
+    from orchestrator.cli import recorded_plan
+    from orchestrator.tables import collect
+
+    plan, store = recorded_plan(Path(storage))
+    trials = collect(plan, store).trials
     match = trials[
         (trials["method"] == method)
         & (trials["label_fraction"] == fraction)
@@ -99,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = []
         for split in args.splits:
             row: dict[str, Any] = {"split": split}
-            for arm, value in (("ours", ours), ("reference", reference)):
+            # the reference arm first: a sweep running meanwhile may have finished "ours" by then
+            for arm, value in (("reference", reference), ("ours", ours)):
                 model = dataclasses.replace(spec.model, **{option: value})
                 recorded = (
                     ours_from_sweep(args.ours_from, method, args.label_fraction, split)
