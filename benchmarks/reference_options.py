@@ -52,6 +52,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--splits", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--options", nargs="+", default=list(COMPARISONS), choices=list(COMPARISONS))
     p.add_argument("--ours-from", help="a finished sweep of the spec: take the 'ours' arm from it")
+    p.add_argument(
+        "--arms",
+        nargs="+",
+        default=["reference", "ours"],
+        choices=["reference", "ours"],
+        help="which arms to produce (e.g. only the reference while the sweep computes ours)",
+    )
+    p.add_argument(
+        "--combine",
+        help="a JSON this script wrote: reuse its reference arms (nothing is run for those)",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "semicon-sweep"))
     p.add_argument("--out", help="write the JSON here too")
@@ -97,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     spec = load_spec(args.spec)
+    previous = json.loads(Path(args.combine).read_text())["results"] if args.combine else {}
     results: dict[str, Any] = {}
     for option in args.options:
         method, ours, reference = COMPARISONS[option]
@@ -105,20 +117,31 @@ def main(argv: list[str] | None = None) -> int:
             row: dict[str, Any] = {"split": split}
             # the reference arm first: a sweep running meanwhile may have finished "ours" by then
             for arm, value in (("reference", reference), ("ours", ours)):
+                if arm not in args.arms:
+                    continue
                 model = dataclasses.replace(spec.model, **{option: value})
+                earlier = [
+                    r[arm] for r in previous.get(option, {}).get("runs", []) if r["split"] == split
+                ]
                 recorded = (
                     ours_from_sweep(args.ours_from, method, args.label_fraction, split)
                     if arm == "ours" and args.ours_from
-                    else None
+                    else (earlier[0] if earlier and arm == "reference" else None)
                 )
                 row[arm] = recorded or run_arm(
                     spec, method, args.label_fraction, split, model, args.cache_dir
                 )
-                row[arm]["source"] = "sweep" if recorded else "run here"
+                if not recorded:
+                    row[arm]["source"] = "run here"
+                elif "source" not in row[arm]:
+                    row[arm]["source"] = "sweep"
                 print(f"{option} {arm}={value} split {split}: {row[arm]}", file=sys.stderr)
             runs.append(row)
+        pairs = [r for r in runs if "reference" in r and "ours" in r]
         deltas = {
-            m: paired_summary([r["reference"][m] - r["ours"][m] for r in runs]) for m in METRICS
+            m: paired_summary([r["reference"][m] - r["ours"][m] for r in pairs])
+            for m in METRICS
+            if pairs
         }
         results[option] = {
             "method": method,
