@@ -128,7 +128,7 @@ def launch(
     store = StageStore(spec.storage)
     if dry_run:
         with bad_input():
-            summary = plan.summary(store)
+            summary = plan.summary(store.is_complete)
         if as_json:
             summary.update(storage=spec.storage, spec_hash=spec.spec_hash)
             typer.echo(json.dumps(summary))
@@ -179,7 +179,7 @@ def _undo_claim(store: StageStore, existed: bool, previous: bytes | None) -> Non
 def describe_plan(plan: Plan, store: StageStore) -> str:
     """The plan for a person: stage node counts, what is done, and the trials."""
     spec = plan.spec
-    summary = plan.summary(store)
+    summary = plan.summary(store.is_complete)
     lines = [
         f"sweep '{spec.name}' (spec {spec.spec_hash[:12]}): {summary['trials']} trials",
         f"storage: {spec.storage}",

@@ -206,9 +206,7 @@ def evaluate_external(
     statuses = {trial.trial_id: trial_status(trial, store) for trial in plan.trials}
     keys = list(
         dict.fromkeys(
-            trial.nodes["finetune"]
-            for trial in plan.trials
-            if "finetune" in trial.nodes and store.is_complete(trial.nodes["finetune"])
+            trial.final_key for trial in plan.trials if store.is_complete(trial.final_key)
         )
     )
     if not keys:
@@ -271,7 +269,7 @@ def evaluate_external(
     rows = []
     for trial in plan.trials:
         status, error = statuses[trial.trial_id]
-        key = trial.nodes.get("finetune")
+        key = trial.final_key
         row: dict[str, Any] = {"sweep": plan.spec.name, "trial_id": trial.trial_id}
         row.update({axis: trial.params.get(axis) for axis in path_axes})
         row.update(

@@ -73,6 +73,7 @@ from urllib.parse import urlsplit
 
 from orchestrator.store import StageStore
 from orchestrator.tracking import check_tracking, logger_callbacks
+from trainers.registry import stage_names
 
 if TYPE_CHECKING:
     from orchestrator.plan import Plan, StageNode
@@ -287,7 +288,7 @@ def injected_failures(nodes: Mapping[str, StageNode], spec: str | None = None) -
     text = os.environ.get(FAIL_NODES_ENV, "") if spec is None else spec
     tokens = [t.strip() for t in text.split(",") if t.strip()]
     for token in tokens:
-        if token not in ("global", "local", "finetune") and len(token) < 4:
+        if token not in stage_names() and len(token) < 4:
             raise ValueError(f"{FAIL_NODES_ENV}: token {token!r} must be a stage name or a key prefix of >= 4 characters")
     out = {}
     for key, node in nodes.items():

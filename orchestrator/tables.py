@@ -45,7 +45,7 @@ from orchestrator.plan import Plan, Trial
 from orchestrator.spec import NAMED_AXES
 from orchestrator.stats import PAIRED_COLUMNS, collapsed, converged
 from orchestrator.store import StageStore, atomic_write, environment_info
-from trainers.methods import STAGE_NAMES
+from trainers.registry import stage_names
 
 TABLE_NAMES = ("trials", "epochs", "summary")
 STATUSES = ("ok", "failed", "skipped", "pending")
@@ -59,7 +59,6 @@ METHOD_ORDER = (
     "global+local_stride",
     "global+local_block",
     "mixup",
-    "tcsm",
     "mean_teacher",
     "local_full",
     "global+local_full",
@@ -130,8 +129,8 @@ def collect(plan: Plan, store: StageStore) -> Tables:
                 "error": error,
             }
         )
-        row.update({f"key_{stage}": trial.nodes.get(stage) for stage in STAGE_NAMES})
-        final_key = list(trial.nodes.values())[-1]
+        row.update({f"key_{stage}": trial.nodes.get(stage) for stage in stage_names()})
+        final_key = trial.final_key
         final = (store.read_metrics(final_key) or {}) if store.is_complete(final_key) else {}
         row.update(
             {
@@ -140,7 +139,7 @@ def collect(plan: Plan, store: StageStore) -> Tables:
                 if name not in (*_TIME_KEYS, "steps")
             }
         )
-        for stage in STAGE_NAMES:
+        for stage in stage_names():
             key = trial.nodes.get(stage)
             metrics = (store.read_metrics(key) or {}) if key else {}
             epochs = epochs_by_key.get(key, []) if key else []

@@ -20,7 +20,7 @@ and runs, on every rank:
    ``labelled_subset``), the parent's final weights (``StageStore.load_state``, weights_only);
 2. a resume state from ``ray.train.get_checkpoint()`` when Train restarts this run (a dead
    worker group, or a relaunch of the sweep: the Train run is named by the node key);
-3. ``trainers.stages.STAGES[stage](cfg, model_cfg, ctx)`` where ``ctx.report`` calls
+3. the node's stage kind's run function (``trainers.registry``) where ``ctx.report`` calls
    ``ray.train.report`` on every rank for each epoch that carries a checkpoint, and otherwise
    only once ``report_interval_s`` training seconds have passed since the last report
    (``ReportThrottle``: Ray Train holds one unread report per worker and collects it on its
@@ -64,25 +64,14 @@ import torch.distributed as torch_dist
 
 from orchestrator.plan import StageNode
 from orchestrator.store import StageStore, atomic_write_text
-from trainers.config import (
-    FinetuneConfig,
-    GlobalConfig,
-    LocalConfig,
-    ModelConfig,
-    SplitConfig,
-    from_dict,
-)
-from trainers.data import labelled_subset, load_slice_cache, make_split
-from trainers.stages import STAGES, ReportFn, StageContext, StageResult
+from trainers.config import ModelConfig, SplitConfig, from_dict
+from trainers.data import load_slice_cache
+from trainers.point import stage_context
+from trainers.registry import get_stage
+from trainers.stages import ReportFn, StageResult
 
 CHECKPOINT_FILE = "checkpoint_state.pt"
 WALL_KEY = "worker_wall_s"  # added to each checkpoint state: wall seconds spent up to it
-
-STAGE_CONFIGS: dict[str, type] = {
-    "global": GlobalConfig,
-    "local": LocalConfig,
-    "finetune": FinetuneConfig,
-}
 
 REQUIRED_KEYS = ("node", "storage", "cache")
 
@@ -186,37 +175,28 @@ def run_stage(
     resume: Mapping[str, Any] | None = None,
     checkpoint_every: int = 1,
 ) -> StageResult:
-    """Build the node's ``StageContext`` and run its stage function; returns its ``StageResult``.
+    """Build the node's ``StageContext`` (``trainers.point.stage_context``) and run its kind's
+    function (``trainers.registry``); returns its ``StageResult``.
 
     Needs no Ray (used by ``train_node`` and the in-process benchmark baseline). The parent's
     weights come from ``store`` (its ``model.pt``, loaded weights_only).
     """
-    if node.stage not in STAGES:
-        raise ValueError(
-            f"node {node.key}: unknown stage {node.stage!r} (known: {', '.join(STAGES)})"
-        )
-    stage_cfg = from_dict(STAGE_CONFIGS[node.stage], node.config, node.stage)
-    model_cfg = from_dict(ModelConfig, node.model, "model")
-    split_cfg = from_dict(SplitConfig, node.split, "split")
-    data = load_slice_cache(cache)
-    split = make_split(data.num_volumes, split_cfg, node.split_index)
-    labelled = (
-        labelled_subset(split, node.label_fraction) if node.label_fraction is not None else ()
-    )
-    init_state = store.load_state(node.parent) if node.parent is not None else None
-    ctx = StageContext(
-        data=data,
-        split=split,
-        labelled=labelled,
-        seed=node.seed,
-        device=device,
+    kind = get_stage(node.stage)
+    stage_cfg = from_dict(kind.config, node.config, node.stage)
+    ctx = stage_context(
+        load_slice_cache(cache),
+        from_dict(SplitConfig, node.split, "split"),
+        node.split_index,
+        node.seed,
+        node.label_fraction,
+        device,
         report=report,
-        init_state=init_state,
-        init_parts=tuple(node.init_parts) if init_state is not None else (),
+        init_state=store.load_state(node.parent) if node.parent is not None else None,
+        init_parts=tuple(node.init_parts),
         resume=resume,
         checkpoint_every=checkpoint_every,
     )
-    return STAGES[node.stage](stage_cfg, model_cfg, ctx)
+    return kind.run(stage_cfg, from_dict(ModelConfig, node.model, "model"), ctx)
 
 
 def truncate_epochs(store: StageStore, key: str, keep_through: int) -> None:

@@ -231,8 +231,9 @@ def test_storage_conflict_exits_2_before_writing(
 ) -> None:
     monkeypatch.setitem(sys.modules, "orchestrator.execute", fake_executor())
     storage = tmp_path / "storage"
-    other = load_spec(write_spec(tmp_path, SPEC.replace("seed: [0, 1]", "seed: 5"), "other.yaml"))
-    StageStore(storage).claim_sweep(other.with_overrides(storage=str(storage)))
+    other_path = write_spec(tmp_path, SPEC.replace("seed: [0, 1]", "seed: 5"), "other.yaml")
+    other = load_spec(other_path, overrides={"storage": str(storage)})
+    StageStore(storage).claim_sweep(other)
     before = (storage / "sweep.json").read_bytes()
     result = runner.invoke(app, ["launch", str(write_spec(tmp_path)), "--storage", str(storage)])
     assert result.exit_code == 2
