@@ -137,23 +137,28 @@ def launch(
         return
 
     # Ray itself is imported only inside run_sweep; execute's module level is Ray-free
-    from orchestrator.execute import ClusterError, check_address, run_sweep
-    from orchestrator.tracking import check_tracking
+    from orchestrator.execute import ClusterError, run_sweep
 
-    with bad_input(ClusterError):  # every check that can fail before anything is written
-        check_tracking(spec)
-        if spec.ray.address is not None:
-            check_address(spec.ray.address)
     existed = store.root.exists()
     previous = store.sweep_path.read_bytes() if store.sweep_path.is_file() else None
     with bad_input():
         store.claim_sweep(spec, force=force, plan=plan)
-    log(f"{PROG}: launching sweep '{spec.name}' ({len(plan.trials)} trials) into {spec.storage}")
+    launching = [f"{PROG}: launching sweep '{spec.name}' ({len(plan.trials)} trials) into {spec.storage}"]
+
+    def progress(line: str) -> None:
+        # the launch line waits for run_sweep's first line (Ray is up then), so that bad input
+        # found by run_sweep's checks is the only line printed
+        while launching:
+            log(launching.pop())
+        log(line)
+
     try:
         with bad_input(ClusterError):
-            run_sweep(plan, store, address=spec.ray.address, progress=log, reuse=not no_reuse)
+            run_sweep(plan, store, address=spec.ray.address, progress=progress, reuse=not no_reuse)
     except typer.Exit:
-        _undo_claim(store, existed, previous)  # Ray could not be reached: leave no trace
+        # run_sweep checks the trackers and the Ray address before it writes anything: on bad
+        # input the claim is undone and the storage left as it was
+        _undo_claim(store, existed, previous)
         raise
     tables = collect(plan, store)
     write_tables(tables, store)

@@ -163,13 +163,11 @@ def fake_executor(
     class ClusterError(ValueError):
         pass
 
-    def check_address(address: str) -> None:
-        if address == "unreachable:1":
-            raise ClusterError(f"cannot reach the Ray cluster at {address}: connection refused")
-
     def run_sweep(
         plan: Plan, store: StageStore, address: str | None = None, progress=None, reuse: bool = True
     ):
+        if address == "unreachable:1":
+            raise ClusterError(f"cannot reach the Ray cluster at {address}: connection refused")
         if cluster_error:
             raise ClusterError("cannot connect to a local Ray instance: no")
         for level in plan.levels:
@@ -188,7 +186,6 @@ def fake_executor(
         progress("fake sweep done")
 
     module.ClusterError = ClusterError  # type: ignore[attr-defined]
-    module.check_address = check_address  # type: ignore[attr-defined]
     module.run_sweep = run_sweep  # type: ignore[attr-defined]
     return module
 
