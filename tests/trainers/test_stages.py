@@ -123,7 +123,7 @@ def test_stage_reports_once_per_epoch_and_checkpoints_when_due(
         checkpoint_every=2,
     )
     cfg = _stage_config(stage, epochs=3)
-    result = STAGE_KINDS[stage.split("_")[0].run](cfg, TINY, ctx)
+    result = STAGE_KINDS[stage.split("_")[0]].run(cfg, TINY, ctx)
 
     assert isinstance(result, StageResult)
     assert [m["epoch"] for m, _ in calls] == [1, 2, 3]
