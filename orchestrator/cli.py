@@ -38,6 +38,7 @@ from orchestrator.tables import (
     STATUSES,
     collect,
     format_table,
+    node_state,
     paired_table,
     paper_table,
     read_tables,
@@ -229,20 +230,6 @@ def recorded_plan(storage: Path) -> tuple[Plan, StageStore]:
 
 
 NODE_STATES = {"complete": 10, "failed": 8, "skipped": 9, "pending": 9}  # state -> column width
-
-
-def node_state(plan: Plan, store: StageStore, key: str) -> str:
-    """complete | failed (error recorded) | skipped (an ancestor failed) | pending."""
-    if store.is_complete(key):
-        return "complete"
-    if store.read_error(key) is not None:
-        return "failed"
-    parent = plan.nodes[key].parent
-    while parent is not None:
-        if not store.is_complete(parent) and store.read_error(parent) is not None:
-            return "skipped"
-        parent = plan.nodes[parent].parent if parent in plan.nodes else None
-    return "pending"
 
 
 def _status_line(counts: Counter[str], total: int) -> str:
