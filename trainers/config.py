@@ -24,6 +24,11 @@ class ConfigError(ValueError):
     """An impossible or malformed configuration value; the message names the key."""
 
 
+class DatasetError(ValueError):
+    """Bad input data; the message starts with the offending file or folder (raised by
+    ``trainers.data`` and ``trainers.synthetic``; ``trainers.data.DatasetError`` is this)."""
+
+
 def _fail(section: str, key: str, message: str) -> None:
     raise ConfigError(f"{section}.{key}: {message}")
 
