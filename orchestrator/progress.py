@@ -50,8 +50,8 @@ def progress_callback(
 
         def _line(self, key: str, text: str) -> None:
             node = self.plan.nodes[key]
-            clock = time.monotonic() - self.sweep_start
-            self.progress(f"[{clock(clock)}] {node.stage:<8} {key} {text}")
+            since_start = time.monotonic() - self.sweep_start
+            self.progress(f"[{clock(since_start)}] {node.stage:<8} {key} {text}")
 
         def _loss(self, key: str) -> str:
             last = self.last.get(key, {})
