@@ -58,8 +58,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from orchestrator.execute import quiet_ray_env, run_sweep  # noqa: E402
+from orchestrator.execute import run_sweep  # noqa: E402
 from orchestrator.plan import Plan, build_plan  # noqa: E402
+from orchestrator.session import quiet_ray_env  # noqa: E402
 from orchestrator.spec import Spec, load_spec  # noqa: E402
 from orchestrator.store import StageStore  # noqa: E402
 from trainers.config import DataConfig, from_dict  # noqa: E402

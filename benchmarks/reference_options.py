@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run_arm(spec: Any, method: str, fraction: float, split: int, model: Any, cache: str) -> dict:
     point = spec.configure({"method": method, "label_fraction": fraction, "split": split})
     cfg = PipelineConfig(
-        data=point.dataset,
+        data=point.data,
         method=method,
         label_fraction=fraction,
         model=model,

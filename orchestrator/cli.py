@@ -38,6 +38,7 @@ from orchestrator.tables import (
     STATUSES,
     collect,
     format_table,
+    node_state,
     paired_table,
     paper_table,
     read_tables,
@@ -128,7 +129,7 @@ def launch(
     store = StageStore(spec.storage)
     if dry_run:
         with bad_input():
-            summary = plan.summary(store)
+            summary = plan.summary(store.is_complete)
         if as_json:
             summary.update(storage=spec.storage, spec_hash=spec.spec_hash)
             typer.echo(json.dumps(summary))
@@ -137,23 +138,28 @@ def launch(
         return
 
     # Ray itself is imported only inside run_sweep; execute's module level is Ray-free
-    from orchestrator.execute import ClusterError, check_address, run_sweep
-    from orchestrator.tracking import check_tracking
+    from orchestrator.execute import ClusterError, run_sweep
 
-    with bad_input(ClusterError):  # every check that can fail before anything is written
-        check_tracking(spec)
-        if spec.ray.address is not None:
-            check_address(spec.ray.address)
     existed = store.root.exists()
     previous = store.sweep_path.read_bytes() if store.sweep_path.is_file() else None
     with bad_input():
         store.claim_sweep(spec, force=force, plan=plan)
-    log(f"{PROG}: launching sweep '{spec.name}' ({len(plan.trials)} trials) into {spec.storage}")
+    launching = [f"{PROG}: launching sweep '{spec.name}' ({len(plan.trials)} trials) into {spec.storage}"]
+
+    def progress(line: str) -> None:
+        # the launch line waits for run_sweep's first line (Ray is up then), so that bad input
+        # found by run_sweep's checks is the only line printed
+        while launching:
+            log(launching.pop())
+        log(line)
+
     try:
         with bad_input(ClusterError):
-            run_sweep(plan, store, address=spec.ray.address, progress=log, reuse=not no_reuse)
+            run_sweep(plan, store, address=spec.ray.address, progress=progress, reuse=not no_reuse)
     except typer.Exit:
-        _undo_claim(store, existed, previous)  # Ray could not be reached: leave no trace
+        # run_sweep checks the trackers and the Ray address before it writes anything: on bad
+        # input the claim is undone and the storage left as it was
+        _undo_claim(store, existed, previous)
         raise
     tables = collect(plan, store)
     write_tables(tables, store)
@@ -179,7 +185,7 @@ def _undo_claim(store: StageStore, existed: bool, previous: bytes | None) -> Non
 def describe_plan(plan: Plan, store: StageStore) -> str:
     """The plan for a person: stage node counts, what is done, and the trials."""
     spec = plan.spec
-    summary = plan.summary(store)
+    summary = plan.summary(store.is_complete)
     lines = [
         f"sweep '{spec.name}' (spec {spec.spec_hash[:12]}): {summary['trials']} trials",
         f"storage: {spec.storage}",
@@ -224,20 +230,6 @@ def recorded_plan(storage: Path) -> tuple[Plan, StageStore]:
 
 
 NODE_STATES = {"complete": 10, "failed": 8, "skipped": 9, "pending": 9}  # state -> column width
-
-
-def node_state(plan: Plan, store: StageStore, key: str) -> str:
-    """complete | failed (error recorded) | skipped (an ancestor failed) | pending."""
-    if store.is_complete(key):
-        return "complete"
-    if store.read_error(key) is not None:
-        return "failed"
-    parent = plan.nodes[key].parent
-    while parent is not None:
-        if not store.is_complete(parent) and store.read_error(parent) is not None:
-            return "skipped"
-        parent = plan.nodes[parent].parent if parent in plan.nodes else None
-    return "pending"
 
 
 def _status_line(counts: Counter[str], total: int) -> str:

@@ -47,9 +47,8 @@ import pandas as pd
 import torch
 
 from orchestrator.plan import Plan, StageNode
-from orchestrator.spec import NAMED_AXES
 from orchestrator.store import StageStore, atomic_write
-from orchestrator.tables import parquet_safe, trial_status
+from orchestrator.tables import parquet_safe, trial_columns
 from trainers.config import ConfigError, DataConfig, ModelConfig, from_dict
 from trainers.data import (
     DatasetError,
@@ -203,12 +202,9 @@ def evaluate_external(
     if not Path(root).is_dir():
         raise DatasetError(f"{root}: dataset folder not found")
 
-    statuses = {trial.trial_id: trial_status(trial, store) for trial in plan.trials}
     keys = list(
         dict.fromkeys(
-            trial.nodes["finetune"]
-            for trial in plan.trials
-            if "finetune" in trial.nodes and store.is_complete(trial.nodes["finetune"])
+            trial.final_key for trial in plan.trials if store.is_complete(trial.final_key)
         )
     )
     if not keys:
@@ -267,20 +263,11 @@ def evaluate_external(
         del model
 
     metric_names = list(dict.fromkeys(name for score in scores.values() for name in score))
-    path_axes = [name for name, _ in plan.spec.axes if name not in NAMED_AXES]
     rows = []
     for trial in plan.trials:
-        status, error = statuses[trial.trial_id]
-        key = trial.nodes.get("finetune")
-        row: dict[str, Any] = {"sweep": plan.spec.name, "trial_id": trial.trial_id}
-        row.update({axis: trial.params.get(axis) for axis in path_axes})
+        key = trial.final_key
+        row = trial_columns(plan, trial, store)
         row.update(
-            method=trial.method,
-            label_fraction=trial.label_fraction,
-            seed=trial.seed,
-            split=trial.split_index,
-            status=status,
-            error=error,
             key_finetune=key,
             ext_data_root=str(Path(root).absolute()),
             ext_data_fingerprint=slices[configs[key]].fingerprint if key in scores else None,

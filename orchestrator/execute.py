@@ -2,47 +2,34 @@
 
 ``run_sweep(plan, store)`` takes every node of the plan that is not ``COMPLETE`` in the store
 and runs them as one Tune experiment whose search algorithm is the DAG itself
-(``DagScheduler`` inside a Tune ``Searcher``): a node is suggested as soon as its parent is
-complete (no barrier between depths: a level-0 fine-tuning does not hold back the children of
-a finished pretraining), the ready node with the most descendants first, and a failed node's
-descendants are skipped with the reason::
+(``orchestrator.scheduler.DagScheduler`` inside a Tune ``Searcher``): a node is suggested as
+soon as its parent is complete (no barrier between depths), the ready node with the most
+descendants first, and a failed node's descendants are skipped with the reason::
 
-    Tuner(with_resources(with_parameters(node_trial, payload=...), TRIAL_DRIVER_RESOURCES),
+    Tuner(with_resources(with_parameters(drive_node, payload=DriverPayload), NODE_DRIVER_RESOURCES),
           tune_config=TuneConfig(search_alg=DagSearcher, num_samples=<nodes>,
-                                 max_concurrent_trials=n),
+                                 max_concurrent_trials=node_concurrency(...)),
           run_config=RunConfig(name="sweep-<hash>", storage_path=<storage>/ray, ...))
 
-Each Tune trial (``node_trial``) is only the driver of a Ray Train job: it builds a
-``TorchTrainer(orchestrator.worker.train_node, ScalingConfig(num_workers=workers_per_trial,
-resources_per_worker={"CPU": c, "GPU": g}), RunConfig(name=<node key>, storage_path=
-<storage>/ray/train, callbacks=[TuneReportCallback()]))`` and calls ``fit()``. The workers get
-their own placement group, which Tune does not count, so the trial itself asks for no CPU (one
-byte of memory: Tune refuses an empty request) and ``max_concurrent_trials`` is derived from the
-cluster's resources:
-
-    n = min(floor(cluster CPUs / (workers_per_trial * cpus_per_worker)),
-            floor(cluster GPUs / (workers_per_trial * gpus_per_worker))   [when GPUs are used],
-            nodes to run)
-
-unless ``resources.max_concurrent_trials`` is set (e.g. for an autoscaling cluster).
+Each Tune trial (``drive_node``) is only the driver of one node's Ray Train job: it builds a
+``TorchTrainer(orchestrator.worker.train_node, train_loop_config=NodeJob.to_dict(),
+ScalingConfig(...), RunConfig(name=<node key>, storage_path=<storage>/ray/train,
+callbacks=[TuneReportCallback()]))`` and calls ``fit()``. The workers get their own placement
+group, which Tune does not count: ``orchestrator.resources`` derives how many nodes run at once.
+The Ray connection and the sweep's environment are ``orchestrator.session``'s; progress lines
+``orchestrator.progress``'s.
 
 Failures: a worker that raises is restarted by Train from its last checkpoint up to
-``resources.max_failures`` times; when Train gives up, the trial writes a one-line message to
+``resources.max_failures`` times; when Train gives up, the driver writes a one-line message to
 ``stages/<key>/error.txt``, reports ``node_status: failed`` to Tune and ends normally, and the
 sweep goes on with the other nodes (a failed node's children are skipped, with the reason). A
-crashed trial *driver* (e.g. its node lost) is retried by Tune up to ``max_failures`` times; the
-new driver's Train run has the same name, so it resumes from the same checkpoints.
+crashed driver (e.g. its machine lost) is retried by Tune up to ``max_failures`` times; the new
+driver's Train run has the same name, so it resumes from the same checkpoints.
 
 Resume = relaunch: a ``COMPLETE`` node is never run again; an interrupted node's Train run
 folder (``<storage>/ray/train/<key>``) still holds its checkpoints, so the new Train run of the
 same name continues from the last one (the worker drops the epoch records after it). Once a
 node is complete its Train checkpoints are deleted (its result lives in the stage store).
-
-Reports: each worker calls ``ray.train.report`` for every checkpoint epoch and otherwise at
-most once per poll interval (``orchestrator.worker.ReportThrottle``); Train's controller
-collects them on its health-check poll, which sweeps shorten from Ray's 2 s to ``TRAIN_POLL_S``
-(0.5 s) unless ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` is set: short epochs would otherwise wait on
-it (``train_env``).
 
 Data: the slices are preprocessed once on the driver (``trainers.data.prepare_slices`` into
 ``<storage>/cache/<fingerprint>``); workers receive the folder's path and memory-map it.
@@ -55,55 +42,33 @@ comma-separated list of tokens; a node matches a token equal to its stage name
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import logging
-import math
 import os
 import shutil
-import socket
-import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
+from orchestrator.progress import clock, print_progress, progress_callback
+from orchestrator.resources import NODE_DRIVER_RESOURCES, node_concurrency, scaling_options
+from orchestrator.scheduler import DagScheduler
+from orchestrator.session import TRAIN_POLL_ENV, ClusterError, ray_session, train_env
 from orchestrator.store import StageStore
 from orchestrator.tracking import check_tracking, logger_callbacks
+from orchestrator.worker import NodeJob
+from trainers.registry import stage_names
 
 if TYPE_CHECKING:
     from orchestrator.plan import Plan, StageNode
-    from orchestrator.spec import Resources
+
+__all__ = ["ClusterError", "DriverPayload", "SweepOutcome", "run_sweep"]
 
 FAIL_NODES_ENV = "SEMICON_SWEEP_FAIL_NODES"
 
-# Set (unless the user set them) while a sweep runs. The first two reach Ray's worker processes
-# only when this process starts Ray (they inherit the raylet's environment).
-QUIET_ENV = {
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
-    "RAY_AIR_NEW_OUTPUT": "0",  # Tune's legacy reporter: silent at verbose=0, the new one is not
-    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # loggers are listed by orchestrator.tracking
-    "TUNE_DISABLE_SIGINT_HANDLER": "1",  # Ctrl+C stops the whole sweep at once
-}
-
-CONNECT_TIMEOUT_S = 5.0
-DEFAULT_RAY_PORT = 6379
-DEFAULT_CLIENT_PORT = 10001
-EPOCH_PROGRESS_EVERY_S = 30.0
 TRAIN_CHECKPOINTS_KEPT = 2
-TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-TRAIN_POLL_S = "0.5"  # Ray's default is 2 s; see train_env()
-# A Tune trial only waits on its Train job. Tune refuses an empty request, and any CPU share
-# would break exact fits (two 1-CPU trials on 2 CPUs), so the trial reserves one byte of memory.
-TRIAL_DRIVER_RESOURCES = {"cpu": 0, "memory": 1}
-
-
-class ClusterError(ValueError):
-    """The Ray cluster address is invalid or unreachable (one-line message naming it)."""
 
 
 @dataclass
@@ -122,157 +87,6 @@ class SweepOutcome:
     wall_s: float
     already_complete: list[str] = field(default_factory=list)
 
-    @property
-    def ok(self) -> bool:
-        """True when no node failed or was skipped."""
-        return not self.failed and not self.skipped
-
-
-def print_progress(line: str) -> None:
-    """The default progress sink: one line to stderr, flushed."""
-    print(line, file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------------------------
-# connecting to Ray
-
-
-def _probe_target(address: str) -> tuple[str, int] | None:
-    """(host, port) to probe for ``address``; None when Ray resolves it itself ("auto")."""
-    if address == "auto":
-        env = os.environ.get("RAY_ADDRESS")
-        return _probe_target(env) if env and env != "auto" else None
-    if "://" in address:
-        parts = urlsplit(address)
-        if parts.scheme != "ray" or not parts.hostname:
-            raise ClusterError(f"invalid Ray address {address!r}: expected host:port, ray://host:port or auto")
-        try:
-            port = parts.port or DEFAULT_CLIENT_PORT
-        except ValueError:
-            raise ClusterError(f"invalid Ray address {address!r}: bad port") from None
-        return parts.hostname, port
-    host, sep, port_text = address.rpartition(":")
-    if not sep:
-        host, port_text = address, str(DEFAULT_RAY_PORT)
-    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ClusterError(f"invalid Ray address {address!r}: expected host:port, ray://host:port or auto")
-    return host.strip("[]"), int(port_text)
-
-
-def check_address(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
-    """Raise ``ClusterError`` unless ``address`` parses and accepts a TCP connection in time.
-
-    ``ray.init(address=...)`` on an unreachable address retries for a long time; this probe
-    fails in at most ``timeout_s`` seconds. Writes nothing.
-    """
-    target = _probe_target(address)
-    if target is None:
-        return
-    try:
-        with socket.create_connection(target, timeout=timeout_s):
-            pass
-    except OSError as err:
-        reason = err.strerror or type(err).__name__
-        if isinstance(err, TimeoutError | socket.timeout):
-            reason = f"no answer within {timeout_s:g} s"
-        raise ClusterError(f"cannot reach the Ray cluster at {address}: {reason}") from None
-
-
-def connect_ray(address: str | None) -> bool:
-    """Make sure this process is connected to Ray; returns True when it started Ray itself.
-
-    ``address`` None: start a local Ray (no dashboard: the sweep uses no early stopping, the
-    one feature whose cleanup needs the State API); otherwise join the cluster at ``address``
-    after a quick reachability check. A process already connected (e.g. a test session) keeps
-    its connection. Connection failures raise ``ClusterError``.
-    """
-    import ray
-
-    if address is not None:
-        check_address(address)
-    if ray.is_initialized():
-        return False
-    options: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
-    try:
-        if address is None:
-            ray.init(include_dashboard=False, **options)
-        else:
-            ray.init(address=address, **options)
-    except (ConnectionError, TimeoutError, RuntimeError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        where = address if address is not None else "a local Ray instance"
-        raise ClusterError(f"cannot connect to {where}: {first}") from None
-    return True
-
-
-@contextlib.contextmanager
-def quiet_ray_loggers(names: tuple[str, ...] = ("ray", "ray.tune", "ray.train")) -> Iterator[None]:
-    """Raise Ray's Python loggers to WARNING (Tune logs every result-file write at INFO)."""
-    levels = {name: logging.getLogger(name).level for name in names}
-    for name in names:
-        logging.getLogger(name).setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        for name, level in levels.items():
-            logging.getLogger(name).setLevel(level)
-
-
-@contextlib.contextmanager
-def quiet_ray_env(values: Mapping[str, str] = QUIET_ENV) -> Iterator[None]:
-    """Set ``values`` in ``os.environ`` where unset, restoring the environment afterwards."""
-    added = [name for name in values if name not in os.environ]
-    for name in added:
-        os.environ[name] = values[name]
-    try:
-        yield
-    finally:
-        for name in added:
-            os.environ.pop(name, None)
-
-
-# --------------------------------------------------------------------------------------------
-# resources
-
-
-def trial_concurrency(resources: Resources, cluster: Mapping[str, float], pending: int) -> int:
-    """How many trials run at once (see the module docstring for the formula).
-
-    Raises ``ClusterError`` when one trial's workers need more than the whole cluster has and
-    ``resources.max_concurrent_trials`` is not set.
-    """
-    if pending < 1:
-        raise ValueError(f"pending: must be >= 1, got {pending}")
-    if resources.max_concurrent_trials is not None:
-        return min(resources.max_concurrent_trials, pending)
-    workers = resources.workers_per_trial
-    needs = {"CPU": workers * resources.cpus_per_worker}
-    if resources.gpus_per_worker > 0:
-        needs["GPU"] = workers * resources.gpus_per_worker
-    fits = {name: math.floor(cluster.get(name, 0.0) / need + 1e-9) for name, need in needs.items()}
-    short = {name: n for name, n in fits.items() if n < 1}
-    if short:
-        name = next(iter(short))
-        raise ClusterError(
-            f"one trial needs {needs[name]:g} {name} (resources.workers_per_trial {workers} x "
-            f"{name.lower()}s_per_worker) but the cluster has {cluster.get(name, 0.0):g}; lower them, "
-            "or set resources.max_concurrent_trials to wait for an autoscaling cluster"
-        )
-    return max(1, min(min(fits.values()), pending))
-
-
-def scaling_options(resources: Resources, placement_strategy: str = "PACK") -> dict[str, Any]:
-    """Keyword arguments of ``ray.train.ScalingConfig`` for one node's Train job."""
-    per_worker: dict[str, float] = {"CPU": resources.cpus_per_worker}
-    if resources.gpus_per_worker > 0:
-        per_worker["GPU"] = resources.gpus_per_worker
-    return {
-        "num_workers": resources.workers_per_trial,
-        "use_gpu": resources.gpus_per_worker > 0,
-        "resources_per_worker": per_worker,
-        "placement_strategy": placement_strategy,
-    }
-
 
 # --------------------------------------------------------------------------------------------
 # failure injection (tests)
@@ -287,8 +101,10 @@ def injected_failures(nodes: Mapping[str, StageNode], spec: str | None = None) -
     text = os.environ.get(FAIL_NODES_ENV, "") if spec is None else spec
     tokens = [t.strip() for t in text.split(",") if t.strip()]
     for token in tokens:
-        if token not in ("global", "local", "finetune") and len(token) < 4:
-            raise ValueError(f"{FAIL_NODES_ENV}: token {token!r} must be a stage name or a key prefix of >= 4 characters")
+        if token not in stage_names() and len(token) < 4:
+            raise ValueError(
+                f"{FAIL_NODES_ENV}: token {token!r} must be a stage name or a key prefix of >= 4 characters"
+            )
     out = {}
     for key, node in nodes.items():
         hit = next((t for t in tokens if t == node.stage or key.startswith(t)), None)
@@ -316,13 +132,23 @@ def one_line_error(err: BaseException) -> str:
     return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
-def node_trial(config: Mapping[str, Any], payload: Mapping[str, Any]) -> None:
-    """Tune function trainable: run node ``config["node_key"]`` as a Ray Train job.
+@dataclass(frozen=True)
+class DriverPayload:
+    """What every node's Tune trial (the driver of its Train job) receives, once for the whole
+    sweep through ``tune.with_parameters``: each node's ``NodeJob`` (what its workers get), the
+    ``ScalingConfig`` keyword arguments, the Train runs' folder, Train's ``max_failures`` and
+    the ``RAY_TRAIN_*`` environment (``orchestrator.session.train_env``)."""
 
-    ``payload`` (shared by the sweep's trials through ``tune.with_parameters``): ``nodes``
-    (key -> ``train_node`` config), ``scaling`` (``ScalingConfig`` kwargs), ``train_dir``,
-    ``storage``, ``max_failures``, ``train_env`` (see ``train_env``).
-    """
+    jobs: Mapping[str, NodeJob]
+    scaling: Mapping[str, Any]
+    train_dir: str
+    max_failures: int
+    train_env: Mapping[str, str]
+
+
+def drive_node(config: Mapping[str, Any], payload: DriverPayload) -> None:
+    """Tune function trainable: run node ``config["node_key"]`` as a Ray Train job; record a
+    failure in the store (``error.txt``) and report ``node_status`` to Tune, never raise."""
     import ray.train
     import ray.tune
     from ray.train.torch import TorchTrainer
@@ -331,17 +157,18 @@ def node_trial(config: Mapping[str, Any], payload: Mapping[str, Any]) -> None:
     from orchestrator.worker import train_node
 
     key = config["node_key"]
-    store = StageStore(payload["storage"])
-    os.environ.update(payload.get("train_env", {}))  # Train passes these on to its controller
+    job = payload.jobs[key]
+    store = StageStore(job.storage)
+    os.environ.update(payload.train_env)  # Train passes these on to its controller
     trainer = TorchTrainer(
         train_node,
-        train_loop_config=dict(payload["nodes"][key]),
-        scaling_config=ray.train.ScalingConfig(**payload["scaling"]),
+        train_loop_config=job.to_dict(),
+        scaling_config=ray.train.ScalingConfig(**payload.scaling),
         run_config=ray.train.RunConfig(
             name=key,
-            storage_path=payload["train_dir"],
+            storage_path=payload.train_dir,
             callbacks=[TuneReportCallback()],
-            failure_config=ray.train.FailureConfig(max_failures=payload["max_failures"]),
+            failure_config=ray.train.FailureConfig(max_failures=payload.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=TRAIN_CHECKPOINTS_KEPT),
         ),
     )
@@ -357,107 +184,13 @@ def node_trial(config: Mapping[str, Any], payload: Mapping[str, Any]) -> None:
         store.write_error(key, message)
         ray.tune.report({"node_status": "failed", "error": message})
         return
-    shutil.rmtree(Path(payload["train_dir"]) / key, ignore_errors=True)
+    shutil.rmtree(Path(payload.train_dir) / key, ignore_errors=True)
     ray.tune.report({"node_status": "complete"})
 
 
-def train_env() -> dict[str, str]:
-    """The driver's ``RAY_TRAIN_*`` settings, forwarded to every node's Train job.
-
-    Ray Train reads them in its controller (which inherits them from the trial). One matters
-    for throughput: ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, the poll on which the controller
-    collects each worker's report; a worker's next report waits for it, so with Ray's 2 s
-    default, epochs shorter than about 2 s are paced by the poll (benchmarks/README.md,
-    bench_ray_stage: 0.4 s epochs gave 77 slices/s at a 2 s poll, 242 at 0.5 s). Unless set,
-    sweeps use ``TRAIN_POLL_S``, and workers report epochs without a checkpoint or validation
-    at most once per poll interval of training (``orchestrator.worker.ReportThrottle``).
-    """
-    env = {TRAIN_POLL_ENV: TRAIN_POLL_S}
-    env.update({name: value for name, value in os.environ.items() if name.startswith("RAY_TRAIN_")})
-    return env
-
-
-def trial_name(trial: Any) -> str:
+def node_name(trial: Any) -> str:
     """Tune trial (and trial folder) name: the node key."""
     return str(trial.config["node_key"])
-
-
-# --------------------------------------------------------------------------------------------
-# progress
-
-
-def _progress_callback(
-    plan: Plan, store: StageStore, progress: Callable[[str], None], sweep_start: float
-) -> Any:
-    """A ``ray.tune.Callback`` printing a line per node start / finish / failure."""
-    from ray.tune import Callback
-
-    class NodeProgress(Callback):
-        def __init__(self, plan: Plan, store: StageStore, progress: Callable[[str], None], start: float) -> None:
-            # attributes, not closure variables: cloudpickle would pickle a closure's cells
-            self.plan, self.store, self.progress, self.sweep_start = plan, store, progress, start
-            self.started: dict[str, float] = {}
-            self.last: dict[str, dict[str, Any]] = {}
-            self.printed: dict[str, float] = {}
-
-        def __getstate__(self) -> dict[str, Any]:
-            # Tune pickles its callbacks into tuner.pkl; the plan, store and progress sink (which
-            # may not pickle) are dropped: a sweep never restores a Tuner from that file.
-            return {"started": self.started}
-
-        def _line(self, key: str, text: str) -> None:
-            node = self.plan.nodes[key]
-            clock = time.monotonic() - self.sweep_start
-            self.progress(f"[{_clock(clock)}] {node.stage:<8} {key} {text}")
-
-        def _loss(self, key: str) -> str:
-            last = self.last.get(key, {})
-            if "loss" not in last:
-                return "no epoch reported"
-            config = self.plan.nodes[key].config
-            if config.get("steps") is not None:
-                budget = f"step {last.get('steps', '?')}/{config['steps']}"
-            else:
-                budget = f"epoch {last.get('epoch', '?')}/{config.get('epochs', '?')}"
-            return f"{budget} loss {float(last['loss']):.4f}"
-
-        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            key = trial.config["node_key"]
-            self.started[key] = time.monotonic()
-            users = sum(1 for t in self.plan.trials if key in t.nodes.values())
-            self._line(key, f"start (serves {users} trial{'s' * (users != 1)})")
-
-        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-            key = trial.config["node_key"]
-            if "loss" in result:
-                self.last[key] = result
-                now = time.monotonic()
-                if now - self.printed.get(key, self.started.get(key, now)) >= EPOCH_PROGRESS_EVERY_S:
-                    self.printed[key] = now
-                    self._line(key, self._loss(key))
-
-        def _elapsed(self, key: str) -> str:
-            return _clock(time.monotonic() - self.started.get(key, time.monotonic()))
-
-        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            key = trial.config["node_key"]
-            if self.store.is_complete(key):
-                self._line(key, f"done in {self._elapsed(key)}, {self._loss(key)}")
-            else:
-                error = self.store.read_error(key) or "no result"
-                self._line(key, f"FAILED after {self._elapsed(key)}, {self._loss(key)}: {error}")
-
-        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            key = trial.config["node_key"]
-            self._line(key, f"FAILED (trial crashed) after {self._elapsed(key)}, {self._loss(key)}")
-
-    return NodeProgress(plan, store, progress, sweep_start)
-
-
-def _clock(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours:d}:{minutes:02d}:{secs:02d}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -517,7 +250,9 @@ def run_sweep(
     """
     strategies = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
     if placement_strategy not in strategies:
-        raise ValueError(f"placement_strategy: must be one of {list(strategies)}, got {placement_strategy!r}")
+        raise ValueError(
+            f"placement_strategy: must be one of {list(strategies)}, got {placement_strategy!r}"
+        )
     if not reuse:
         shared = _shared_nodes(plan)
         if shared:
@@ -527,89 +262,18 @@ def run_sweep(
             )
     spec = plan.spec
     address = address if address is not None else spec.ray.address
-    check_tracking(spec)
+    check_tracking(spec)  # the one check of the trackers; the address is checked on connecting
     started = time.monotonic()
     outcome = SweepOutcome(completed=[], failed={}, skipped={}, wall_s=0.0)
-    with quiet_ray_env(), quiet_ray_loggers():
-        started_ray = connect_ray(address)
-        try:
-            _run_nodes(plan, store, progress, placement_strategy, outcome, started)
-        finally:
-            if started_ray:
-                import ray
-
-                ray.shutdown()
+    with ray_session(address):
+        _run_nodes(plan, store, progress, placement_strategy, outcome, started)
     outcome.wall_s = time.monotonic() - started
     progress(
-        f"[{_clock(outcome.wall_s)}] sweep {spec.name}: {len(outcome.completed)} nodes completed, "
+        f"[{clock(outcome.wall_s)}] sweep {spec.name}: {len(outcome.completed)} nodes completed, "
         f"{len(outcome.already_complete)} already complete, {len(outcome.failed)} failed, "
         f"{len(outcome.skipped)} skipped"
     )
     return outcome
-
-
-class DagScheduler:
-    """Which incomplete node to start next, as soon as its parent is complete (Ray-free).
-
-    ``parents``: node key -> parent key, or None when the node can start now (no parent, or the
-    parent complete already); a parent must itself be one of the keys. ``stages``: key -> stage
-    name (for messages). Among the ready nodes the one with the most descendants goes first (a
-    shared pretraining node unlocks every trial it serves), ties in the order of ``parents``.
-
-    ``next()`` gives a key to start, None when nothing is ready until a running node ends, or
-    ``DONE`` when nothing is left to start. ``finished(key, ok, why)`` records a node's end; a
-    failed node's descendants are dropped into ``skipped`` (key -> reason) and never started.
-    """
-
-    DONE = "DONE"
-
-    def __init__(self, parents: Mapping[str, str | None], stages: Mapping[str, str]) -> None:
-        for key, parent in parents.items():
-            if parent is not None and parent not in parents:
-                raise ValueError(f"node {key}: parent {parent} is not among the nodes to run")
-        self.parents = dict(parents)
-        self.stages = dict(stages)
-        self.children: dict[str, list[str]] = {key: [] for key in parents}
-        for key, parent in parents.items():
-            if parent is not None:
-                self.children[parent].append(key)
-        order = {key: i for i, key in enumerate(parents)}
-        self.priority = {key: (-self._descendants(key), order[key]) for key in parents}
-        self.waiting: list[str] = list(parents)
-        self.running: set[str] = set()
-        self.completed: list[str] = []
-        self.failed: dict[str, str] = {}
-        self.skipped: dict[str, str] = {}
-
-    def _descendants(self, key: str) -> int:
-        return sum(1 + self._descendants(child) for child in self.children[key])
-
-    def next(self) -> str | None:
-        done = set(self.completed)
-        ready = [key for key in self.waiting if self.parents[key] is None or self.parents[key] in done]
-        if not ready:
-            return self.DONE if not self.waiting else None
-        key = min(ready, key=self.priority.__getitem__)
-        self.waiting.remove(key)
-        self.running.add(key)
-        return key
-
-    def finished(self, key: str, ok: bool, why: str = "did not complete") -> None:
-        if key not in self.running:
-            raise ValueError(f"node {key} is not running")
-        self.running.discard(key)
-        if ok:
-            self.completed.append(key)
-            return
-        self.failed[key] = why
-        self._skip_children(key, why)
-
-    def _skip_children(self, key: str, why: str) -> None:
-        for child in self.children[key]:
-            if child in self.waiting:
-                self.waiting.remove(child)
-                self.skipped[child] = f"parent {key} ({self.stages[key]}) did not complete: {why}"
-                self._skip_children(child, why)
 
 
 def _dag_searcher(scheduler: DagScheduler, store: StageStore) -> Any:
@@ -631,7 +295,9 @@ def _dag_searcher(scheduler: DagScheduler, store: StageStore) -> Any:
             self.trial_keys[trial_id] = key
             return {"node_key": key}
 
-        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        def on_trial_complete(
+            self, trial_id: str, result: dict | None = None, error: bool = False
+        ) -> None:
             key = self.trial_keys.get(trial_id)
             if key is not None and key in self.scheduler.running:
                 why = self.store.read_error(key) or "did not complete"
@@ -640,9 +306,14 @@ def _dag_searcher(scheduler: DagScheduler, store: StageStore) -> Any:
         def save(self, checkpoint_path: str) -> None:
             # Tune snapshots its searcher; a sweep never restores one (a relaunch replans from
             # the store), so the snapshot is a readable record, not a restorable state.
-            state = {"trial_keys": self.trial_keys, "completed": self.scheduler.completed,
-                     "failed": self.scheduler.failed, "skipped": self.scheduler.skipped,
-                     "waiting": self.scheduler.waiting, "running": sorted(self.scheduler.running)}
+            state = {
+                "trial_keys": self.trial_keys,
+                "completed": self.scheduler.completed,
+                "failed": self.scheduler.failed,
+                "skipped": self.scheduler.skipped,
+                "waiting": self.scheduler.waiting,
+                "running": sorted(self.scheduler.running),
+            }
             Path(checkpoint_path).write_text(json.dumps(state, indent=1))
 
         def restore(self, checkpoint_path: str) -> None:
@@ -667,7 +338,9 @@ def _run_nodes(
                 outcome.already_complete.append(key)
             else:
                 parent = plan.nodes[key].parent
-                parents[key] = parent if parent is not None and not store.is_complete(parent) else None
+                parents[key] = (
+                    parent if parent is not None and not store.is_complete(parent) else None
+                )
     if not parents:
         return
     nodes = [plan.nodes[key] for key in parents]
@@ -677,25 +350,25 @@ def _run_nodes(
         store.write_node(node)
     failures = injected_failures(plan.nodes)
     env = train_env()
-    payload = {
-        "nodes": {
-            node.key: {
-                "node": node.to_dict(),
-                "storage": str(store.root.absolute()),
-                "cache": caches[json.dumps(node.data, sort_keys=True)],
-                "checkpoint_every": plan.spec.resources.checkpoint_every,
-                "report_interval_s": float(env[TRAIN_POLL_ENV]),
-                "gpus_per_worker": plan.spec.resources.gpus_per_worker,
-                "inject_failure": failures.get(node.key),
-            }
+    resources = plan.spec.resources
+    payload = DriverPayload(
+        jobs={
+            node.key: NodeJob(
+                node=node,
+                storage=str(store.root.absolute()),
+                cache=caches[json.dumps(node.data, sort_keys=True)],
+                checkpoint_every=resources.checkpoint_every,
+                report_interval_s=float(env[TRAIN_POLL_ENV]),
+                gpus_per_worker=resources.gpus_per_worker,
+                inject_failure=failures.get(node.key),
+            )
             for node in nodes
         },
-        "scaling": scaling_options(plan.spec.resources, placement_strategy),
-        "train_dir": str((store.ray_dir / "train").absolute()),
-        "storage": str(store.root.absolute()),
-        "max_failures": plan.spec.resources.max_failures,
-        "train_env": env,
-    }
+        scaling=scaling_options(resources, placement_strategy),
+        train_dir=str((store.ray_dir / "train").absolute()),
+        max_failures=resources.max_failures,
+        train_env=env,
+    )
     scheduler = DagScheduler(parents, {key: plan.nodes[key].stage for key in parents})
     errors = _run_tune(plan, store, scheduler, payload, progress, started)
     outcome.skipped.update(scheduler.skipped)
@@ -712,7 +385,7 @@ def _run_tune(
     plan: Plan,
     store: StageStore,
     scheduler: DagScheduler,
-    payload: dict[str, Any],
+    payload: DriverPayload,
     progress: Callable[[str], None],
     started: float,
 ) -> dict[str, str]:
@@ -722,28 +395,33 @@ def _run_tune(
 
     resources = plan.spec.resources
     keys = list(scheduler.parents)
-    concurrency = trial_concurrency(resources, ray.cluster_resources(), len(keys))
+    concurrency = node_concurrency(resources, ray.cluster_resources(), len(keys))
     name = _experiment_name(store, keys)
     stages = sorted({plan.nodes[key].stage for key in keys})
     progress(
-        f"[{_clock(time.monotonic() - started)}] {len(keys)} node(s) to run ({', '.join(stages)}), "
+        f"[{clock(time.monotonic() - started)}] {len(keys)} node(s) to run ({', '.join(stages)}), "
         f"{concurrency} at a time, each once its parent is complete -> {store.ray_dir / name}"
     )
-    trainable = tune.with_resources(tune.with_parameters(node_trial, payload=payload), TRIAL_DRIVER_RESOURCES)
+    trainable = tune.with_resources(
+        tune.with_parameters(drive_node, payload=payload), NODE_DRIVER_RESOURCES
+    )
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
             search_alg=_dag_searcher(scheduler, store),
             num_samples=len(keys),
             max_concurrent_trials=concurrency,
-            trial_name_creator=trial_name,
-            trial_dirname_creator=trial_name,
+            trial_name_creator=node_name,
+            trial_dirname_creator=node_name,
         ),
         run_config=tune.RunConfig(
             name=name,
             storage_path=str(store.ray_dir.absolute()),
             failure_config=tune.FailureConfig(max_failures=resources.max_failures),
-            callbacks=[_progress_callback(plan, store, progress, started), *logger_callbacks(plan.spec)],
+            callbacks=[
+                progress_callback(plan, store, progress, started),
+                *logger_callbacks(plan.spec),
+            ],
             verbose=0,
         ),
     )

@@ -30,16 +30,13 @@ import hashlib
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from orchestrator.spec import Spec
 from trainers import STAGE_CODE_VERSION
 from trainers.config import DataConfig, to_dict
 from trainers.data import data_fingerprint
-from trainers.methods import STAGE_NAMES, init_parts, stage_uses_labels
-
-if TYPE_CHECKING:
-    from orchestrator.store import StageStore
+from trainers.registry import get_stage, stage_names
 
 KEY_LENGTH = 16
 
@@ -93,6 +90,11 @@ class Trial:
     split_index: int
     nodes: dict[str, str]
 
+    @property
+    def final_key(self) -> str:
+        """The key of the trial's last node: the one that trains and scores its model."""
+        return list(self.nodes.values())[-1]
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready form."""
         return dataclasses.asdict(self)
@@ -116,17 +118,18 @@ class Plan:
     def stages(self) -> list[str]:
         """Stage names present in the plan, in pipeline order."""
         present = {node.stage for node in self.nodes.values()}
-        return [stage for stage in STAGE_NAMES if stage in present]
+        return [stage for stage in stage_names() if stage in present]
 
-    def summary(self, store: StageStore | None = None) -> dict[str, Any]:
+    def summary(self, is_complete: Callable[[str], bool] | None = None) -> dict[str, Any]:
         """``{"trials": n, "stages": {stage: {"nodes": distinct, "to_run": not complete}}}``.
 
-        Without a store every node counts as to run.
+        ``is_complete(key)``: e.g. ``StageStore.is_complete``; without it every node counts as
+        to run.
         """
         stages: dict[str, dict[str, int]] = {}
         for stage in self.stages:
             keys = [key for key, node in self.nodes.items() if node.stage == stage]
-            done = sum(1 for key in keys if store is not None and store.is_complete(key))
+            done = sum(1 for key in keys if is_complete is not None and is_complete(key))
             stages[stage] = {"nodes": len(keys), "to_run": len(keys) - done}
         return {"trials": len(self.trials), "stages": stages}
 
@@ -151,36 +154,6 @@ def node_key(material: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:KEY_LENGTH]
 
 
-# Settings a stage provably does not read under the given choice (see the trainers.config
-# docstrings): left out of node keys so that, e.g., a stride axis does not duplicate the
-# block-strategy nodes of the same sweep. (predicate on the config dict, fields it makes unused)
-_UNUSED_SETTINGS: dict[
-    str, tuple[tuple[Callable[[Mapping[str, Any]], bool], tuple[str, ...]], ...]
-] = {
-    "global": ((lambda c: c["loss"] != "partition", ("n_parts",)),),
-    "local": (
-        (lambda c: c["loss"] == "self", ("strategy", "stride", "block_size", "form")),
-        (lambda c: c["loss"] == "supervised", ("self_regions",)),
-        (lambda c: c["loss"] == "supervised" and c["strategy"] != "stride", ("stride",)),
-        (lambda c: c["loss"] == "supervised" and c["strategy"] != "block", ("block_size",)),
-    ),
-    "finetune": (
-        # validation only adds per-epoch records: the model and final metrics do not depend on it
-        (lambda c: True, ("val_every", "val_every_steps")),
-        (lambda c: c["regulariser"] != "mixup", ("mixup_alpha",)),
-        (
-            lambda c: c["regulariser"] != "mean_teacher",
-            (
-                "ema_decay",
-                "consistency_weight",
-                "consistency_rampup",
-                "consistency_rampup_steps",
-                "unlabelled_batch_size",
-            ),
-        ),
-        (lambda c: c.get("consistency_rampup_steps", 0) > 0, ("consistency_rampup",)),
-    ),
-}
 # every stage's budget is epochs or steps: the other one is unused
 _BUDGET_SETTINGS = (
     (lambda c: c.get("steps") is None, ("steps",)),
@@ -189,13 +162,14 @@ _BUDGET_SETTINGS = (
 
 
 def relevant_settings(stage: str, config: Mapping[str, Any]) -> dict[str, Any]:
-    """The stage config without the settings its own choices leave unused (for node keys).
+    """The stage config without the settings its own choices leave unused (for node keys):
+    its kind's ``unused_settings`` (``trainers.registry``) and the budget it does not use.
 
     E.g. a supervised local stage with strategy "block" never reads ``stride``; a finetune
     stage without a regulariser never reads ``mixup_alpha`` or the Mean Teacher settings.
     """
-    unused: set[str] = set()
-    for applies, names in (*_BUDGET_SETTINGS, *_UNUSED_SETTINGS.get(stage, ())):
+    unused = get_stage(stage).unused(config)
+    for applies, names in _BUDGET_SETTINGS:
         if applies(config):
             unused.update(names)
     return {name: value for name, value in config.items() if name not in unused}
@@ -218,17 +192,18 @@ def build_plan(spec: Spec, reuse: bool = True) -> Plan:
     for index, params in enumerate(spec.points()):
         trial_id = f"t{index:04d}"
         point = spec.configure(params)
-        if point.dataset not in fingerprints:
-            fingerprints[point.dataset] = data_fingerprint(point.dataset)
-        fingerprint = fingerprints[point.dataset]
+        if point.data not in fingerprints:
+            fingerprints[point.data] = data_fingerprint(point.data)
+        fingerprint = fingerprints[point.data]
         split_key = {k: v for k, v in to_dict(point.split).items() if k != "repeats"}
-        data = to_dict(point.dataset)
-        data["label_remap"] = [list(pair) for pair in point.dataset.label_remap]
+        data = to_dict(point.data)
+        data["label_remap"] = [list(pair) for pair in point.data.label_remap]
         chain: dict[str, str] = {}
         parent: StageNode | None = None
         for stage, cfg in point.stage_configs.items():
-            parts = init_parts(stage, parent.stage if parent else None)
-            fraction = point.label_fraction if stage_uses_labels(stage, cfg) else None
+            kind = get_stage(stage)
+            parts = kind.init_parts(parent.stage if parent else None)
+            fraction = point.label_fraction if kind.uses_labels(cfg) else None
             material = {
                 "stage": stage,
                 "config": relevant_settings(stage, to_dict(cfg)),

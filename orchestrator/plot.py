@@ -47,7 +47,7 @@ from matplotlib.ticker import MaxNLocator, NullLocator
 from orchestrator.stats import PAIRED_COLUMNS, paired_differences
 from orchestrator.store import atomic_write
 from orchestrator.tables import METHOD_ORDER
-from trainers.methods import STAGE_NAMES
+from trainers.registry import STAGE_KINDS, stage_names
 
 DPI = 200
 # registry name -> the paper's name for the method (Table 1 of Hu et al.) or ours
@@ -62,7 +62,6 @@ METHOD_NAMES: dict[str, str] = {
     "global+local_block": "global+local(block)",
     "global+local_full": "global+local(full)",
     "mixup": "Mixup",
-    "tcsm": "TCSM",
     "mean_teacher": "Mean Teacher",
 }
 # grid axis -> (axis label, short name for legends)
@@ -78,12 +77,6 @@ AXIS_NAMES: dict[str, tuple[str, str]] = {
     "stages.finetune.lr": ("fine-tuning learning rate", "lr"),
     "dataset.image_size": ("image size (pixels)", "size"),
 }
-STAGE_TITLES = {
-    "global": ("global pretraining", "contrastive loss"),
-    "local": ("local pretraining", "local contrastive loss"),
-    "finetune": ("fine-tuning", "CE + soft Dice loss"),
-}
-_NAMED = ("method", "label_fraction", "seed", "split")
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 
 
@@ -455,7 +448,7 @@ def _draw_heatmap(grid: Heatmap, metric: str, path: Path) -> Path:
 def _node_methods(trials: pd.DataFrame) -> dict[str, list[str]]:
     """Stage node key -> the methods (paper order) of the trials that use it."""
     users: dict[str, set[str]] = {}
-    for stage in STAGE_NAMES:
+    for stage in stage_names():
         column = f"key_{stage}"
         if column not in trials.columns:
             continue
@@ -565,7 +558,7 @@ def plot_loss_curves(epochs: pd.DataFrame, trials: pd.DataFrame, out_dir: Path) 
         return None
     records = epochs.assign(loss=pd.to_numeric(epochs["loss"], errors="coerce"))
     records = records[np.isfinite(records["loss"]) & records["epoch"].notna()]
-    stages = [s for s in STAGE_NAMES if (records["stage"] == s).any()]
+    stages = [s for s in stage_names() if (records["stage"] == s).any()]
     if not stages:
         return None
     colours = _user_colours(records["key"], _node_methods(trials))
@@ -576,7 +569,7 @@ def plot_loss_curves(epochs: pd.DataFrame, trials: pd.DataFrame, out_dir: Path) 
     for ax, stage in zip(axes, stages, strict=True):
         nodes = records[records["stage"] == stage]
         averaged |= _draw_curves(ax, nodes, "loss", colours)
-        title, loss = STAGE_TITLES.get(stage, (stage, "loss"))
+        title, loss = STAGE_KINDS[stage].title, STAGE_KINDS[stage].loss_label
         count = nodes["key"].nunique()
         ax.set_title(f"{title} ({count} node{'s' if count != 1 else ''})", fontsize=10)
         ax.set_ylabel(f"{loss} (training)")

@@ -48,25 +48,26 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import yaml
 
-from trainers import methods as trainer_methods
 from trainers.config import (
     ConfigError,
     DataConfig,
-    FinetuneConfig,
-    GlobalConfig,
-    LocalConfig,
     ModelConfig,
     SplitConfig,
     StageConfigs,
-    bind_dataset,
+    check_non_negative,
+    check_non_negative_int,
+    check_positive,
+    check_positive_int,
     from_dict,
     to_dict,
 )
+from trainers.methods import METHODS
+from trainers.point import NAMED_CHECKS, TrialPoint, spec_key
+from trainers.registry import STAGE_KINDS
 
 
 class SpecError(ValueError):
@@ -90,16 +91,19 @@ TOP_LEVEL_KEYS = (
     "tracking",
 )
 
-# spec section name -> (config class, section name used in trainers.config's own messages)
-_SECTIONS: dict[str, tuple[type, str]] = {
-    "dataset": (DataConfig, "dataset"),
-    "split": (SplitConfig, "split"),
-    "model": (ModelConfig, "model"),
-    "stages.global": (GlobalConfig, "global"),
-    "stages.local": (LocalConfig, "local"),
-    "stages.finetune": (FinetuneConfig, "finetune"),
+# spec sections of the data and model configs; every stage kind adds ``stages.<name>``
+_DATA_SECTIONS: dict[str, type] = {
+    "dataset": DataConfig,
+    "split": SplitConfig,
+    "model": ModelConfig,
 }
-_STAGE_FIELDS = {"global": "global_", "local": "local", "finetune": "finetune"}
+
+
+def _sections() -> dict[str, type]:
+    """Spec section -> config class: dataset, split, model and ``stages.<kind>``."""
+    stages = {f"stages.{name}": kind.config for name, kind in STAGE_KINDS.items()}
+    return {**_DATA_SECTIONS, **stages}
+
 
 # Named axes: the axis name used in trials/tables -> the top-level spec key holding its values.
 NAMED_AXES = {
@@ -129,13 +133,13 @@ class Resources:
     max_failures: int = 1
 
     def __post_init__(self) -> None:
-        _require_int("resources.workers_per_trial", self.workers_per_trial, minimum=1)
-        _require_number("resources.cpus_per_worker", self.cpus_per_worker, positive=True)
-        _require_number("resources.gpus_per_worker", self.gpus_per_worker, positive=False)
+        check_positive_int("resources", "workers_per_trial", self.workers_per_trial)
+        check_positive("resources", "cpus_per_worker", self.cpus_per_worker)
+        check_non_negative("resources", "gpus_per_worker", self.gpus_per_worker)
         if self.max_concurrent_trials is not None:
-            _require_int("resources.max_concurrent_trials", self.max_concurrent_trials, minimum=1)
-        _require_int("resources.checkpoint_every", self.checkpoint_every, minimum=1)
-        _require_int("resources.max_failures", self.max_failures, minimum=0)
+            check_positive_int("resources", "max_concurrent_trials", self.max_concurrent_trials)
+        check_positive_int("resources", "checkpoint_every", self.checkpoint_every)
+        check_non_negative_int("resources", "max_failures", self.max_failures)
         gpus = self.gpus_per_worker
         if gpus > 1 and gpus != int(gpus):
             raise ConfigError(
@@ -182,34 +186,6 @@ class TrackingConfig:
             )
 
 
-def _require_int(key: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{key}: must be an integer >= {minimum}, got {value!r}")
-
-
-def _require_number(key: str, value: Any, positive: bool) -> None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or (value <= 0 if positive else value < 0):
-        raise ConfigError(
-            f"{key}: must be a finite number {'>' if positive else '>='} 0, got {value!r}"
-        )
-
-
-@dataclass(frozen=True)
-class PointConfig:
-    """Every setting of one grid point: what a trial runs, before the method picks its stages."""
-
-    dataset: DataConfig
-    split: SplitConfig
-    model: ModelConfig
-    stages: StageConfigs
-    method: str
-    label_fraction: float
-    seed: int
-    split_index: int
-    stage_configs: Mapping[str, Any]  # the method's stages in order -> config after its overrides
-
-
 @dataclass(frozen=True)
 class Spec:
     """A validated sweep specification (see the module docstring for the YAML layout).
@@ -251,22 +227,13 @@ class Spec:
         for combo in itertools.product(*(values for _, values in self.axes)):
             yield dict(zip(names, combo, strict=True))
 
-    def configure(self, params: Mapping[str, Any]) -> PointConfig:
+    def configure(self, params: Mapping[str, Any]) -> TrialPoint:
         """The configs of the grid point ``params`` (axis name -> value), validated.
 
         Raises ``ConfigError`` (key relative to the spec, e.g. ``stages.local.block_size``) when
         a value, or a combination of values, is impossible.
         """
         return _configure(self, params)
-
-    def with_overrides(self, storage: str | None = None, address: str | None = None) -> Spec:
-        """The same spec with another storage folder and/or Ray address (same ``spec_hash``)."""
-        overrides = dict(self.overrides)
-        if storage is not None:
-            overrides["storage"] = storage
-        if address is not None:
-            overrides["address"] = address
-        return _build(self.raw, self.path, overrides, check_paths=True)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved spec as plain data (for ``sweep.json``); ``spec_from_mapping`` inverts it."""
@@ -343,19 +310,11 @@ def _section(raw: Mapping[str, Any], key: str, file: str) -> dict[str, Any]:
     return dict(value)
 
 
-def _spec_key(message: str) -> str:
-    """Rewrite a trainers.config message's section to the spec's key (``local.x`` -> ``stages.local.x``)."""
-    for spec_section, (_, own) in _SECTIONS.items():
-        if spec_section.startswith("stages.") and message.startswith(f"{own}."):
-            return f"stages.{message}"
-    return message
-
-
 def _config(cls: type, data: Mapping[str, Any], spec_section: str, file: str) -> Any:
     try:
         return from_dict(cls, data, spec_section)
     except ConfigError as err:
-        raise SpecError(f"{file}: {_spec_key(str(err))}") from None
+        raise SpecError(f"{file}: {spec_key(str(err))}") from None
     except TypeError as err:  # e.g. a list where a mapping of pairs was expected
         raise SpecError(f"{file}: {spec_section}: {err}") from None
 
@@ -408,19 +367,19 @@ def _build(
     model = _config(ModelConfig, _section(raw, "model", file), "model", file)
 
     stages_raw = _section(raw, "stages", file)
-    unknown = [k for k in stages_raw if k not in _STAGE_FIELDS]
+    unknown = [k for k in stages_raw if k not in STAGE_KINDS]
     if unknown:
         raise SpecError(
-            f"{file}: stages.{unknown[0]}: unknown stage (known: {', '.join(_STAGE_FIELDS)})"
+            f"{file}: stages.{unknown[0]}: unknown stage (known: {', '.join(STAGE_KINDS)})"
         )
     stage_cfgs = {}
-    for stage, attr in _STAGE_FIELDS.items():
+    for stage, kind in STAGE_KINDS.items():
         section = f"stages.{stage}"
         value = stages_raw.get(stage)
         if value is not None and not isinstance(value, dict):
             raise SpecError(f"{file}: {section}: must be a mapping, got {value!r}")
-        stage_cfgs[attr] = _config(_SECTIONS[section][0], value or {}, section, file)
-    stages = StageConfigs(**stage_cfgs)
+        stage_cfgs[stage] = _config(kind.config, value or {}, section, file)
+    stages = StageConfigs(stage_cfgs)
 
     method = _named_values(raw, "method", file, default="global+local_block")
     label_fraction = _named_values(raw, "label_fraction", file, default=0.1)
@@ -511,8 +470,9 @@ def _check_grid_path(path: str, file: str) -> None:
     if path in NAMED_AXES:
         return
     section, _, leaf = path.rpartition(".")
-    if section in _SECTIONS:
-        known = {f.name for f in dataclasses.fields(_SECTIONS[section][0])}
+    sections = _sections()
+    if section in sections:
+        known = {f.name for f in dataclasses.fields(sections[section])}
         if leaf in known:
             return
         raise SpecError(
@@ -520,25 +480,13 @@ def _check_grid_path(path: str, file: str) -> None:
         )
     raise SpecError(
         f"{file}: grid.{path}: unknown path (use method, label_fraction, seed, split, or "
-        f"<section>.<key> with section one of {', '.join(_SECTIONS)})"
+        f"<section>.<key> with section one of {', '.join(sections)})"
     )
 
 
 def _check_value(axis: str, value: Any) -> None:
-    """Validate a named axis value (method / label_fraction / seed / split); ConfigError on failure."""
-    key = NAMED_AXES.get(axis, axis)
-    if axis == "method":
-        if not isinstance(value, str) or value not in trainer_methods.METHODS:
-            known = ", ".join(trainer_methods.METHODS)
-            raise ConfigError(f"{key}: unknown method {value!r} (known: {known})")
-    elif axis == "label_fraction":
-        ok = isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= 1
-        if not ok:
-            raise ConfigError(f"{key}: must be a number in (0, 1], got {value!r}")
-    elif axis in ("seed", "split") and (
-        isinstance(value, bool) or not isinstance(value, int) or value < 0
-    ):
-        raise ConfigError(f"{key}: must be an integer >= 0, got {value!r}")
+    """Validate a named axis value alone (``trainers.point.NAMED_CHECKS``); ConfigError."""
+    NAMED_CHECKS[NAMED_AXES[axis]](value)
 
 
 def _check_values(spec: Spec, file: str) -> None:
@@ -563,7 +511,7 @@ def _check_points(spec: Spec, file: str) -> None:
         label = f"grid.{name}" if name in from_grid else NAMED_AXES.get(name, name)
         for value in values:
             try:
-                _configure(spec, {name: value}, cross_checks=False)
+                _apply(spec, {name: value})
             except ConfigError as err:
                 inner = str(err)
                 own = f"{NAMED_AXES.get(name, name)}: "
@@ -580,92 +528,54 @@ def _check_points(spec: Spec, file: str) -> None:
             raise SpecError(f"{file}: {prefix}{err}{context}") from None
 
 
-def _configure(spec: Spec, params: Mapping[str, Any], cross_checks: bool = True) -> PointConfig:
-    """Apply grid values to the spec's configs and cross-check them (ConfigError on failure).
+def _configure(spec: Spec, params: Mapping[str, Any]) -> TrialPoint:
+    """The trial point of grid point ``params``: grid values applied to the spec's configs, then
+    ``TrialPoint``'s checks (ConfigError, key relative to the spec, on failure)."""
+    current, named = _apply(spec, params)
+    stages = StageConfigs({name: current[f"stages.{name}"] for name in spec.stages})
+    return TrialPoint(
+        data=current["dataset"],
+        split=current["split"],
+        model=current["model"],
+        stages=stages,
+        **named,
+    )
 
-    ``cross_checks=False`` validates only the values themselves, not their combination (used
-    to name the offending axis before whole grid points are checked).
-    """
+
+def _apply(spec: Spec, params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The spec's configs by section and its named values, with ``params`` (axis -> value)
+    applied; each value is validated alone (its config section, ``NAMED_CHECKS``), not yet in
+    combination with the others."""
     sections: dict[str, dict[str, Any]] = {}
     named = {
         "method": spec.method[0],
         "label_fraction": spec.label_fraction[0],
         "seed": spec.seed[0],
-        "split": spec.split_index[0],
+        "split_index": spec.split_index[0],
     }
     for path, value in params.items():
         if path in NAMED_AXES:
             _check_value(path, value)
-            named[path] = value
+            named[NAMED_AXES[path]] = value
         else:
             section, _, leaf = path.rpartition(".")
             sections.setdefault(section, {})[leaf] = value
 
-    current = {
-        "dataset": spec.dataset,
-        "split": spec.split,
-        "model": spec.model,
-        "stages.global": spec.stages.global_,
-        "stages.local": spec.stages.local,
-        "stages.finetune": spec.stages.finetune,
-    }
+    current: dict[str, Any] = {"dataset": spec.dataset, "split": spec.split, "model": spec.model}
+    current.update({f"stages.{name}": cfg for name, cfg in spec.stages.items()})
+    classes = _sections()
     for section, values in sections.items():
-        cls = _SECTIONS[section][0]
         try:
             base = to_dict(current[section])
             for one, other in (("steps", "epochs"), ("epochs", "steps")):
                 if one in values and other not in values and other in base:
                     base[other] = None  # an axis over one budget kind replaces the other
-            current[section] = from_dict(cls, {**base, **values}, section)
+            current[section] = from_dict(classes[section], {**base, **values}, section)
         except ConfigError as err:
-            raise ConfigError(_spec_key(str(err))) from None
+            raise ConfigError(spec_key(str(err))) from None
         except TypeError as err:
             raise ConfigError(f"{section}: {err}") from None
-    point = _point(current, named)
-    if not cross_checks:
-        return point
-    if point.split_index >= point.split.repeats:
-        raise ConfigError(
-            f"split_index: {point.split_index} must be < split.repeats ({point.split.repeats})"
-        )
-    local = point.stage_configs.get("local")
-    if isinstance(local, LocalConfig):
-        try:
-            local.check_image_size(point.dataset.image_size)
-        except ConfigError as err:
-            raise ConfigError(_spec_key(str(err))) from None
-    size, depth = point.dataset.image_size, point.model.depth
-    if size % (2**depth):
-        raise ConfigError(
-            f"dataset.image_size: {size} is not divisible by 2**model.depth ({2**depth}); "
-            f"the U-Net pools {depth} times"
-        )
-    return point
-
-
-def _point(current: Mapping[str, Any], named: Mapping[str, Any]) -> PointConfig:
-    stages = StageConfigs(
-        global_=current["stages.global"],
-        local=current["stages.local"],
-        finetune=current["stages.finetune"],
-    )
-    try:
-        stage_configs = trainer_methods.resolve_stages(named["method"], stages)
-    except ConfigError as err:  # a method's pinned setting clashes with a user's value
-        raise ConfigError(f"method: {named['method']}: {_spec_key(str(err))}") from None
-    return PointConfig(
-        dataset=current["dataset"],
-        split=current["split"],
-        model=current["model"],
-        stages=stages,
-        method=named["method"],
-        label_fraction=float(named["label_fraction"]),
-        seed=named["seed"],
-        split_index=named["split"],
-        stage_configs=MappingProxyType(
-            {stage: bind_dataset(cfg, current["dataset"]) for stage, cfg in stage_configs.items()}
-        ),
-    )
+    return current, named
 
 
 def _resolved(spec: Spec, for_hash: bool) -> dict[str, Any]:
@@ -683,11 +593,7 @@ def _resolved(spec: Spec, for_hash: bool) -> dict[str, Any]:
         "dataset": dataset,
         "split": to_dict(spec.split),
         "model": to_dict(spec.model),
-        "stages": {
-            "global": to_dict(spec.stages.global_),
-            "local": to_dict(spec.stages.local),
-            "finetune": to_dict(spec.stages.finetune),
-        },
+        "stages": {name: to_dict(spec.stages[name]) for name in _resolved_stages(spec)},
     }
     # named values keep their written form: a list where it is an axis, else the scalar;
     # top-level axes are written in axis order so that a rebuilt spec has the same axis order
@@ -712,6 +618,17 @@ def _resolved(spec: Spec, for_hash: bool) -> dict[str, Any]:
     out["ray"] = dataclasses.asdict(spec.ray)
     out["tracking"] = dataclasses.asdict(spec.tracking)
     return out
+
+
+def _resolved_stages(spec: Spec) -> list[str]:
+    """The stage kinds whose settings the resolved spec (and so ``spec_hash``) records: those
+    the spec's methods run, and the original kinds always (``StageKind.hashed_when_unused``)."""
+    run = {stage for method in spec.method for stage in METHODS[method].stages}
+    return [
+        name
+        for name, kind in STAGE_KINDS.items()
+        if kind.hashed_when_unused or name in run or name in (spec.raw.get("stages") or {})
+    ]
 
 
 def _canonical(value: Any) -> str:

@@ -45,7 +45,7 @@ from orchestrator.plan import Plan, Trial
 from orchestrator.spec import NAMED_AXES
 from orchestrator.stats import PAIRED_COLUMNS, collapsed, converged
 from orchestrator.store import StageStore, atomic_write, environment_info
-from trainers.methods import STAGE_NAMES
+from trainers.registry import stage_names
 
 TABLE_NAMES = ("trials", "epochs", "summary")
 STATUSES = ("ok", "failed", "skipped", "pending")
@@ -59,7 +59,6 @@ METHOD_ORDER = (
     "global+local_stride",
     "global+local_block",
     "mixup",
-    "tcsm",
     "mean_teacher",
     "local_full",
     "global+local_full",
@@ -92,8 +91,24 @@ class Tables(NamedTuple):
     summary: pd.DataFrame
 
 
+def node_state(plan: Plan, store: StageStore, key: str) -> str:
+    """complete | failed (error recorded) | skipped (an ancestor failed) | pending."""
+    if store.is_complete(key):
+        return "complete"
+    if store.read_error(key) is not None:
+        return "failed"
+    parent = plan.nodes[key].parent
+    while parent is not None:
+        if not store.is_complete(parent) and store.read_error(parent) is not None:
+            return "skipped"
+        parent = plan.nodes[parent].parent if parent in plan.nodes else None
+    return "pending"
+
+
 def trial_status(trial: Trial, store: StageStore) -> tuple[str, str | None]:
-    """``(status, error)`` of a trial from its nodes' state in the store (see module docstring)."""
+    """``(status, error)`` of a trial from the state of the first of its nodes that is not
+    complete (module docstring): failed as its last node -> failed, as an earlier one ->
+    skipped, no error -> pending; every node complete -> ok."""
     stages = list(trial.nodes)
     for stage, key in trial.nodes.items():
         if store.is_complete(key):
@@ -107,31 +122,41 @@ def trial_status(trial: Trial, store: StageStore) -> tuple[str, str | None]:
     return "ok", None
 
 
+def trial_columns(plan: Plan, trial: Trial, store: StageStore) -> dict[str, Any]:
+    """The columns every per-trial table starts with: ``sweep``, ``trial_id``, the dotted grid
+    axes, ``method``, ``label_fraction``, ``seed``, ``split``, ``status``, ``error``."""
+    status, error = trial_status(trial, store)
+    row: dict[str, Any] = {"sweep": plan.spec.name, "trial_id": trial.trial_id}
+    row.update({axis: trial.params.get(axis) for axis in path_axes(plan)})
+    row.update(
+        method=trial.method,
+        label_fraction=trial.label_fraction,
+        seed=trial.seed,
+        split=trial.split_index,
+        status=status,
+        error=error,
+    )
+    return row
+
+
+def path_axes(plan: Plan) -> list[str]:
+    """The grid axes that are dotted paths (e.g. ``stages.local.temperature``), in grid order."""
+    return [name for name, _ in plan.spec.axes if name not in NAMED_AXES]
+
+
 def collect(plan: Plan, store: StageStore) -> Tables:
     """Build the trials / epochs / summary tables of ``plan`` from what ``store`` holds."""
     sweep = plan.spec.name
     record = store.read_sweep() or {}
     environment = {**environment_info(), **record.get("environment", {})}
-    path_axes = [name for name, _ in plan.spec.axes if name not in NAMED_AXES]
+    axes = path_axes(plan)
 
     epochs_by_key = {key: _dedupe_epochs(store.read_epochs(key)) for key in plan.nodes}
     rows = []
     for trial in plan.trials:
-        status, error = trial_status(trial, store)
-        row: dict[str, Any] = {"sweep": sweep, "trial_id": trial.trial_id}
-        row.update({axis: trial.params.get(axis) for axis in path_axes})
-        row.update(
-            {
-                "method": trial.method,
-                "label_fraction": trial.label_fraction,
-                "seed": trial.seed,
-                "split": trial.split_index,
-                "status": status,
-                "error": error,
-            }
-        )
-        row.update({f"key_{stage}": trial.nodes.get(stage) for stage in STAGE_NAMES})
-        final_key = list(trial.nodes.values())[-1]
+        row = trial_columns(plan, trial, store)
+        row.update({f"key_{stage}": trial.nodes.get(stage) for stage in stage_names()})
+        final_key = trial.final_key
         final = (store.read_metrics(final_key) or {}) if store.is_complete(final_key) else {}
         row.update(
             {
@@ -140,7 +165,7 @@ def collect(plan: Plan, store: StageStore) -> Tables:
                 if name not in (*_TIME_KEYS, "steps")
             }
         )
-        for stage in STAGE_NAMES:
+        for stage in stage_names():
             key = trial.nodes.get(stage)
             metrics = (store.read_metrics(key) or {}) if key else {}
             epochs = epochs_by_key.get(key, []) if key else []
@@ -174,7 +199,7 @@ def collect(plan: Plan, store: StageStore) -> Tables:
             epochs[column] = pd.Series(dtype="float64")
     epochs = epochs[list(EPOCH_COLUMNS) + [c for c in epochs.columns if c not in EPOCH_COLUMNS]]
 
-    return Tables(trials=trials, epochs=epochs, summary=summarise(trials, sweep, path_axes))
+    return Tables(trials=trials, epochs=epochs, summary=summarise(trials, sweep, axes))
 
 
 def summarise(trials: pd.DataFrame, sweep: str, axes: Sequence[str] = ()) -> pd.DataFrame:

@@ -48,9 +48,9 @@ def check_tracking(spec: Spec) -> None:
 def logger_callbacks(spec: Spec) -> list[Any]:
     """Tune logger callbacks for ``spec``: CSV + JSON always, TensorBoard / MLflow when on.
 
-    Returns ``ray.tune.Callback`` instances for ``ray.tune.RunConfig(callbacks=...)``.
+    Returns ``ray.tune.Callback`` instances for ``ray.tune.RunConfig(callbacks=...)``; the
+    packages are those ``check_tracking`` found (``run_sweep`` calls it before Ray starts).
     """
-    check_tracking(spec)
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     callbacks: list[Any] = [CSVLoggerCallback(), JsonLoggerCallback()]

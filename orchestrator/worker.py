@@ -1,26 +1,14 @@
 """The Ray Train ``train_loop_per_worker``: one stage node, run by every rank of a TorchTrainer.
 
-``train_node(config)`` receives the plain-data ``config`` built by ``orchestrator.execute``::
-
-    {
-        "node": StageNode.to_dict(),     # stage, configs as dicts, split, seed, fraction, parent
-        "storage": "/abs/path",          # the sweep's StageStore root
-        "cache": "/abs/path/cache/<fp>", # the preprocessed slices, memory-mapped here (never copied
-                                         #   through the object store)
-        "checkpoint_every": 1,           # epochs between Train checkpoints
-        "report_interval_s": 0.5,        # least training seconds between Train reports (see 3.)
-        "gpus_per_worker": 0.0,          # for the gpu_s figure
-        "inject_failure": None | str,    # test hook, see below
-    }
-
-and runs, on every rank:
+``train_node(config)`` receives ``NodeJob.to_dict()`` (built by ``orchestrator.execute``; Train
+passes its ``train_loop_config`` to every rank as plain data) and runs, on every rank:
 
 1. the node's configs back to typed objects (``trainers.config.from_dict``), the slices
    memory-mapped (``load_slice_cache``), the split and labelled subset (``make_split``,
    ``labelled_subset``), the parent's final weights (``StageStore.load_state``, weights_only);
 2. a resume state from ``ray.train.get_checkpoint()`` when Train restarts this run (a dead
    worker group, or a relaunch of the sweep: the Train run is named by the node key);
-3. ``trainers.stages.STAGES[stage](cfg, model_cfg, ctx)`` where ``ctx.report`` calls
+3. the node's stage kind's run function (``trainers.registry``) where ``ctx.report`` calls
    ``ray.train.report`` on every rank for each epoch that carries a checkpoint, and otherwise
    only once ``report_interval_s`` training seconds have passed since the last report
    (``ReportThrottle``: Ray Train holds one unread report per worker and collects it on its
@@ -43,7 +31,7 @@ of every rank, comma-separated in rank order), ``torch_threads`` (rank 0's intra
 Ray sets ``OMP_NUM_THREADS`` to the worker's whole CPUs, at least 1) and ``time`` (unix
 seconds, when the record was written).
 
-Failure injection (tests): ``config["inject_failure"]`` set to a message makes every rank raise
+Failure injection (tests): ``NodeJob.inject_failure`` set to a message makes every rank raise
 ``RuntimeError(message)`` before training, so a failing trial goes through the real Train /
 Tune error path. The executor sets it from ``SEMICON_SWEEP_FAIL_NODES`` (see
 ``orchestrator.execute.injected_failures``).
@@ -51,11 +39,13 @@ Tune error path. The executor sets it from ``SEMICON_SWEEP_FAIL_NODES`` (see
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,25 +54,50 @@ import torch.distributed as torch_dist
 
 from orchestrator.plan import StageNode
 from orchestrator.store import StageStore, atomic_write_text
-from trainers.config import (
-    FinetuneConfig,
-    GlobalConfig,
-    LocalConfig,
-    ModelConfig,
-    SplitConfig,
-    from_dict,
-)
-from trainers.data import labelled_subset, load_slice_cache, make_split
-from trainers.stages import STAGES, ReportFn, StageContext, StageResult
+from trainers.config import ModelConfig, SplitConfig, from_dict
+from trainers.data import load_slice_cache
+from trainers.point import stage_context
+from trainers.registry import get_stage
+from trainers.stages import ReportFn, StageResult
 
 CHECKPOINT_FILE = "checkpoint_state.pt"
 WALL_KEY = "worker_wall_s"  # added to each checkpoint state: wall seconds spent up to it
 
-STAGE_CONFIGS: dict[str, type] = {
-    "global": GlobalConfig,
-    "local": LocalConfig,
-    "finetune": FinetuneConfig,
-}
+
+@dataclass(frozen=True)
+class NodeJob:
+    """What the driver sends every worker of one stage node's Train job.
+
+    ``node``: the stage node; ``storage``: the sweep's ``StageStore`` root; ``cache``: the
+    folder of preprocessed slices, memory-mapped by the workers (never copied through the
+    object store); ``checkpoint_every``: epochs between Train checkpoints;
+    ``report_interval_s``: least training seconds between Train reports (``ReportThrottle``);
+    ``gpus_per_worker``: for the ``gpu_s`` figure; ``inject_failure``: test hook (module
+    docstring).
+    """
+
+    node: StageNode
+    storage: str
+    cache: str
+    checkpoint_every: int = 1
+    report_interval_s: float = 0.0
+    gpus_per_worker: float = 0.0
+    inject_failure: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (Train's ``train_loop_config``)."""
+        return {**dataclasses.asdict(self), "node": self.node.to_dict()}
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any]) -> NodeJob:
+        """Inverse of ``to_dict``; ``KeyError`` naming a missing required key."""
+        missing = [key for key in REQUIRED_KEYS if key not in config]
+        if missing:
+            raise KeyError(f"train_node config: missing {missing[0]!r} (has {sorted(config)})")
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {key: value for key, value in config.items() if key in known}
+        return cls(**{**values, "node": StageNode.from_dict(config["node"])})
+
 
 REQUIRED_KEYS = ("node", "storage", "cache")
 
@@ -114,30 +129,28 @@ class ReportThrottle:
 
 
 def train_node(config: Mapping[str, Any]) -> None:
-    """Run one stage node on this Ray Train worker (see the module docstring for ``config``)."""
+    """Run one stage node on this Ray Train worker; ``config`` is ``NodeJob.to_dict()``."""
     import ray.train
     import ray.train.torch
 
-    missing = [key for key in REQUIRED_KEYS if key not in config]
-    if missing:
-        raise KeyError(f"train_node config: missing {missing[0]!r} (has {sorted(config)})")
-    node = StageNode.from_dict(config["node"])
-    if config.get("inject_failure"):
-        raise RuntimeError(str(config["inject_failure"]))
+    job = NodeJob.from_dict(config)
+    node = job.node
+    if job.inject_failure:
+        raise RuntimeError(job.inject_failure)
 
     started = time.monotonic()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    store = StageStore(config["storage"])
+    store = StageStore(job.storage)
     resume = _load_checkpoint(ray.train.get_checkpoint())
     resumed_from = int(resume["epoch"]) if resume is not None else 0
     earlier_wall_s = float(resume.get(WALL_KEY, 0.0)) if resume is not None else 0.0
-    gpus = float(config.get("gpus_per_worker", 0.0))
+    gpus = float(job.gpus_per_worker)
     node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
     worker_nodes = ",".join(_gather_strings(node_id))
     if rank == 0:
         truncate_epochs(store, node.key, keep_through=resumed_from)
-    throttle = ReportThrottle(float(config.get("report_interval_s", 0.0)))
+    throttle = ReportThrottle(float(job.report_interval_s))
 
     def report(metrics: dict[str, float], checkpoint_state: dict[str, Any] | None) -> None:
         if rank == 0:
@@ -164,12 +177,12 @@ def train_node(config: Mapping[str, Any]) -> None:
 
     result = run_stage(
         node,
-        cache=config["cache"],
+        cache=job.cache,
         store=store,
         device=ray.train.torch.get_device(),
         report=report,
         resume=resume,
-        checkpoint_every=int(config.get("checkpoint_every", 1)),
+        checkpoint_every=int(job.checkpoint_every),
     )
     if rank == 0:
         wall_s = earlier_wall_s + time.monotonic() - started
@@ -186,37 +199,28 @@ def run_stage(
     resume: Mapping[str, Any] | None = None,
     checkpoint_every: int = 1,
 ) -> StageResult:
-    """Build the node's ``StageContext`` and run its stage function; returns its ``StageResult``.
+    """Build the node's ``StageContext`` (``trainers.point.stage_context``) and run its kind's
+    function (``trainers.registry``); returns its ``StageResult``.
 
     Needs no Ray (used by ``train_node`` and the in-process benchmark baseline). The parent's
     weights come from ``store`` (its ``model.pt``, loaded weights_only).
     """
-    if node.stage not in STAGES:
-        raise ValueError(
-            f"node {node.key}: unknown stage {node.stage!r} (known: {', '.join(STAGES)})"
-        )
-    stage_cfg = from_dict(STAGE_CONFIGS[node.stage], node.config, node.stage)
-    model_cfg = from_dict(ModelConfig, node.model, "model")
-    split_cfg = from_dict(SplitConfig, node.split, "split")
-    data = load_slice_cache(cache)
-    split = make_split(data.num_volumes, split_cfg, node.split_index)
-    labelled = (
-        labelled_subset(split, node.label_fraction) if node.label_fraction is not None else ()
-    )
-    init_state = store.load_state(node.parent) if node.parent is not None else None
-    ctx = StageContext(
-        data=data,
-        split=split,
-        labelled=labelled,
-        seed=node.seed,
-        device=device,
+    kind = get_stage(node.stage)
+    stage_cfg = from_dict(kind.config, node.config, node.stage)
+    ctx = stage_context(
+        load_slice_cache(cache),
+        from_dict(SplitConfig, node.split, "split"),
+        node.split_index,
+        node.seed,
+        node.label_fraction,
+        device,
         report=report,
-        init_state=init_state,
-        init_parts=tuple(node.init_parts) if init_state is not None else (),
+        init_state=store.load_state(node.parent) if node.parent is not None else None,
+        init_parts=tuple(node.init_parts),
         resume=resume,
         checkpoint_every=checkpoint_every,
     )
-    return STAGES[node.stage](stage_cfg, model_cfg, ctx)
+    return kind.run(stage_cfg, from_dict(ModelConfig, node.model, "model"), ctx)
 
 
 def truncate_epochs(store: StageStore, key: str, keep_through: int) -> None:

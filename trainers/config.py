@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -24,21 +24,31 @@ class ConfigError(ValueError):
     """An impossible or malformed configuration value; the message names the key."""
 
 
+class DatasetError(ValueError):
+    """Bad input data; the message starts with the offending file or folder (raised by
+    ``trainers.data`` and ``trainers.synthetic``; ``trainers.data.DatasetError`` is this)."""
+
+
 def _fail(section: str, key: str, message: str) -> None:
     raise ConfigError(f"{section}.{key}: {message}")
 
 
-def _positive(section: str, key: str, value: float) -> None:
+def check_positive(section: str, key: str, value: float) -> None:
     if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
         _fail(section, key, f"must be a finite number > 0, got {value!r}")
 
 
-def _positive_int(section: str, key: str, value: int) -> None:
+def check_positive_int(section: str, key: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         _fail(section, key, f"must be an integer >= 1, got {value!r}")
 
 
-def _non_negative(section: str, key: str, value: float) -> None:
+def check_non_negative_int(section: str, key: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        _fail(section, key, f"must be an integer >= 0, got {value!r}")
+
+
+def check_non_negative(section: str, key: str, value: float) -> None:
     if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
         _fail(section, key, f"must be a finite number >= 0, got {value!r}")
 
@@ -133,9 +143,9 @@ def _budget(section: str, cfg: Any, default_epochs: int) -> None:
     if cfg.steps is None:
         if cfg.epochs is None:
             object.__setattr__(cfg, "epochs", default_epochs)
-        _positive_int(section, "epochs", cfg.epochs)
+        check_positive_int(section, "epochs", cfg.epochs)
     else:
-        _positive_int(section, "steps", cfg.steps)
+        check_positive_int(section, "steps", cfg.steps)
 
 
 @dataclass(frozen=True)
@@ -173,16 +183,16 @@ class AugmentConfig:
         if self.flip_axes is not None:
             object.__setattr__(self, "flip_axes", _axes(section, "flip_axes", self.flip_axes))
         _unit_interval(section, "p_flip", self.p_flip, closed_low=True)
-        _non_negative(section, "rotate_deg", self.rotate_deg)
+        check_non_negative(section, "rotate_deg", self.rotate_deg)
         if self.rotate_deg > 180:
             _fail(section, "rotate_deg", f"must be <= 180, got {self.rotate_deg!r}")
         object.__setattr__(self, "scale", _pair(section, "scale", self.scale, 1e-3))
         _unit_interval(section, "translate", self.translate, closed_low=True)
-        _non_negative(section, "elastic_alpha", self.elastic_alpha)
-        _positive(section, "elastic_sigma", self.elastic_sigma)
-        _non_negative(section, "brightness", self.brightness)
+        check_non_negative(section, "elastic_alpha", self.elastic_alpha)
+        check_positive(section, "elastic_sigma", self.elastic_sigma)
+        check_non_negative(section, "brightness", self.brightness)
         object.__setattr__(self, "gamma", _pair(section, "gamma", self.gamma, 1e-6))
-        _non_negative(section, "noise_std", self.noise_std)
+        check_non_negative(section, "noise_std", self.noise_std)
 
     @classmethod
     def parse(cls, value: Any, default: AugmentConfig, key: str) -> AugmentConfig:
@@ -269,11 +279,11 @@ class DataConfig:
         if self.flip_axes is None:
             object.__setattr__(self, "flip_axes", (0,) if self.kind == "synthetic" else ())
         object.__setattr__(self, "flip_axes", _axes("dataset", "flip_axes", self.flip_axes))
-        _positive_int("dataset", "image_size", self.image_size)
+        check_positive_int("dataset", "image_size", self.image_size)
         if self.image_size < 8:
             _fail("dataset", "image_size", f"must be >= 8, got {self.image_size}")
         _one_of("dataset", "axis", self.axis, (-3, -2, -1, 0, 1, 2))
-        _positive_int("dataset", "synthetic_cases", self.synthetic_cases)
+        check_positive_int("dataset", "synthetic_cases", self.synthetic_cases)
         object.__setattr__(
             self, "label_remap", tuple(tuple(int(v) for v in pair) for pair in self.label_remap)
         )
@@ -300,7 +310,7 @@ class SplitConfig:
                 "train",
                 f"train + val + test must be 1, got {self.train + self.val + self.test:g}",
             )
-        _positive_int("split", "repeats", self.repeats)
+        check_positive_int("split", "repeats", self.repeats)
 
 
 @dataclass(frozen=True)
@@ -328,16 +338,16 @@ class ModelConfig:
     global_grid: int = 4
 
     def __post_init__(self) -> None:
-        _positive_int("model", "base_channels", self.base_channels)
-        _positive_int("model", "depth", self.depth)
+        check_positive_int("model", "base_channels", self.base_channels)
+        check_positive_int("model", "depth", self.depth)
         if self.depth > 6:
             _fail("model", "depth", f"must be <= 6, got {self.depth}")
         _one_of("model", "norm", self.norm, ("instance", "batch", "group", "none"))
         _one_of("model", "decoder_norm", self.decoder_norm, ("same", "none"))
-        _positive_int("model", "embed_dim", self.embed_dim)
-        _positive_int("model", "global_hidden", self.global_hidden)
-        _positive_int("model", "local_hidden", self.local_hidden)
-        _positive_int("model", "global_grid", self.global_grid)
+        check_positive_int("model", "embed_dim", self.embed_dim)
+        check_positive_int("model", "global_hidden", self.global_hidden)
+        check_positive_int("model", "local_hidden", self.local_hidden)
+        check_positive_int("model", "global_grid", self.global_grid)
 
 
 @dataclass(frozen=True)
@@ -359,8 +369,8 @@ class GlobalConfig:
 
     def __post_init__(self) -> None:
         _one_of("global", "loss", self.loss, ("ntxent", "partition"))
-        _positive("global", "temperature", self.temperature)
-        _positive_int("global", "n_parts", self.n_parts)
+        check_positive("global", "temperature", self.temperature)
+        check_positive_int("global", "n_parts", self.n_parts)
         object.__setattr__(
             self, "augment", AugmentConfig.parse(self.augment, GLOBAL_AUGMENT, "global.augment")
         )
@@ -369,11 +379,11 @@ class GlobalConfig:
             _fail(
                 "global", "augment", "elastic_alpha: the global views have no elastic deformation"
             )
-        _positive_int("global", "batch_size", self.batch_size)
+        check_positive_int("global", "batch_size", self.batch_size)
         if self.batch_size < 2:
             _fail("global", "batch_size", "must be >= 2 (negatives come from the batch)")
-        _positive("global", "lr", self.lr)
-        _non_negative("global", "weight_decay", self.weight_decay)
+        check_positive("global", "lr", self.lr)
+        check_non_negative("global", "weight_decay", self.weight_decay)
 
 
 @dataclass(frozen=True)
@@ -402,11 +412,11 @@ class LocalConfig:
     def __post_init__(self) -> None:
         _one_of("local", "loss", self.loss, ("supervised", "self"))
         _one_of("local", "strategy", self.strategy, ("full", "stride", "block"))
-        _positive_int("local", "stride", self.stride)
-        _positive_int("local", "block_size", self.block_size)
-        _positive("local", "temperature", self.temperature)
+        check_positive_int("local", "stride", self.stride)
+        check_positive_int("local", "block_size", self.block_size)
+        check_positive("local", "temperature", self.temperature)
         _one_of("local", "form", self.form, ("out", "in"))
-        _positive_int("local", "self_regions", self.self_regions)
+        check_positive_int("local", "self_regions", self.self_regions)
         object.__setattr__(
             self, "augment", AugmentConfig.parse(self.augment, LOCAL_AUGMENT, "local.augment")
         )
@@ -419,9 +429,9 @@ class LocalConfig:
                 "noise_std apply (set flip_axes: [], rotate_deg: 0, scale: [1, 1], translate: 0, "
                 "elastic_alpha: 0)",
             )
-        _positive_int("local", "batch_size", self.batch_size)
-        _positive("local", "lr", self.lr)
-        _non_negative("local", "weight_decay", self.weight_decay)
+        check_positive_int("local", "batch_size", self.batch_size)
+        check_positive("local", "lr", self.lr)
+        check_non_negative("local", "weight_decay", self.weight_decay)
 
     def check_image_size(self, image_size: int) -> None:
         """Raise if stride / block size / regions cannot tile ``image_size``."""
@@ -477,50 +487,80 @@ class FinetuneConfig:
             self, "augment", AugmentConfig.parse(self.augment, FINETUNE_AUGMENT, "finetune.augment")
         )
         _budget("finetune", self, 120)
-        _positive_int("finetune", "batch_size", self.batch_size)
-        _positive("finetune", "lr", self.lr)
-        _non_negative("finetune", "weight_decay", self.weight_decay)
+        check_positive_int("finetune", "batch_size", self.batch_size)
+        check_positive("finetune", "lr", self.lr)
+        check_non_negative("finetune", "weight_decay", self.weight_decay)
         _one_of("finetune", "regulariser", self.regulariser, ("none", "mixup", "mean_teacher"))
-        _positive("finetune", "mixup_alpha", self.mixup_alpha)
+        check_positive("finetune", "mixup_alpha", self.mixup_alpha)
         if not (0 < self.ema_decay < 1):
             _fail("finetune", "ema_decay", f"must be in (0, 1), got {self.ema_decay!r}")
-        _non_negative("finetune", "consistency_weight", self.consistency_weight)
+        check_non_negative("finetune", "consistency_weight", self.consistency_weight)
         if isinstance(self.consistency_rampup, bool) or self.consistency_rampup < 0:
             _fail(
                 "finetune", "consistency_rampup", f"must be >= 0, got {self.consistency_rampup!r}"
             )
-        if (
-            isinstance(self.consistency_rampup_steps, bool)
-            or not isinstance(self.consistency_rampup_steps, int)
-            or self.consistency_rampup_steps < 0
-        ):
-            _fail(
-                "finetune",
-                "consistency_rampup_steps",
-                f"must be an integer >= 0, got {self.consistency_rampup_steps!r}",
-            )
-        _positive_int("finetune", "unlabelled_batch_size", self.unlabelled_batch_size)
-        _non_negative("finetune", "dice_weight", self.dice_weight)
-        _positive_int("finetune", "val_every", self.val_every)
-        if (
-            isinstance(self.val_every_steps, bool)
-            or not isinstance(self.val_every_steps, int)
-            or self.val_every_steps < 0
-        ):
-            _fail(
-                "finetune",
-                "val_every_steps",
-                f"must be an integer >= 0, got {self.val_every_steps!r}",
-            )
+        check_non_negative_int(
+            "finetune", "consistency_rampup_steps", self.consistency_rampup_steps
+        )
+        check_positive_int("finetune", "unlabelled_batch_size", self.unlabelled_batch_size)
+        check_non_negative("finetune", "dice_weight", self.dice_weight)
+        check_positive_int("finetune", "val_every", self.val_every)
+        check_non_negative_int("finetune", "val_every_steps", self.val_every_steps)
 
 
-@dataclass(frozen=True)
-class StageConfigs:
-    """The three trainable stages' settings as one value (a method picks which run)."""
+class StageConfigs(Mapping[str, Any]):
+    """The user's settings of each stage kind, by stage name; a kind not given runs on its
+    config class's defaults (``trainers.registry``). Immutable and hashable.
 
-    global_: GlobalConfig = field(default_factory=GlobalConfig)
-    local: LocalConfig = field(default_factory=LocalConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    ``StageConfigs(global_=GlobalConfig(...), local=..., finetune=...)``: ``global_`` stands for
+    the stage named "global" (a Python keyword); any other registered kind by its name, or a
+    mapping ``StageConfigs({"global": ..., "denoise": ...})``.
+    """
+
+    __slots__ = ("_configs",)
+
+    def __init__(self, configs: Mapping[str, Any] | None = None, /, **by_name: Any) -> None:
+        merged = dict(configs or {})
+        for name, cfg in by_name.items():
+            merged["global" if name == "global_" else name] = cfg
+        object.__setattr__(self, "_configs", {k: v for k, v in merged.items() if v is not None})
+
+    def __getitem__(self, stage: str) -> Any:
+        return self._configs[stage]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._configs)
+
+    def __len__(self) -> int:
+        return len(self._configs)
+
+    def __getattr__(self, name: str) -> Any:
+        # stages.local, stages.finetune, stages.global_ ("global" is a keyword)
+        if name.startswith("_"):
+            raise AttributeError(name)
+        try:
+            return self._configs[name.removesuffix("_")]
+        except KeyError:
+            raise AttributeError(f"StageConfigs holds no {name!r} stage") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (StageConfigs, (self._configs,))
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted(self._configs.items())))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StageConfigs) and self._configs == other._configs
+
+    def __repr__(self) -> str:
+        return f"StageConfigs({self._configs!r})"
+
+    def replace(self, **by_name: Any) -> StageConfigs:
+        """These settings with the stages named in ``by_name`` replaced."""
+        return StageConfigs({**self._configs, **StageConfigs(**by_name)._configs})
 
 
 def bind_dataset(cfg: T, data: DataConfig) -> T:

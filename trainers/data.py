@@ -45,7 +45,8 @@ import torch.nn.functional as F
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
-from trainers.config import ConfigError, DataConfig, SplitConfig
+from trainers.config import ConfigError, DataConfig, DatasetError, SplitConfig
+from trainers.synthetic import DEFAULT_SHAPE, SYNTHETIC_VERSION, write_synthetic_msd
 
 # Bumped whenever preprocessing changes what ends up in the slice cache.
 PREPROCESS_VERSION = 1
@@ -72,10 +73,6 @@ _READ_ERRORS = (
 # Independent random streams of one split index (see ``_split_rng``).
 _SPLIT_STREAM = 1
 _LABELLED_STREAM = 2
-
-
-class DatasetError(ValueError):
-    """Bad input data; the message starts with the offending file or folder."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -345,9 +342,6 @@ def load_msd(
 
 
 def _synthetic_parameters(cfg: DataConfig) -> dict[str, Any]:
-    # imported here: trainers.synthetic imports DatasetError from this module
-    from trainers.synthetic import DEFAULT_SHAPE, SYNTHETIC_VERSION
-
     return {
         "version": SYNTHETIC_VERSION,
         "num_cases": cfg.synthetic_cases,
@@ -585,8 +579,6 @@ def prepare_slices(cfg: DataConfig, cache_dir: str | os.PathLike[str]) -> SliceD
     """
     root = _data_root(cfg)
     if cfg.kind == "synthetic":
-        from trainers.synthetic import write_synthetic_msd  # see _synthetic_parameters
-
         write_synthetic_msd(root, num_cases=cfg.synthetic_cases, seed=cfg.synthetic_seed)
     fingerprint = data_fingerprint(cfg)
     folder = Path(cache_dir) / fingerprint

@@ -7,11 +7,12 @@ Every other setting comes from the user's ``StageConfigs``. A method pins every 
 name promises, so a method name always means the same algorithm: ``random`` pins
 ``finetune.regulariser = "none"`` even if the user's finetune settings say otherwise.
 
-Weights flow from each stage to the next (``init_parts``): the encoder from global pretraining,
-encoder and decoder from local pretraining. Projection heads are never passed to fine-tuning.
+Weights flow from each stage to the next (``StageKind.parents`` in ``trainers.registry``): the
+encoder from global pretraining, encoder and decoder from local pretraining. Projection heads
+are never passed to fine-tuning.
 
-Adding a method is one entry in ``METHODS``; adding a stage kind is one function in
-``trainers.stages.STAGES`` plus its rows in ``init_parts``.
+Adding a method is one entry in ``METHODS``; adding a stage kind is one declaration in
+``trainers.registry`` plus its function (see that module).
 """
 
 from __future__ import annotations
@@ -22,21 +23,10 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from trainers.config import FinetuneConfig, GlobalConfig, LocalConfig, StageConfigs
+from trainers.config import StageConfigs
+from trainers.registry import STAGE_KINDS, get_stage
 
-StageConfig = GlobalConfig | LocalConfig | FinetuneConfig
-
-STAGE_NAMES: tuple[str, ...] = ("global", "local", "finetune")
-
-# StageConfigs field holding each stage's settings ("global" is a Python keyword).
-_STAGE_FIELDS: dict[str, str] = {"global": "global_", "local": "local", "finetune": "finetune"}
-
-# Which parts of a parent stage's model a child stage starts from; absent pairs are not allowed.
-_INIT_PARTS: dict[tuple[str, str], tuple[str, ...]] = {
-    ("local", "global"): ("encoder",),
-    ("finetune", "global"): ("encoder",),
-    ("finetune", "local"): ("encoder", "decoder"),
-}
+StageConfig = Any  # an instance of some registered stage kind's config class
 
 
 def _frozen(overrides: Mapping[str, Mapping[str, Any]]) -> Mapping[str, Mapping[str, Any]]:
@@ -57,27 +47,32 @@ class Method:
     description: str = ""
 
     def __post_init__(self) -> None:
-        if not self.stages or self.stages[-1] != "finetune":
-            raise ValueError(
-                f"method {self.name!r}: stages must end with 'finetune', got {self.stages}"
-            )
-        unknown = [s for s in self.stages if s not in STAGE_NAMES]
+        stages = tuple(self.stages)
+        unknown = [s for s in stages if s not in STAGE_KINDS]
         if unknown:
             raise ValueError(
-                f"method {self.name!r}: unknown stages {unknown} (known: {list(STAGE_NAMES)})"
+                f"method {self.name!r}: unknown stages {unknown} (known: {list(STAGE_KINDS)})"
             )
-        order = [STAGE_NAMES.index(s) for s in self.stages]
-        if order != sorted(set(order)):
+        if not stages or not get_stage(stages[-1]).final:
+            finals = [name for name, kind in STAGE_KINDS.items() if kind.final]
             raise ValueError(
-                f"method {self.name!r}: stages must be distinct and in the order {STAGE_NAMES}"
+                f"method {self.name!r}: stages must end with {' or '.join(map(repr, finals))}, "
+                f"got {stages}"
             )
-        defaults = StageConfigs()
+        if len(set(stages)) != len(stages):
+            raise ValueError(f"method {self.name!r}: stages must be distinct, got {stages}")
+        for parent, child in zip(stages[:-1], stages[1:], strict=True):
+            if parent not in get_stage(child).parents:
+                raise ValueError(
+                    f"method {self.name!r}: stage {child!r} cannot start from a {parent!r} "
+                    f"stage (stages must run in an order that passes weights on)"
+                )
         for stage, values in self.overrides.items():
-            if stage not in self.stages:
+            if stage not in stages:
                 raise ValueError(
                     f"method {self.name!r}: overrides stage {stage!r} that it does not run"
                 )
-            known = {f.name for f in dataclasses.fields(getattr(defaults, _STAGE_FIELDS[stage]))}
+            known = {f.name for f in dataclasses.fields(get_stage(stage).config)}
             bad = sorted(set(values) - known)
             if bad:
                 raise ValueError(f"method {self.name!r}: {stage}.{bad[0]} is not a {stage} setting")
@@ -171,44 +166,13 @@ def get_method(name: str) -> Method:
 def resolve_stages(method: str, stages: StageConfigs) -> dict[str, StageConfig]:
     """The method's stages, in order, each config with the method's overrides applied.
 
-    Returns {stage name: config} holding only the stages ``method`` runs. Overrides go through
+    Returns {stage name: config} holding only the stages ``method`` runs; a stage absent from
+    ``stages`` starts from its config class's defaults. Overrides go through
     ``dataclasses.replace``, so the result is validated like any config.
     """
     spec = get_method(method)
     resolved: dict[str, StageConfig] = {}
     for stage in spec.stages:
-        cfg = getattr(stages, _STAGE_FIELDS[stage])
+        cfg = stages.get(stage) or get_stage(stage).config()
         resolved[stage] = dataclasses.replace(cfg, **dict(spec.overrides.get(stage, {})))
     return resolved
-
-
-def stage_uses_labels(stage: str, cfg: StageConfig) -> bool:
-    """Whether the stage reads label maps (and so depends on the labelled subset).
-
-    global: no. local: only the supervised loss (the self-supervised one reads all training
-    slices, unlabelled). finetune: always (Mean Teacher additionally reads unlabelled slices).
-    """
-    if stage == "global":
-        return False
-    if stage == "local":
-        if not isinstance(cfg, LocalConfig):
-            raise ValueError(f"stage 'local' needs a LocalConfig, got {type(cfg).__name__}")
-        return cfg.loss == "supervised"
-    if stage == "finetune":
-        return True
-    raise ValueError(f"unknown stage {stage!r} (known: {list(STAGE_NAMES)})")
-
-
-def init_parts(stage: str, parent_stage: str | None) -> tuple[str, ...]:
-    """Model parts that ``stage`` loads from ``parent_stage``'s final state (() without parent).
-
-    local <- global: ("encoder",); finetune <- global: ("encoder",); finetune <- local:
-    ("encoder", "decoder"). Projection heads are never transferred.
-    """
-    if stage not in STAGE_NAMES:
-        raise ValueError(f"unknown stage {stage!r} (known: {list(STAGE_NAMES)})")
-    if parent_stage is None:
-        return ()
-    if (stage, parent_stage) not in _INIT_PARTS:
-        raise ValueError(f"stage {stage!r} cannot start from a {parent_stage!r} stage")
-    return _INIT_PARTS[(stage, parent_stage)]

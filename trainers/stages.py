@@ -11,7 +11,8 @@ Every stage function reads as the same few named steps:
    checkpoint every ``ctx.checkpoint_every`` epochs and at the last epoch;
 4. **evaluate** (fine-tuning): Dice on the validation and test volumes (``evaluate_model``).
 
-Data use (docs/ARCHITECTURE.md; ``stage_volumes`` is the single place that decides it): global
+Data use (docs/ARCHITECTURE.md; each stage's ``*_reads`` function, resolved by ``resolve_volumes``,
+is the single place that decides it): global
 reads all slices of ``split.train``, unlabelled; local supervised the slices of ``labelled``;
 local self all of ``split.train``, unlabelled; fine-tuning the slices of ``labelled`` (Mean
 Teacher also unlabelled slices of ``split.train``). ``split.val`` is read only by the per-epoch
@@ -138,26 +139,42 @@ class StageResult:
 # which slices a stage reads
 
 
-def stage_volumes(
-    stage: str,
-    cfg: GlobalConfig | LocalConfig | FinetuneConfig,
-    split: Split,
-    labelled: tuple[int, ...],
+# Where a stage's volumes come from: "labelled" = the labelled subset of split.train, read with
+# its label maps; "train" = every volume of split.train, read without labels.
+VOLUME_SOURCES = ("labelled", "train")
+
+
+def global_reads(cfg: GlobalConfig) -> dict[str, str]:
+    """Global pretraining reads every training volume, unlabelled."""
+    return {"train": "train"}
+
+
+def local_reads(cfg: LocalConfig) -> dict[str, str]:
+    """Supervised local pretraining reads the labelled subset; self-supervised reads every
+    training volume, unlabelled."""
+    return {"train": "labelled" if cfg.loss == "supervised" else "train"}
+
+
+def finetune_reads(cfg: FinetuneConfig) -> dict[str, str]:
+    """Fine-tuning reads the labelled subset; Mean Teacher also every training volume,
+    unlabelled."""
+    roles = {"train": "labelled"}
+    if cfg.regulariser == "mean_teacher":
+        roles["unlabelled"] = "train"
+    return roles
+
+
+def resolve_volumes(
+    reads: Mapping[str, str], split: Split, labelled: tuple[int, ...]
 ) -> dict[str, tuple[int, ...]]:
-    """The volumes a stage trains on, by role: {"train": ...} plus {"unlabelled": ...} for Mean
-    Teacher. The stages load their training slices only through this function; validation and
-    test volumes are never among them.
-    """
-    if stage == "global":
-        return {"train": split.train}
-    if stage == "local":
-        return {"train": labelled if cfg.loss == "supervised" else split.train}
-    if stage == "finetune":
-        roles = {"train": labelled}
-        if cfg.regulariser == "mean_teacher":
-            roles["unlabelled"] = split.train
-        return roles
-    raise ValueError(f"unknown stage {stage!r}; expected global, local or finetune")
+    """The volumes of each role of ``reads`` (role -> source, see ``VOLUME_SOURCES``). The
+    stages load their training slices only through this function, so validation and test
+    volumes are never among them."""
+    sources = {"labelled": tuple(labelled), "train": tuple(split.train)}
+    unknown = sorted(set(reads.values()) - set(sources))
+    if unknown:
+        raise ValueError(f"unknown volume source {unknown[0]!r} (known: {list(VOLUME_SOURCES)})")
+    return {role: sources[source] for role, source in reads.items()}
 
 
 @dataclass
@@ -559,12 +576,8 @@ def run_global(cfg: GlobalConfig, model: ModelConfig, ctx: StageContext) -> Stag
     with partition p = floor(position * n_parts). A last batch of fewer than 2 slices is dropped.
     """
     run = _build("global", model, ctx, cfg.lr, cfg.weight_decay)
-    train = _device_slices(
-        ctx.data,
-        stage_volumes("global", cfg, ctx.split, ctx.labelled)["train"],
-        ctx.device,
-        labels=False,
-    )
+    volumes = resolve_volumes(global_reads(cfg), ctx.split, ctx.labelled)["train"]
+    train = _device_slices(ctx.data, volumes, ctx.device, labels=False)
 
     def step(s: _Step) -> Tensor:
         v1, v2 = global_views(train.images[s.batch], s.gen, **global_view_args(cfg.augment))
@@ -598,7 +611,7 @@ def run_local(cfg: LocalConfig, model: ModelConfig, ctx: StageContext) -> StageR
     cfg.check_image_size(int(ctx.data.images.shape[-1]))
     run = _build("local", model, ctx, cfg.lr, cfg.weight_decay)
     supervised = cfg.loss == "supervised"
-    volumes = stage_volumes("local", cfg, ctx.split, ctx.labelled)["train"]
+    volumes = resolve_volumes(local_reads(cfg), ctx.split, ctx.labelled)["train"]
     train = _device_slices(ctx.data, volumes, ctx.device, labels=supervised)
 
     def step(s: _Step) -> Tensor:
@@ -666,7 +679,7 @@ def run_finetune(cfg: FinetuneConfig, model: ModelConfig, ctx: StageContext) -> 
     selection on validation Dice).
     """
     run = _build("finetune", model, ctx, cfg.lr, cfg.weight_decay)
-    roles = stage_volumes("finetune", cfg, ctx.split, ctx.labelled)
+    roles = resolve_volumes(finetune_reads(cfg), ctx.split, ctx.labelled)
     train = _device_slices(ctx.data, roles["train"], ctx.device, labels=True)
     num_classes = ctx.data.num_classes
 
@@ -768,10 +781,3 @@ def run_finetune(cfg: FinetuneConfig, model: ModelConfig, ctx: StageContext) -> 
         _prefixed("test", evaluate_model(evaluated, ctx.data, ctx.split.test, ctx.device))
     )
     return StageResult(_to_cpu(evaluated.state_dict()), metrics)
-
-
-STAGES: dict[str, Callable[[Any, ModelConfig, StageContext], StageResult]] = {
-    "global": run_global,
-    "local": run_local,
-    "finetune": run_finetune,
-}

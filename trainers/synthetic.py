@@ -34,7 +34,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from trainers.data import DatasetError
+from trainers.config import DatasetError
 
 # Bumped whenever the generator's output changes for the same arguments.
 SYNTHETIC_VERSION = 1

@@ -163,13 +163,11 @@ def fake_executor(
     class ClusterError(ValueError):
         pass
 
-    def check_address(address: str) -> None:
-        if address == "unreachable:1":
-            raise ClusterError(f"cannot reach the Ray cluster at {address}: connection refused")
-
     def run_sweep(
         plan: Plan, store: StageStore, address: str | None = None, progress=None, reuse: bool = True
     ):
+        if address == "unreachable:1":
+            raise ClusterError(f"cannot reach the Ray cluster at {address}: connection refused")
         if cluster_error:
             raise ClusterError("cannot connect to a local Ray instance: no")
         for level in plan.levels:
@@ -188,7 +186,6 @@ def fake_executor(
         progress("fake sweep done")
 
     module.ClusterError = ClusterError  # type: ignore[attr-defined]
-    module.check_address = check_address  # type: ignore[attr-defined]
     module.run_sweep = run_sweep  # type: ignore[attr-defined]
     return module
 
@@ -231,8 +228,9 @@ def test_storage_conflict_exits_2_before_writing(
 ) -> None:
     monkeypatch.setitem(sys.modules, "orchestrator.execute", fake_executor())
     storage = tmp_path / "storage"
-    other = load_spec(write_spec(tmp_path, SPEC.replace("seed: [0, 1]", "seed: 5"), "other.yaml"))
-    StageStore(storage).claim_sweep(other.with_overrides(storage=str(storage)))
+    other_path = write_spec(tmp_path, SPEC.replace("seed: [0, 1]", "seed: 5"), "other.yaml")
+    other = load_spec(other_path, overrides={"storage": str(storage)})
+    StageStore(storage).claim_sweep(other)
     before = (storage / "sweep.json").read_bytes()
     result = runner.invoke(app, ["launch", str(write_spec(tmp_path)), "--storage", str(storage)])
     assert result.exit_code == 2

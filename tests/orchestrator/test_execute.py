@@ -34,16 +34,10 @@ import yaml
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
-from orchestrator.execute import (
-    FAIL_NODES_ENV,
-    ClusterError,
-    check_address,
-    injected_failures,
-    one_line_error,
-    scaling_options,
-    trial_concurrency,
-)
+from orchestrator.execute import FAIL_NODES_ENV, injected_failures, one_line_error
 from orchestrator.plan import build_plan
+from orchestrator.resources import node_concurrency, scaling_options
+from orchestrator.session import ClusterError, check_address
 from orchestrator.spec import Resources, load_spec
 from orchestrator.store import StageStore
 from orchestrator.worker import truncate_epochs
@@ -73,19 +67,19 @@ def launch(args: list[str]) -> Any:
 # fast: no Ray cluster
 
 
-def test_trial_concurrency_from_cluster_resources() -> None:
+def test_node_concurrency_from_cluster_resources() -> None:
     two_cpu = Resources(workers_per_trial=1, cpus_per_worker=1.0)
-    assert trial_concurrency(two_cpu, {"CPU": 4.0}, pending=10) == 4
-    assert trial_concurrency(two_cpu, {"CPU": 4.0}, pending=3) == 3
+    assert node_concurrency(two_cpu, {"CPU": 4.0}, pending=10) == 4
+    assert node_concurrency(two_cpu, {"CPU": 4.0}, pending=3) == 3
     ddp = Resources(workers_per_trial=2, cpus_per_worker=1.5)
-    assert trial_concurrency(ddp, {"CPU": 7.0}, pending=10) == 2  # floor(7 / 3)
+    assert node_concurrency(ddp, {"CPU": 7.0}, pending=10) == 2  # floor(7 / 3)
     packed = Resources(workers_per_trial=1, cpus_per_worker=1.0, gpus_per_worker=0.25)
-    assert trial_concurrency(packed, {"CPU": 16.0, "GPU": 1.0}, pending=10) == 4
-    assert trial_concurrency(packed, {"CPU": 2.0, "GPU": 1.0}, pending=10) == 2  # CPU-bound
+    assert node_concurrency(packed, {"CPU": 16.0, "GPU": 1.0}, pending=10) == 4
+    assert node_concurrency(packed, {"CPU": 2.0, "GPU": 1.0}, pending=10) == 2  # CPU-bound
     fixed = Resources(max_concurrent_trials=3)
-    assert trial_concurrency(fixed, {"CPU": 1.0}, pending=10) == 3
+    assert node_concurrency(fixed, {"CPU": 1.0}, pending=10) == 3
     with pytest.raises(ClusterError, match="needs 1 GPU"):
-        trial_concurrency(Resources(gpus_per_worker=1.0), {"CPU": 8.0}, pending=1)
+        node_concurrency(Resources(gpus_per_worker=1.0), {"CPU": 8.0}, pending=1)
     options = scaling_options(packed, "SPREAD")
     assert options["resources_per_worker"] == {"CPU": 1.0, "GPU": 0.25} and options["use_gpu"]
     assert scaling_options(two_cpu)["resources_per_worker"] == {"CPU": 1.0}
@@ -192,7 +186,7 @@ def test_tracking_callbacks_follow_the_spec(tmp_path: Path) -> None:
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
 
     from orchestrator.spec import SpecError
-    from orchestrator.tracking import logger_callbacks
+    from orchestrator.tracking import check_tracking, logger_callbacks
 
     def spec_with(tracking: dict[str, Any]) -> Any:
         path = write_spec(tmp_path, "tracked", method="random", label_fraction=0.5, tracking=tracking)
@@ -204,7 +198,7 @@ def test_tracking_callbacks_follow_the_spec(tmp_path: Path) -> None:
         assert isinstance(logger_callbacks(spec_with({"tensorboard": True}))[-1], TBXLoggerCallback)
     if importlib.util.find_spec("mlflow") is None:
         with pytest.raises(SpecError, match=r"tracked\.yaml: tracking\.mlflow_uri: .*'mlflow' package is not installed"):
-            logger_callbacks(spec_with({"mlflow_uri": "file:///tmp/mlruns"}))
+            check_tracking(spec_with({"mlflow_uri": "file:///tmp/mlruns"}))
 
 
 def test_unreachable_address_exits_2_and_writes_nothing(tmp_path: Path) -> None:

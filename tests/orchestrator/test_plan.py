@@ -156,7 +156,7 @@ def test_summary_counts_completed_nodes(tmp_path: Path) -> None:
     store = StageStore(tmp_path / "storage")
     key = plan.levels[0][0]
     store.write_result(key, {"w": torch.zeros(1)}, {"loss": 1.0})
-    summary = plan.summary(store)
+    summary = plan.summary(store.is_complete)
     assert summary["stages"]["global"] == {"nodes": 2, "to_run": 1}
     assert summary["stages"]["finetune"] == {"nodes": 8, "to_run": 8}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.execute import DagScheduler
+from orchestrator.scheduler import DagScheduler
 
 # g1 -> l1 -> f1, g1 -> l2 -> f2 (a shared global), r (random init: no parent), g2 -> f3
 PARENTS = {"r": None, "g2": None, "g1": None, "l1": "g1", "l2": "g1", "f1": "l1", "f2": "l2", "f3": "g2"}

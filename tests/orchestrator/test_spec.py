@@ -228,7 +228,9 @@ def test_spec_hash_ignores_resources_storage_ray_tracking(tmp_path: Path) -> Non
 def test_overrides_and_round_trip(tmp_path: Path) -> None:
     spec = load_spec(write(tmp_path, GOOD), overrides={"storage": str(tmp_path / "s1")})
     assert spec.storage == str(tmp_path / "s1")
-    moved = spec.with_overrides(storage=str(tmp_path / "s2"), address="ray://head:10001")
+    moved = load_spec(
+        spec.path, overrides={"storage": str(tmp_path / "s2"), "address": "ray://head:10001"}
+    )
     assert moved.storage == str(tmp_path / "s2") and moved.ray.address == "ray://head:10001"
     assert moved.dataset.root.startswith(str(tmp_path / "s2"))
     assert moved.spec_hash == spec.spec_hash

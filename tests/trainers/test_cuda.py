@@ -15,7 +15,8 @@ from trainers.config import FinetuneConfig, GlobalConfig, LocalConfig, ModelConf
 from trainers.data import SliceData, labelled_subset, make_split
 from trainers.losses import segmentation_loss, supervised_local_contrastive
 from trainers.model import UNet
-from trainers.stages import STAGES, StageContext
+from trainers.registry import STAGE_KINDS
+from trainers.stages import StageContext
 
 pytestmark = [
     pytest.mark.cuda,
@@ -109,6 +110,6 @@ def test_every_stage_runs_on_cuda(stage: str, cfg: object, synthetic_slices: Sli
         device=CUDA,
         report=lambda metrics, _checkpoint: reports.append(metrics),
     )
-    result = STAGES[stage](cfg, TINY, ctx)
+    result = STAGE_KINDS[stage].run(cfg, TINY, ctx)
     assert len(reports) == 1 and torch.isfinite(torch.tensor(reports[0]["loss"]))
     assert all(t.device.type == "cpu" for t in result.state.values())

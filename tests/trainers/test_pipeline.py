@@ -23,8 +23,9 @@ from trainers.config import (
     SplitConfig,
     StageConfigs,
 )
-from trainers.methods import METHODS, Method, init_parts, resolve_stages, stage_uses_labels
+from trainers.methods import METHODS, Method, resolve_stages
 from trainers.pipeline import PipelineConfig, run_pipeline
+from trainers.registry import get_stage
 
 TINY = ModelConfig(base_channels=4, depth=2, embed_dim=8, global_hidden=16, local_hidden=8)
 TIMING_KEYS = {"seconds", "slices_per_s", "train_seconds"}
@@ -88,7 +89,7 @@ def test_unknown_method_lists_the_known_ones() -> None:
 def test_method_definitions_are_checked() -> None:
     with pytest.raises(ValueError, match="must end with 'finetune'"):
         Method("x", ("global",))
-    with pytest.raises(ValueError, match="in the order"):
+    with pytest.raises(ValueError, match="cannot start from a 'local' stage"):
         Method("x", ("local", "global", "finetune"))
     with pytest.raises(ValueError, match="local.strategi is not a local setting"):
         Method("x", ("local", "finetune"), {"local": {"strategi": "block"}})
@@ -97,17 +98,17 @@ def test_method_definitions_are_checked() -> None:
 
 
 def test_label_use_and_weight_flow() -> None:
-    assert not stage_uses_labels("global", GlobalConfig())
-    assert stage_uses_labels("local", LocalConfig(loss="supervised"))
-    assert not stage_uses_labels("local", LocalConfig(loss="self"))
-    assert stage_uses_labels("finetune", FinetuneConfig(regulariser="mean_teacher"))
-    assert init_parts("local", "global") == ("encoder",)
-    assert init_parts("finetune", "local") == ("encoder", "decoder")
-    assert init_parts("finetune", "global") == ("encoder",)
-    assert init_parts("global", None) == ()
+    assert not get_stage("global").uses_labels(GlobalConfig())
+    assert get_stage("local").uses_labels(LocalConfig(loss="supervised"))
+    assert not get_stage("local").uses_labels(LocalConfig(loss="self"))
+    assert get_stage("finetune").uses_labels(FinetuneConfig(regulariser="mean_teacher"))
+    assert get_stage("local").init_parts("global") == ("encoder",)
+    assert get_stage("finetune").init_parts("local") == ("encoder", "decoder")
+    assert get_stage("finetune").init_parts("global") == ("encoder",)
+    assert get_stage("global").init_parts(None) == ()
     for stage, parent in [("global", "local"), ("local", "finetune")]:
         with pytest.raises(ValueError, match="cannot start from"):
-            init_parts(stage, parent)
+            get_stage(stage).init_parts(parent)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,13 +135,13 @@ def _config(data: DataConfig, cache: Path, **changes: Any) -> PipelineConfig:
 @pytest.mark.parametrize(
     ("changes", "key"),
     [
-        ({"label_fraction": 0}, "pipeline.label_fraction"),
-        ({"label_fraction": 1.5}, "pipeline.label_fraction"),
-        ({"method": "simclr"}, "pipeline.method"),
-        ({"seed": -1}, "pipeline.seed"),
-        ({"split_index": 1}, "pipeline.split_index"),
+        ({"label_fraction": 0}, "label_fraction"),
+        ({"label_fraction": 1.5}, "label_fraction"),
+        ({"method": "simclr"}, "method"),
+        ({"seed": -1}, "seed"),
+        ({"split_index": 1}, "split_index"),
         ({"stages": StageConfigs(local=LocalConfig(block_size=12))}, "local.block_size"),
-        ({"model": ModelConfig(depth=6)}, "pipeline.model.depth"),
+        ({"model": ModelConfig(depth=6)}, "model.depth"),
     ],
 )
 def test_bad_configuration_names_the_key(changes: dict[str, Any], key: str, tmp_path: Path) -> None:

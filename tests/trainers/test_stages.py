@@ -29,15 +29,14 @@ from trainers.data import SliceData, Split, labelled_subset, make_split
 from trainers.methods import METHODS
 from trainers.model import UNet
 from trainers.pipeline import PipelineConfig, run_pipeline
+from trainers.registry import STAGE_KINDS, stage_volumes
 from trainers.stages import (
-    STAGES,
     StageContext,
     StageResult,
     evaluate_model,
     run_finetune,
     run_global,
     run_local,
-    stage_volumes,
 )
 
 CPU = torch.device("cpu")
@@ -124,7 +123,7 @@ def test_stage_reports_once_per_epoch_and_checkpoints_when_due(
         checkpoint_every=2,
     )
     cfg = _stage_config(stage, epochs=3)
-    result = STAGES[stage.split("_")[0]](cfg, TINY, ctx)
+    result = STAGE_KINDS[stage.split("_")[0]].run(cfg, TINY, ctx)
 
     assert isinstance(result, StageResult)
     assert [m["epoch"] for m, _ in calls] == [1, 2, 3]
@@ -201,7 +200,7 @@ def test_loss_decreases_on_a_tiny_fixed_batch(
     data = _subset(synthetic_slices, _foreground_slices(synthetic_slices, (*volumes, 2, 3), 4))
     losses: list[float] = []
     ctx = _context(data, tiny_split, (0,), report=lambda m, c: losses.append(m["loss"]))
-    STAGES[stage](cfg, TINY, ctx)
+    STAGE_KINDS[stage].run(cfg, TINY, ctx)
     assert len(losses) == cfg.epochs
     # contrastive losses cannot fall below about log(number of negatives): compare relatively
     first, last = np.mean(losses[:3]), np.mean(losses[-3:])
@@ -399,7 +398,7 @@ def test_stages_never_train_on_validation_or_test_volumes(
     forbidden = tuple(v for v in range(synthetic_slices.num_volumes) if v not in used)
     data = _poisoned(synthetic_slices, forbidden)
     losses: list[float] = []
-    result = STAGES[stage](
+    result = STAGE_KINDS[stage].run(
         cfg, TINY, _context(data, split, labelled, report=lambda m, c: losses.append(m["loss"]))
     )
     assert losses and all(math.isfinite(x) for x in losses)
@@ -500,7 +499,7 @@ def _ddp_worker(
             ),
         ]:
             log: list[dict[str, float]] = []
-            result = STAGES[stage](
+            result = STAGE_KINDS[stage].run(
                 cfg,
                 TINY,
                 _context(data, split, labelled, report=lambda m, c, log=log: log.append(m)),
@@ -568,7 +567,7 @@ def test_step_budget_runs_exactly_that_many_updates(
     ctx = _context(synthetic_slices, split, labelled, report=lambda m, c: reports.append(m))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch.optim.Adam, "step", counting_step)
-        result = STAGES[stage](cfg, TINY, ctx)
+        result = STAGE_KINDS[stage].run(cfg, TINY, ctx)
     assert len(steps_taken) == 7
     assert result.metrics["steps"] == 7
     assert reports[-1]["steps"] == 7

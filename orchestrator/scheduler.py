@@ -1,0 +1,71 @@
+"""Which stage node to start next: the DAG of a sweep's incomplete nodes, without Ray."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+class DagScheduler:
+    """Which incomplete node to start next, as soon as its parent is complete (Ray-free).
+
+    ``parents``: node key -> parent key, or None when the node can start now (no parent, or the
+    parent complete already); a parent must itself be one of the keys. ``stages``: key -> stage
+    name (for messages). Among the ready nodes the one with the most descendants goes first (a
+    shared pretraining node unlocks every trial it serves), ties in the order of ``parents``.
+
+    ``next()`` gives a key to start, None when nothing is ready until a running node ends, or
+    ``DONE`` when nothing is left to start. ``finished(key, ok, why)`` records a node's end; a
+    failed node's descendants are dropped into ``skipped`` (key -> reason) and never started.
+    """
+
+    DONE = "DONE"
+
+    def __init__(self, parents: Mapping[str, str | None], stages: Mapping[str, str]) -> None:
+        for key, parent in parents.items():
+            if parent is not None and parent not in parents:
+                raise ValueError(f"node {key}: parent {parent} is not among the nodes to run")
+        self.parents = dict(parents)
+        self.stages = dict(stages)
+        self.children: dict[str, list[str]] = {key: [] for key in parents}
+        for key, parent in parents.items():
+            if parent is not None:
+                self.children[parent].append(key)
+        order = {key: i for i, key in enumerate(parents)}
+        self.priority = {key: (-self._descendants(key), order[key]) for key in parents}
+        self.waiting: list[str] = list(parents)
+        self.running: set[str] = set()
+        self.completed: list[str] = []
+        self.failed: dict[str, str] = {}
+        self.skipped: dict[str, str] = {}
+
+    def _descendants(self, key: str) -> int:
+        return sum(1 + self._descendants(child) for child in self.children[key])
+
+    def next(self) -> str | None:
+        done = set(self.completed)
+        ready = [
+            key for key in self.waiting if self.parents[key] is None or self.parents[key] in done
+        ]
+        if not ready:
+            return self.DONE if not self.waiting else None
+        key = min(ready, key=self.priority.__getitem__)
+        self.waiting.remove(key)
+        self.running.add(key)
+        return key
+
+    def finished(self, key: str, ok: bool, why: str = "did not complete") -> None:
+        if key not in self.running:
+            raise ValueError(f"node {key} is not running")
+        self.running.discard(key)
+        if ok:
+            self.completed.append(key)
+            return
+        self.failed[key] = why
+        self._skip_children(key, why)
+
+    def _skip_children(self, key: str, why: str) -> None:
+        for child in self.children[key]:
+            if child in self.waiting:
+                self.waiting.remove(child)
+                self.skipped[child] = f"parent {key} ({self.stages[key]}) did not complete: {why}"
+                self._skip_children(child, why)

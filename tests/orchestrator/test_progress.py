@@ -1,0 +1,47 @@
+"""The progress callback's lines, driven by hand (no Ray instance: Tune's Callback class only)."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from orchestrator.plan import build_plan
+from orchestrator.progress import clock, progress_callback
+from orchestrator.spec import load_spec
+from orchestrator.store import StageStore
+
+
+def test_a_line_per_node_start_and_end(tmp_path: Path) -> None:
+    path = tmp_path / "spec.yaml"
+    path.write_text(
+        textwrap.dedent(
+            """
+            name: progress-test
+            dataset: {kind: synthetic, image_size: 32, synthetic_cases: 8}
+            model: {base_channels: 4, depth: 2}
+            method: global
+            label_fraction: [0.25, 0.5]
+            stages: {finetune: {epochs: 3}}
+            """
+        )
+    )
+    plan = build_plan(load_spec(path, overrides={"storage": str(tmp_path / "s")}))
+    store = StageStore(tmp_path / "s")
+    lines: list[str] = []
+    callback = progress_callback(plan, store, lines.append, sweep_start=0.0)
+    shared = plan.levels[0][0]
+    failed = plan.levels[1][0]
+    trial = SimpleNamespace(config={"node_key": shared})
+    callback.on_trial_start(0, [], trial)
+    callback.on_trial_result(0, [], trial, {"loss": 0.5, "epoch": 1})
+    store.write_result(shared, {"w": torch.zeros(1)}, {"loss": 0.5})
+    callback.on_trial_complete(0, [], trial)
+    store.write_error(failed, "RuntimeError: boom")
+    callback.on_trial_complete(0, [], SimpleNamespace(config={"node_key": failed}))
+    assert "start (serves 2 trials)" in lines[0] and shared in lines[0]
+    assert "done in" in lines[1] and "epoch 1/100 loss 0.5000" in lines[1]
+    assert "FAILED" in lines[2] and "finetune" in lines[2] and "RuntimeError: boom" in lines[2]
+    assert clock(3725) == "1:02:05"
