@@ -35,7 +35,7 @@ import torch
 
 from orchestrator.spec import load_spec
 from orchestrator.stats import paired_summary
-from trainers.pipeline import PipelineConfig, run_pipeline
+from trainers.pipeline import run_pipeline
 
 COMPARISONS = {
     # option: (method, ours, reference)
@@ -71,19 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_arm(spec: Any, method: str, fraction: float, split: int, model: Any, cache: str) -> dict:
     point = spec.configure({"method": method, "label_fraction": fraction, "split": split})
-    cfg = PipelineConfig(
-        data=point.data,
-        method=method,
-        label_fraction=fraction,
-        model=model,
-        stages=point.stages,
-        split=point.split,
-        seed=point.seed,
-        split_index=split,
-        cache_dir=cache,
-    )
     started = time.perf_counter()
-    out = run_pipeline(cfg, device="cpu")
+    out = run_pipeline(dataclasses.replace(point, model=model), device="cpu", cache_dir=cache)
     metrics = {k: float(out["metrics"][k]) for k in METRICS}
     return {**metrics, "wall_s": time.perf_counter() - started}
 
