@@ -66,6 +66,14 @@ def _intensity(
     return out.to(x.dtype)
 
 
+def _check_intensity_args(brightness: float, gamma: tuple[float, float], noise_std: float) -> None:
+    if not (math.isfinite(brightness) and brightness >= 0):
+        raise ValueError(f"brightness must be a finite number >= 0, got {brightness}")
+    _check_range("gamma", gamma[0], gamma[1], minimum=1e-6)
+    if not (math.isfinite(noise_std) and noise_std >= 0):
+        raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std}")
+
+
 def intensity_views(
     x: Tensor,
     g: torch.Generator,
@@ -81,11 +89,7 @@ def intensity_views(
     """
     _check_images(x)
     _check_generator(g, x)
-    if not (math.isfinite(brightness) and brightness >= 0):
-        raise ValueError(f"brightness must be a finite number >= 0, got {brightness}")
-    _check_range("gamma", gamma[0], gamma[1], minimum=1e-6)
-    if not (math.isfinite(noise_std) and noise_std >= 0):
-        raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std}")
+    _check_intensity_args(brightness, gamma, noise_std)
     both = _intensity(torch.cat([x, x]), g, brightness, gamma, noise_std)
     return both[: x.shape[0]], both[x.shape[0] :]
 
@@ -100,6 +104,7 @@ def intensity_augment(
     """One intensity-augmented view of ``x`` (B, C, H, W) (see ``intensity_views``)."""
     _check_images(x)
     _check_generator(g, x)
+    _check_intensity_args(brightness, gamma, noise_std)
     return _intensity(x, g, brightness, gamma, noise_std)
 
 
