@@ -131,6 +131,17 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _stage_settings(
+    section: str, cfg: Any, default_augment: AugmentConfig, default_epochs: int
+) -> None:
+    """What every stage config shares: ``augment`` as written (bool, mapping or config) on top
+    of the stage's default, and its budget (``_budget``)."""
+    object.__setattr__(
+        cfg, "augment", AugmentConfig.parse(cfg.augment, default_augment, f"{section}.augment")
+    )
+    _budget(section, cfg, default_epochs)
+
+
 def _budget(section: str, cfg: Any, default_epochs: int) -> None:
     """A stage's budget is ``epochs`` (passes over its slices) or ``steps`` (optimiser updates),
     exactly one of them; neither given means ``default_epochs``."""
@@ -371,10 +382,7 @@ class GlobalConfig:
         _one_of("global", "loss", self.loss, ("ntxent", "partition"))
         check_positive("global", "temperature", self.temperature)
         check_positive_int("global", "n_parts", self.n_parts)
-        object.__setattr__(
-            self, "augment", AugmentConfig.parse(self.augment, GLOBAL_AUGMENT, "global.augment")
-        )
-        _budget("global", self, 100)
+        _stage_settings("global", self, GLOBAL_AUGMENT, 100)
         if self.augment.elastic_alpha:
             _fail(
                 "global", "augment", "elastic_alpha: the global views have no elastic deformation"
@@ -417,10 +425,7 @@ class LocalConfig:
         check_positive("local", "temperature", self.temperature)
         _one_of("local", "form", self.form, ("out", "in"))
         check_positive_int("local", "self_regions", self.self_regions)
-        object.__setattr__(
-            self, "augment", AugmentConfig.parse(self.augment, LOCAL_AUGMENT, "local.augment")
-        )
-        _budget("local", self, 60)
+        _stage_settings("local", self, LOCAL_AUGMENT, 60)
         if self.augment.spatial:
             _fail(
                 "local",
@@ -483,10 +488,7 @@ class FinetuneConfig:
     val_every_steps: int = 0
 
     def __post_init__(self) -> None:
-        object.__setattr__(
-            self, "augment", AugmentConfig.parse(self.augment, FINETUNE_AUGMENT, "finetune.augment")
-        )
-        _budget("finetune", self, 120)
+        _stage_settings("finetune", self, FINETUNE_AUGMENT, 120)
         check_positive_int("finetune", "batch_size", self.batch_size)
         check_positive("finetune", "lr", self.lr)
         check_non_negative("finetune", "weight_decay", self.weight_decay)
