@@ -32,8 +32,9 @@ cartesian product.
 Synthetic data: with ``dataset.kind: synthetic`` and no ``root``, the data is generated on
 demand (deterministically from ``synthetic_cases`` and ``synthetic_seed``) into
 ``<storage>/cache/synthetic-c<cases>-s<seed>``, so a sweep keeps everything it produces under
-its storage folder. The root never enters ``spec_hash`` for synthetic data (its content depends
-only on the generation parameters).
+its storage folder. The dataset root never enters ``spec_hash``: it is a location, and the
+content it holds enters every node key through ``trainers.data.data_fingerprint``, so a sweep
+resumes on another machine (or after the data moved) with the same hash.
 """
 
 from __future__ import annotations
@@ -581,12 +582,12 @@ def _apply(spec: Spec, params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[
 def _resolved(spec: Spec, for_hash: bool) -> dict[str, Any]:
     """The spec with every default filled in, as plain data.
 
-    ``for_hash``: drop storage / ray / resources / tracking, and a synthetic dataset's root
-    (a location, not content).
+    ``for_hash``: drop storage / ray / resources / tracking, and the dataset's root (a location;
+    the node keys carry the data's content fingerprint).
     """
     dataset = to_dict(spec.dataset)
     dataset["label_remap"] = [list(pair) for pair in spec.dataset.label_remap]
-    if for_hash and spec.dataset.kind == "synthetic":
+    if for_hash:
         dataset.pop("root")
     out: dict[str, Any] = {
         "name": spec.name,

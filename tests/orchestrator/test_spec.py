@@ -208,6 +208,25 @@ def test_variable_expansion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert spec.dataset.root == str(data)
 
 
+def test_spec_hash_ignores_where_the_data_lives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same spec with its data in two places is one sweep (CI checks out elsewhere)."""
+    text = good_with(
+        dataset="dataset: {kind: msd, root: '${SEMICON_TEST_DATA}/data', image_size: 32}"
+    )
+    hashes = []
+    for place in ("here", "there"):
+        (tmp_path / place / "data").mkdir(parents=True)
+        monkeypatch.setenv("SEMICON_TEST_DATA", str(tmp_path / place))
+        spec = load_spec(write(tmp_path, text, f"{place}.yaml"))
+        assert spec.dataset.root == str(tmp_path / place / "data")
+        hashes.append(spec.spec_hash)
+    assert hashes[0] == hashes[1]
+    resized = load_spec(write(tmp_path, text.replace("image_size: 32", "image_size: 48"), "r.yaml"))
+    assert resized.spec_hash != hashes[1]
+
+
 def test_spec_hash_ignores_resources_storage_ray_tracking(tmp_path: Path) -> None:
     base = load_spec(write(tmp_path, GOOD, "a.yaml"))
     other = load_spec(
