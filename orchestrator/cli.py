@@ -144,7 +144,9 @@ def launch(
     previous = store.sweep_path.read_bytes() if store.sweep_path.is_file() else None
     with bad_input():
         store.claim_sweep(spec, force=force, plan=plan)
-    launching = [f"{PROG}: launching sweep '{spec.name}' ({len(plan.trials)} trials) into {spec.storage}"]
+    launching = [
+        f"{PROG}: launching sweep '{spec.name}' ({len(plan.trials)} trials) into {spec.storage}"
+    ]
 
     def progress(line: str) -> None:
         # the launch line waits for run_sweep's first line (Ray is up then), so that bad input

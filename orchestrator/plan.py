@@ -34,7 +34,7 @@ from typing import Any
 
 from orchestrator.spec import Spec
 from trainers import STAGE_CODE_VERSION
-from trainers.config import DataConfig, to_dict
+from trainers.config import DataConfig, hash_form, to_dict
 from trainers.data import data_fingerprint
 from trainers.registry import get_stage, stage_names
 
@@ -163,7 +163,8 @@ _BUDGET_SETTINGS = (
 
 def relevant_settings(stage: str, config: Mapping[str, Any]) -> dict[str, Any]:
     """The stage config without the settings its own choices leave unused (for node keys):
-    its kind's ``unused_settings`` (``trainers.registry``) and the budget it does not use.
+    its kind's ``unused_settings`` (``trainers.registry``), the budget it does not use and the
+    settings at their ``trainers.config.LATE_DEFAULTS``.
 
     E.g. a supervised local stage with strategy "block" never reads ``stride``; a finetune
     stage without a regulariser never reads ``mixup_alpha`` or the Mean Teacher settings.
@@ -172,7 +173,7 @@ def relevant_settings(stage: str, config: Mapping[str, Any]) -> dict[str, Any]:
     for applies, names in _BUDGET_SETTINGS:
         if applies(config):
             unused.update(names)
-    return {name: value for name, value in config.items() if name not in unused}
+    return hash_form({name: value for name, value in config.items() if name not in unused})
 
 
 def build_plan(spec: Spec, reuse: bool = True) -> Plan:

@@ -64,6 +64,7 @@ from trainers.config import (
     check_positive,
     check_positive_int,
     from_dict,
+    hash_form,
     to_dict,
 )
 from trainers.methods import METHODS
@@ -582,8 +583,9 @@ def _apply(spec: Spec, params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[
 def _resolved(spec: Spec, for_hash: bool) -> dict[str, Any]:
     """The spec with every default filled in, as plain data.
 
-    ``for_hash``: drop storage / ray / resources / tracking, and the dataset's root (a location;
-    the node keys carry the data's content fingerprint).
+    ``for_hash``: drop storage / ray / resources / tracking, the dataset's root (a location;
+    the node keys carry the data's content fingerprint) and stage settings at their
+    ``trainers.config.LATE_DEFAULTS``.
     """
     dataset = to_dict(spec.dataset)
     dataset["label_remap"] = [list(pair) for pair in spec.dataset.label_remap]
@@ -594,7 +596,10 @@ def _resolved(spec: Spec, for_hash: bool) -> dict[str, Any]:
         "dataset": dataset,
         "split": to_dict(spec.split),
         "model": to_dict(spec.model),
-        "stages": {name: to_dict(spec.stages[name]) for name in _resolved_stages(spec)},
+        "stages": {
+            name: hash_form(to_dict(spec.stages[name])) if for_hash else to_dict(spec.stages[name])
+            for name in _resolved_stages(spec)
+        },
     }
     # named values keep their written form: a list where it is an axis, else the scalar;
     # top-level axes are written in axis order so that a rebuilt spec has the same axis order

@@ -123,6 +123,20 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return _plain(dataclasses.asdict(cfg))
 
 
+# Settings added after sweeps had been stored, at the value that reproduces what ran before:
+# left out of node keys and spec hashes (``hash_form``), so adding them reruns nothing stored.
+LATE_DEFAULTS: dict[str, Any] = {"lr_schedule": "constant"}
+
+
+def hash_form(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` (a stage config's plain dict) without the ``LATE_DEFAULTS`` it holds."""
+    return {
+        name: value
+        for name, value in config.items()
+        if not (name in LATE_DEFAULTS and LATE_DEFAULTS[name] == value)
+    }
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
@@ -135,11 +149,12 @@ def _stage_settings(
     section: str, cfg: Any, default_augment: AugmentConfig, default_epochs: int
 ) -> None:
     """What every stage config shares: ``augment`` as written (bool, mapping or config) on top
-    of the stage's default, and its budget (``_budget``)."""
+    of the stage's default, its budget (``_budget``) and its ``lr_schedule``."""
     object.__setattr__(
         cfg, "augment", AugmentConfig.parse(cfg.augment, default_augment, f"{section}.augment")
     )
     _budget(section, cfg, default_epochs)
+    _one_of(section, "lr_schedule", cfg.lr_schedule, LR_SCHEDULES)
 
 
 def _budget(section: str, cfg: Any, default_epochs: int) -> None:
@@ -238,6 +253,9 @@ class AugmentConfig:
         """This config with ``flip_axes`` bound to ``axes`` where it defers to the dataset."""
         return self if self.flip_axes is not None else dataclasses.replace(self, flip_axes=axes)
 
+
+# a stage's learning rate over its budget (``trainers.stages.lr_factor``)
+LR_SCHEDULES = ("constant", "poly", "cosine")
 
 NO_AUGMENT = AugmentConfig(flip_axes=(), p_flip=0.0)
 GLOBAL_AUGMENT = AugmentConfig(
@@ -375,6 +393,7 @@ class GlobalConfig:
     steps: int | None = None
     batch_size: int = 120
     lr: float = 3e-4
+    lr_schedule: str = "constant"
     weight_decay: float = 1e-5
     augment: AugmentConfig = GLOBAL_AUGMENT
 
@@ -414,6 +433,7 @@ class LocalConfig:
     steps: int | None = None
     batch_size: int = 4
     lr: float = 1e-4
+    lr_schedule: str = "constant"
     weight_decay: float = 1e-4
     augment: AugmentConfig = LOCAL_AUGMENT
 
@@ -468,12 +488,15 @@ class FinetuneConfig:
     ``val_every_steps`` (> 0 replaces ``val_every``): validate at the end of every epoch in which
     the optimiser step count passed a multiple of it (and at the last), so that step budgets get
     validation curves of the same density at every label fraction.
+    ``lr_schedule`` (every stage): "constant", or "poly" / "cosine" decay of ``lr`` towards 0 over
+    the budget (``trainers.stages.lr_factor``), so that a step budget ends on a settled model.
     """
 
     epochs: int | None = None
     steps: int | None = None
     batch_size: int = 8
     lr: float = 5e-4
+    lr_schedule: str = "constant"
     weight_decay: float = 0.0
     augment: AugmentConfig = FINETUNE_AUGMENT
     regulariser: str = "none"

@@ -279,6 +279,8 @@ class _Run:
     net: nn.Module  # what training passes call: ``model`` or DDP(model)
     optimizer: torch.optim.Optimizer
     dist: _Dist
+    lr: float = 0.0  # the peak learning rate; the schedule scales it at every step
+    lr_schedule: str = "constant"
     start_epoch: int = 1
     train_seconds: float = 0.0
     last_metrics: dict[str, float] = field(default_factory=dict)
@@ -316,17 +318,16 @@ class _Run:
         return state
 
 
-def _build(
-    stage: str, model_cfg: ModelConfig, ctx: StageContext, lr: float, weight_decay: float
-) -> _Run:
-    """Seed, build the UNet, load the parent's parts, create Adam, wrap in DDP, resume."""
+def _build(stage: str, cfg: Any, model_cfg: ModelConfig, ctx: StageContext) -> _Run:
+    """Seed, build the UNet, load the parent's parts, create Adam (``cfg.lr``,
+    ``cfg.weight_decay``; ``cfg.lr_schedule`` applied by ``_fit``), wrap in DDP, resume."""
     seed_everything(ctx.seed)
     model = UNet(model_cfg, in_channels=1, num_classes=ctx.data.num_classes)
     if ctx.init_parts:
         transfer_weights(ctx.init_state, model, ctx.init_parts)
     model = model.to(ctx.device, memory_format=_memory_format(ctx.device))
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    run = _Run(stage, ctx, model, model, optimizer, _Dist.current())
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    run = _Run(stage, ctx, model, model, optimizer, _Dist.current(), cfg.lr, cfg.lr_schedule)
     if ctx.resume is not None:
         if ctx.resume.get("stage") != stage:
             raise ValueError(
@@ -392,6 +393,19 @@ def _epoch_batches(
     return batches
 
 
+def lr_factor(schedule: str, step: int, total_steps: int) -> float:
+    """The learning rate of the 0-based optimiser ``step`` of ``total_steps``, as a fraction of
+    the stage's ``lr``: "constant" 1; "poly" (1 - step / total) ** 0.9 (nnU-Net's schedule);
+    "cosine" (1 + cos(pi * step / total)) / 2. Both decays start at 1 and approach 0 at the
+    end of the budget, so a fixed step budget ends on a settled model."""
+    progress = min(max(step / max(total_steps, 1), 0.0), 1.0)
+    if schedule == "poly":
+        return (1.0 - progress) ** 0.9
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
+
+
 def _train_epoch(
     run: _Run,
     epoch: int,
@@ -399,8 +413,12 @@ def _train_epoch(
     steps_per_epoch: int,
     step_fn: StepFn,
     after_step: Callable[[int], None] | None,
+    total_steps: int,
 ) -> tuple[Tensor, int]:
     """One pass over ``batches``: (sum of batch loss x batch size, on the device; slices seen).
+
+    Before each optimiser step the learning rate is ``run.lr * lr_factor(...)`` of the step's
+    position in the ``total_steps`` budget, so a resumed run continues the same schedule.
 
     The epoch's augment generator and host generator are derived from (seed, stage, epoch, rank),
     so an epoch's randomness does not depend on the epochs before it.
@@ -414,6 +432,9 @@ def _train_epoch(
     for i, batch in enumerate(batches):
         step = (epoch - 1) * steps_per_epoch + i
         loss = step_fn(_Step(batch, gen, rng, step, (epoch - 1) + i / len(batches)))
+        if run.lr_schedule != "constant":
+            for group in run.optimizer.param_groups:
+                group["lr"] = run.lr * lr_factor(run.lr_schedule, step, total_steps)
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         run.optimizer.step()
@@ -426,10 +447,8 @@ def _train_epoch(
 
 def _fit(
     run: _Run,
+    cfg: Any,
     *,
-    epochs: int | None,
-    steps: int | None = None,
-    batch_size: int,
     num_slices: int,
     step_fn: StepFn,
     min_batch: int = 1,
@@ -438,8 +457,8 @@ def _fit(
     evaluate_every: int = 1,
     evaluate_every_steps: int = 0,
 ) -> None:
-    """Train ``run`` from ``run.start_epoch`` for a budget of ``epochs`` or ``steps``; report
-    each epoch.
+    """Train ``run`` from ``run.start_epoch`` for the stage config's budget (``cfg.epochs`` or
+    ``cfg.steps``, batches of ``cfg.batch_size``); report each epoch.
 
     A step budget runs ceil(steps / steps_per_epoch) epochs, the last one cut short, so that
     exactly ``steps`` optimiser updates happen whatever the number of slices (label fractions
@@ -452,13 +471,14 @@ def _fit(
     slowest rank) and ``slices_per_s`` (all ranks' slices / seconds).
     """
     ctx, device, dist = run.ctx, run.device, run.dist
+    batch_size = cfg.batch_size
     steps_per_epoch = _steps_per_epoch(num_slices, batch_size, min_batch, dist)
     if steps_per_epoch == 0:
         raise ValueError(
             f"{run.stage}: {num_slices} training slices over {dist.world} rank(s) give no batch of "
             f">= {min_batch} slices (batch_size {batch_size})"
         )
-    total_steps = steps if steps is not None else epochs * steps_per_epoch
+    total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
     last_epoch = math.ceil(total_steps / steps_per_epoch)
     for epoch in range(run.start_epoch, last_epoch + 1):
         order = _torch_generator(device, ctx.seed, run.stage, epoch, "order")
@@ -466,7 +486,9 @@ def _fit(
         done_before = (epoch - 1) * steps_per_epoch
         batches = batches[: total_steps - done_before]
         started = time.perf_counter()
-        loss_sum, seen = _train_epoch(run, epoch, batches, steps_per_epoch, step_fn, after_step)
+        loss_sum, seen = _train_epoch(
+            run, epoch, batches, steps_per_epoch, step_fn, after_step, total_steps
+        )
         totals = dist.all_reduce(torch.stack([loss_sum, loss_sum.new_tensor(float(seen))]))
         total_loss, total_seen = totals.tolist()  # the epoch's one host synchronisation
         seconds = dist.all_reduce(
@@ -575,7 +597,7 @@ def run_global(cfg: GlobalConfig, model: ModelConfig, ctx: StageContext) -> Stag
     loss ``nt_xent(z1, z2, T)`` or, for loss="partition", ``partition_global_loss(z1, z2, p, T)``
     with partition p = floor(position * n_parts). A last batch of fewer than 2 slices is dropped.
     """
-    run = _build("global", model, ctx, cfg.lr, cfg.weight_decay)
+    run = _build("global", cfg, model, ctx)
     volumes = resolve_volumes(global_reads(cfg), ctx.split, ctx.labelled)["train"]
     train = _device_slices(ctx.data, volumes, ctx.device, labels=False)
 
@@ -589,9 +611,7 @@ def run_global(cfg: GlobalConfig, model: ModelConfig, ctx: StageContext) -> Stag
 
     _fit(
         run,
-        epochs=cfg.epochs,
-        steps=cfg.steps,
-        batch_size=cfg.batch_size,
+        cfg,
         num_slices=len(train),
         step_fn=step,
         min_batch=2,
@@ -609,7 +629,7 @@ def run_local(cfg: LocalConfig, model: ModelConfig, ctx: StageContext) -> StageR
     ``self_local_contrastive(e1, e2, self_regions, T)``.
     """
     cfg.check_image_size(int(ctx.data.images.shape[-1]))
-    run = _build("local", model, ctx, cfg.lr, cfg.weight_decay)
+    run = _build("local", cfg, model, ctx)
     supervised = cfg.loss == "supervised"
     volumes = resolve_volumes(local_reads(cfg), ctx.split, ctx.labelled)["train"]
     train = _device_slices(ctx.data, volumes, ctx.device, labels=supervised)
@@ -633,9 +653,7 @@ def run_local(cfg: LocalConfig, model: ModelConfig, ctx: StageContext) -> StageR
 
     _fit(
         run,
-        epochs=cfg.epochs,
-        steps=cfg.steps,
-        batch_size=cfg.batch_size,
+        cfg,
         num_slices=len(train),
         step_fn=step,
     )
@@ -678,7 +696,7 @@ def run_finetune(cfg: FinetuneConfig, model: ModelConfig, ctx: StageContext) -> 
     ``evaluate_model`` plus ``loss`` and ``train_seconds``. The final model is kept (no
     selection on validation Dice).
     """
-    run = _build("finetune", model, ctx, cfg.lr, cfg.weight_decay)
+    run = _build("finetune", cfg, model, ctx)
     roles = resolve_volumes(finetune_reads(cfg), ctx.split, ctx.labelled)
     train = _device_slices(ctx.data, roles["train"], ctx.device, labels=True)
     num_classes = ctx.data.num_classes
@@ -761,9 +779,7 @@ def run_finetune(cfg: FinetuneConfig, model: ModelConfig, ctx: StageContext) -> 
 
     _fit(
         run,
-        epochs=cfg.epochs,
-        steps=cfg.steps,
-        batch_size=cfg.batch_size,
+        cfg,
         num_slices=len(train),
         step_fn=step,
         after_step=ema if teacher is not None else None,

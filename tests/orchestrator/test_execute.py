@@ -46,7 +46,13 @@ from tests.orchestrator.conftest import REPO_ROOT, ray_test_env
 TINY: dict[str, Any] = {
     "dataset": {"kind": "synthetic", "image_size": 16, "synthetic_cases": 8},
     "split": {"train": 0.5, "val": 0.25, "test": 0.25, "repeats": 1},
-    "model": {"base_channels": 4, "depth": 2, "embed_dim": 8, "global_hidden": 16, "local_hidden": 8},
+    "model": {
+        "base_channels": 4,
+        "depth": 2,
+        "embed_dim": 8,
+        "global_hidden": 16,
+        "local_hidden": 8,
+    },
     "seed": 0,
 }
 
@@ -140,15 +146,24 @@ def test_train_node_in_train_local_mode(tmp_path: Path) -> None:
     from trainers.data import prepare_slices
 
     spec = load_spec(
-        write_spec(tmp_path, "local", method="random", label_fraction=0.5,
-                   stages={"finetune": {"epochs": 2, "batch_size": 4}}),
+        write_spec(
+            tmp_path,
+            "local",
+            method="random",
+            label_fraction=0.5,
+            stages={"finetune": {"epochs": 2, "batch_size": 4}},
+        ),
         overrides={"storage": str(tmp_path / "storage")},
     )
     plan = build_plan(spec)
     store = StageStore(spec.storage)
     node = plan.nodes[plan.levels[0][0]]
     data = prepare_slices(from_dict(DataConfig, node.data, "dataset"), store.cache_dir)
-    config = {"node": node.to_dict(), "storage": str(store.root), "cache": str(store.cache_dir / data.fingerprint)}
+    config = {
+        "node": node.to_dict(),
+        "storage": str(store.root),
+        "cache": str(store.cache_dir / data.fingerprint),
+    }
 
     def fit(loop_config: dict[str, Any]) -> None:
         TorchTrainer(
@@ -171,7 +186,9 @@ def test_train_node_in_train_local_mode(tmp_path: Path) -> None:
     assert store.is_complete(node.key)
     records = store.read_epochs(node.key)
     assert [r["epoch"] for r in records] == [1, 2]
-    assert {r["stage"] for r in records} == {"finetune"} and {r["world_size"] for r in records} == {1}
+    assert {r["stage"] for r in records} == {"finetune"} and {r["world_size"] for r in records} == {
+        1
+    }
     assert all(r["resumed_from"] == 0 and r["worker_nodes"] == "local" for r in records)
     metrics = store.read_metrics(node.key)
     assert metrics["wall_s"] > 0 and metrics["gpu_s"] == 0
@@ -189,7 +206,9 @@ def test_tracking_callbacks_follow_the_spec(tmp_path: Path) -> None:
     from orchestrator.tracking import check_tracking, logger_callbacks
 
     def spec_with(tracking: dict[str, Any]) -> Any:
-        path = write_spec(tmp_path, "tracked", method="random", label_fraction=0.5, tracking=tracking)
+        path = write_spec(
+            tmp_path, "tracked", method="random", label_fraction=0.5, tracking=tracking
+        )
         return load_spec(path, overrides={"storage": str(tmp_path / "s")})
 
     default = logger_callbacks(spec_with({}))
@@ -197,7 +216,10 @@ def test_tracking_callbacks_follow_the_spec(tmp_path: Path) -> None:
     if importlib.util.find_spec("tensorboardX") is not None:
         assert isinstance(logger_callbacks(spec_with({"tensorboard": True}))[-1], TBXLoggerCallback)
     if importlib.util.find_spec("mlflow") is None:
-        with pytest.raises(SpecError, match=r"tracked\.yaml: tracking\.mlflow_uri: .*'mlflow' package is not installed"):
+        with pytest.raises(
+            SpecError,
+            match=r"tracked\.yaml: tracking\.mlflow_uri: .*'mlflow' package is not installed",
+        ):
             check_tracking(spec_with({"mlflow_uri": "file:///tmp/mlruns"}))
 
 
@@ -219,17 +241,28 @@ def test_unreachable_address_exits_2_and_writes_nothing(tmp_path: Path) -> None:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_launch_with_a_failing_trial(ray_cluster: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_launch_with_a_failing_trial(
+    ray_cluster: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """global -> finetune at two label fractions: one global node serves both trials; one
     finetune node fails by injection, the other trial completes; exit 1; three tables."""
     spec_path = write_spec(
-        tmp_path, "e2e", method="global", label_fraction=[0.25, 0.5],
-        stages={"global": {"epochs": 2, "batch_size": 16}, "finetune": {"epochs": 2, "batch_size": 4}},
+        tmp_path,
+        "e2e",
+        method="global",
+        label_fraction=[0.25, 0.5],
+        stages={
+            "global": {"epochs": 2, "batch_size": 16},
+            "finetune": {"epochs": 2, "batch_size": 4},
+        },
         resources={"max_failures": 0},
     )
     storage = tmp_path / "storage"
     plan = build_plan(load_spec(spec_path, overrides={"storage": str(storage)}))
-    assert plan.summary()["stages"] == {"global": {"nodes": 1, "to_run": 1}, "finetune": {"nodes": 2, "to_run": 2}}
+    assert plan.summary()["stages"] == {
+        "global": {"nodes": 1, "to_run": 1},
+        "finetune": {"nodes": 2, "to_run": 2},
+    }
     failing = plan.trials[1].nodes["finetune"]
     monkeypatch.setenv(FAIL_NODES_ENV, failing)
 
@@ -249,7 +282,12 @@ def test_launch_with_a_failing_trial(ray_cluster: str, tmp_path: Path, monkeypat
     assert list(trials["trial_id"]) == ["t0000", "t0001"]
     ok, failed = trials.iloc[0], trials.iloc[1]
     assert ok["status"] == "ok" and pd.isna(ok["error"])
-    for column in ("test_dice_pooled_mean", "test_dice_volume_mean", "test_dice_pooled_c1", "val_dice_volume_mean"):
+    for column in (
+        "test_dice_pooled_mean",
+        "test_dice_volume_mean",
+        "test_dice_pooled_c1",
+        "val_dice_volume_mean",
+    ):
         assert 0.0 <= ok[column] <= 1.0, column
     assert failed["status"] == "failed" and failed["key_finetune"] == failing
     assert "injected failure" in failed["error"]
@@ -277,7 +315,10 @@ def test_relaunch_after_sigkill_resumes(ray_cluster: str, tmp_path: Path) -> Non
 
     epochs = 8
     spec_path = write_spec(
-        tmp_path, "resume", method="random", label_fraction=[0.25, 0.5],
+        tmp_path,
+        "resume",
+        method="random",
+        label_fraction=[0.25, 0.5],
         stages={"finetune": {"epochs": epochs, "batch_size": 4}},
         resources={"max_concurrent_trials": 1},
     )
@@ -287,16 +328,30 @@ def test_relaunch_after_sigkill_resumes(ray_cluster: str, tmp_path: Path) -> Non
     store = StageStore(storage)
     log = (tmp_path / "first.log").open("wb")
     driver = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "launch", str(spec_path), "--storage", str(storage),
-         "--address", ray_cluster],
-        cwd=REPO_ROOT, env={**os.environ, **ray_test_env()}, stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "launch",
+            str(spec_path),
+            "--storage",
+            str(storage),
+            "--address",
+            ray_cluster,
+        ],
+        cwd=REPO_ROOT,
+        env={**os.environ, **ray_test_env()},
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         deadline = time.monotonic() + 240
         done = interrupted = None
         while time.monotonic() < deadline and driver.poll() is None:
             complete = [k for k in keys if store.is_complete(k)]
-            running = [k for k in keys if k not in complete and _snapshot_checkpoints(storage, k) > 0]
+            running = [
+                k for k in keys if k not in complete and _snapshot_checkpoints(storage, k) > 0
+            ]
             if complete and running:
                 done, interrupted = complete[0], running[0]
                 driver.send_signal(signal.SIGKILL)
@@ -307,14 +362,19 @@ def test_relaunch_after_sigkill_resumes(ray_cluster: str, tmp_path: Path) -> Non
             driver.kill()
         driver.wait(timeout=30)
         log.close()
-    assert done is not None, f"never saw one node complete and one checkpointed:\n{(tmp_path / 'first.log').read_text()}"
+    assert done is not None, (
+        f"never saw one node complete and one checkpointed:\n{(tmp_path / 'first.log').read_text()}"
+    )
     killed_at = time.time()
     complete_marker = (store.node_dir(done) / "COMPLETE").read_bytes()
     done_epochs = store.read_epochs(done)
 
     # the dead driver's trial, Train controller and worker actors go with its job
     deadline = time.monotonic() + 60
-    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
+    while (
+        ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.5)
 
     result = launch([str(spec_path), "--storage", str(storage), "--address", ray_cluster])
@@ -369,7 +429,10 @@ DDP_SCRIPT = textwrap.dedent(
 def test_two_node_ddp_with_strict_spread(tmp_path: Path) -> None:
     """Two simulated nodes of 1 CPU; one finetune node as 2-rank gloo DDP, a rank per node."""
     spec_path = write_spec(
-        tmp_path, "ddp", method="random", label_fraction=0.5,
+        tmp_path,
+        "ddp",
+        method="random",
+        label_fraction=0.5,
         stages={"finetune": {"epochs": 2, "batch_size": 2}},
         resources={"workers_per_trial": 2, "cpus_per_worker": 1, "max_failures": 0},
     )
@@ -378,7 +441,11 @@ def test_two_node_ddp_with_strict_spread(tmp_path: Path) -> None:
     script.write_text(DDP_SCRIPT)
     run = subprocess.run(
         [sys.executable, str(script), str(spec_path), str(storage)],
-        cwd=REPO_ROOT, env={**os.environ, **ray_test_env()}, capture_output=True, text=True, timeout=300,
+        cwd=REPO_ROOT,
+        env={**os.environ, **ray_test_env()},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
     assert run.returncode == 0 and lines, run.stdout + run.stderr
@@ -398,7 +465,9 @@ def test_two_node_ddp_with_strict_spread(tmp_path: Path) -> None:
     from trainers.config import ModelConfig, from_dict
     from trainers.model import UNet
 
-    reference = UNet(from_dict(ModelConfig, TINY["model"], "model"), in_channels=1, num_classes=3).state_dict()
+    reference = UNet(
+        from_dict(ModelConfig, TINY["model"], "model"), in_channels=1, num_classes=3
+    ).state_dict()
     assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in reference.items()}
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
@@ -423,7 +492,10 @@ def test_quickstart_spec_end_to_end(ray_cluster: str, tmp_path: Path) -> None:
     (global_key,) = {t.nodes["global"] for t in plan.trials}
     assert [r["epoch"] for r in store.read_epochs(global_key)] == list(range(1, 6))
 
-    tables = {name: pd.read_parquet(storage / "tables" / f"{name}.parquet") for name in ("trials", "epochs", "summary")}
+    tables = {
+        name: pd.read_parquet(storage / "tables" / f"{name}.parquet")
+        for name in ("trials", "epochs", "summary")
+    }
     trials = tables["trials"]
     assert list(trials["trial_id"]) == [t.trial_id for t in plan.trials]
     assert (trials["status"] == "ok").all()
@@ -434,4 +506,6 @@ def test_quickstart_spec_end_to_end(ray_cluster: str, tmp_path: Path) -> None:
     mtimes = {key: (store.node_dir(key) / "COMPLETE").stat().st_mtime_ns for key in plan.nodes}
     again = launch([str(spec_path), "--storage", str(storage)])
     assert again.exit_code == 0, again.output
-    assert {key: (store.node_dir(key) / "COMPLETE").stat().st_mtime_ns for key in plan.nodes} == mtimes
+    assert {
+        key: (store.node_dir(key) / "COMPLETE").stat().st_mtime_ns for key in plan.nodes
+    } == mtimes

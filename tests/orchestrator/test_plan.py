@@ -231,6 +231,17 @@ def test_budget_kind_and_flip_axes_enter_keys_only_when_they_change_the_run(
     assert all(stepped[t]["global"] == base[t]["global"] for t in base)
     cadence = steps.replace("steps: 40}", "steps: 40, val_every_steps: 10}")
     assert keys_by_trial(build_plan(spec_of(tmp_path, cadence, "cadence.yaml"))) == stepped
+    # lr_schedule "constant" is what ran before the setting existed: same keys; a decay is new
+    constant = steps.replace("steps: 40}", "steps: 40, lr_schedule: constant}")
+    assert keys_by_trial(build_plan(spec_of(tmp_path, constant, "constant.yaml"))) == stepped
+    assert (
+        spec_of(tmp_path, constant, "constant.yaml").spec_hash
+        == spec_of(tmp_path, steps, "steps.yaml").spec_hash
+    )
+    poly = steps.replace("steps: 40}", "steps: 40, lr_schedule: poly}")
+    decayed = keys_by_trial(build_plan(spec_of(tmp_path, poly, "poly.yaml")))
+    assert all(decayed[t]["finetune"] != stepped[t]["finetune"] for t in base)
+    assert all(decayed[t]["global"] == stepped[t]["global"] for t in base)
     # the synthetic dataset's default flip axes are (0,): writing them in the stage changes nothing
     written = BASE.replace(
         "finetune: {lr: 0.0005}", "finetune: {lr: 0.0005, augment: {flip_axes: [0]}}"

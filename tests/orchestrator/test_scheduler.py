@@ -7,9 +7,26 @@ import pytest
 from orchestrator.scheduler import DagScheduler
 
 # g1 -> l1 -> f1, g1 -> l2 -> f2 (a shared global), r (random init: no parent), g2 -> f3
-PARENTS = {"r": None, "g2": None, "g1": None, "l1": "g1", "l2": "g1", "f1": "l1", "f2": "l2", "f3": "g2"}
-STAGES = {"r": "finetune", "g1": "global", "g2": "global", "l1": "local", "l2": "local",
-          "f1": "finetune", "f2": "finetune", "f3": "finetune"}
+PARENTS = {
+    "r": None,
+    "g2": None,
+    "g1": None,
+    "l1": "g1",
+    "l2": "g1",
+    "f1": "l1",
+    "f2": "l2",
+    "f3": "g2",
+}
+STAGES = {
+    "r": "finetune",
+    "g1": "global",
+    "g2": "global",
+    "l1": "local",
+    "l2": "local",
+    "f1": "finetune",
+    "f2": "finetune",
+    "f3": "finetune",
+}
 
 
 def _run(scheduler: DagScheduler, slots: int, fail: frozenset[str] = frozenset()) -> list[str]:

@@ -126,6 +126,10 @@ BAD_SPECS = {
         "stages.finetune.steps: give either epochs or steps, not both",
     ),
     "zero steps": (GOOD + "stages: {global: {steps: 0}}\n", "stages.global.steps"),
+    "unknown lr schedule": (
+        GOOD + "stages: {local: {lr_schedule: linear}}\n",
+        "stages.local.lr_schedule",
+    ),
     "augment not a mapping": (
         GOOD + "stages: {finetune: {augment: yes please}}\n",
         "stages.finetune.augment: must be true, false or a mapping",

@@ -7,7 +7,9 @@ import pytest
 from orchestrator.worker import ReportThrottle
 
 
-def _epochs(throttle: ReportThrottle, seconds: list[float], checkpoint_at: frozenset[int] = frozenset()) -> list[int]:
+def _epochs(
+    throttle: ReportThrottle, seconds: list[float], checkpoint_at: frozenset[int] = frozenset()
+) -> list[int]:
     reported = []
     for epoch, s in enumerate(seconds, start=1):
         metrics = {"epoch": epoch, "loss": 1.0, "seconds": s}

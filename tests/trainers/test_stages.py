@@ -34,6 +34,7 @@ from trainers.stages import (
     StageContext,
     StageResult,
     evaluate_model,
+    lr_factor,
     run_finetune,
     run_global,
     run_local,
@@ -211,11 +212,24 @@ def test_loss_decreases_on_a_tiny_fixed_batch(
 # resuming
 
 
-@pytest.mark.parametrize("regulariser", ["none", "mixup", "mean_teacher"])
+@pytest.mark.parametrize(
+    "regulariser, lr_schedule",
+    [("none", "constant"), ("mixup", "constant"), ("mean_teacher", "constant"), ("none", "poly")],
+)
 def test_interrupted_and_resumed_finetune_equals_uninterrupted(
-    regulariser: str, synthetic_slices: SliceData, split: Split, labelled: tuple[int, ...]
+    regulariser: str,
+    lr_schedule: str,
+    synthetic_slices: SliceData,
+    split: Split,
+    labelled: tuple[int, ...],
 ) -> None:
-    cfg = _stage_config("finetune", epochs=3, regulariser=regulariser, consistency_rampup=2)
+    cfg = _stage_config(
+        "finetune",
+        epochs=3,
+        regulariser=regulariser,
+        consistency_rampup=2,
+        lr_schedule=lr_schedule,
+    )
     full_log: list[dict[str, float]] = []
     last: dict[str, Any] = {}
     full = run_finetune(
@@ -572,6 +586,45 @@ def test_step_budget_runs_exactly_that_many_updates(
     assert result.metrics["steps"] == 7
     assert reports[-1]["steps"] == 7
     assert [r["steps"] for r in reports] == sorted(r["steps"] for r in reports)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "poly", "cosine"])
+def test_lr_schedule_sets_every_steps_learning_rate(
+    schedule: str, synthetic_slices: SliceData, split: Split, labelled: tuple[int, ...]
+) -> None:
+    """The learning rate of step i of N is lr * lr_factor(schedule, i, N), across epochs."""
+    cfg = dataclasses.replace(
+        _stage_config("finetune"),
+        epochs=None,
+        steps=7,
+        batch_size=4,
+        lr=1e-3,
+        lr_schedule=schedule,
+    )
+    rates: list[float] = []
+    original = torch.optim.Adam.step
+
+    def recording_step(self: torch.optim.Adam, *args: Any, **kwargs: Any) -> Any:
+        rates.append(self.param_groups[0]["lr"])
+        return original(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.optim.Adam, "step", recording_step)
+        run_finetune(cfg, TINY, _context(synthetic_slices, split, labelled))
+    expected = {
+        "constant": [1e-3] * 7,
+        "poly": [1e-3 * (1 - i / 7) ** 0.9 for i in range(7)],
+        "cosine": [1e-3 * (1 + math.cos(math.pi * i / 7)) / 2 for i in range(7)],
+    }[schedule]
+    assert rates == pytest.approx(expected, rel=1e-12)
+
+
+def test_lr_factor_hand_values() -> None:
+    assert lr_factor("poly", 0, 10) == 1.0 and lr_factor("cosine", 0, 10) == 1.0
+    assert lr_factor("poly", 5, 10) == pytest.approx(0.5**0.9)  # 0.5359
+    assert lr_factor("cosine", 5, 10) == pytest.approx(0.5)
+    assert lr_factor("cosine", 10, 10) == pytest.approx(0.0)
+    assert lr_factor("constant", 9, 10) == 1.0
 
 
 def test_validation_every_k_steps_per_class_and_never_twice(
