@@ -56,9 +56,9 @@ from orchestrator.plan import StageNode
 from orchestrator.store import StageStore, atomic_write_text
 from trainers.config import ModelConfig, SplitConfig, from_dict
 from trainers.data import load_slice_cache
+from trainers.loop import ReportFn, StageResult
 from trainers.point import stage_context
 from trainers.registry import get_stage
-from trainers.stages import ReportFn, StageResult
 
 CHECKPOINT_FILE = "checkpoint_state.pt"
 WALL_KEY = "worker_wall_s"  # added to each checkpoint state: wall seconds spent up to it

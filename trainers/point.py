@@ -33,9 +33,9 @@ from trainers.config import (
     bind_dataset,
 )
 from trainers.data import SliceData, labelled_subset, make_split
+from trainers.loop import ReportFn, StageContext
 from trainers.methods import METHODS, resolve_stages
 from trainers.registry import STAGE_KINDS
-from trainers.stages import ReportFn, StageContext
 
 
 def _is_int(value: Any) -> bool:

@@ -24,9 +24,8 @@ from typing import Any
 
 from trainers.config import FinetuneConfig, GlobalConfig, LocalConfig, ModelConfig
 from trainers.data import Split
+from trainers.loop import StageContext, StageResult
 from trainers.stages import (
-    StageContext,
-    StageResult,
     finetune_reads,
     global_reads,
     local_reads,

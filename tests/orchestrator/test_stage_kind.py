@@ -29,11 +29,12 @@ from trainers.config import (
     from_dict,
 )
 from trainers.data import prepare_slices
+from trainers.loop import StageContext, StageResult
 from trainers.losses import segmentation_loss
 from trainers.methods import METHODS, Method
 from trainers.model import UNet, transfer_weights
 from trainers.registry import STAGE_KINDS, StageKind, register_stage
-from trainers.stages import StageContext, StageResult, evaluate_model, resolve_volumes
+from trainers.stages import evaluate_model, resolve_volumes
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,10 +13,10 @@ import torch
 from trainers.augment import global_views, intensity_views, spatial_augment
 from trainers.config import FinetuneConfig, GlobalConfig, LocalConfig, ModelConfig, SplitConfig
 from trainers.data import SliceData, labelled_subset, make_split
+from trainers.loop import StageContext
 from trainers.losses import segmentation_loss, supervised_local_contrastive
 from trainers.model import UNet
 from trainers.registry import STAGE_KINDS
-from trainers.stages import StageContext
 
 pytestmark = [
     pytest.mark.cuda,

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainers import seed_everything, stages
+from trainers import loop, seed_everything, stages
 from trainers.augment import global_views
 from trainers.config import (
     DataConfig,
@@ -26,15 +26,13 @@ from trainers.config import (
     StageConfigs,
 )
 from trainers.data import SliceData, Split, labelled_subset, make_split
+from trainers.loop import StageContext, StageResult, lr_factor
 from trainers.methods import METHODS
 from trainers.model import UNet
 from trainers.pipeline import PipelineConfig, run_pipeline
 from trainers.registry import STAGE_KINDS, stage_volumes
 from trainers.stages import (
-    StageContext,
-    StageResult,
     evaluate_model,
-    lr_factor,
     run_finetune,
     run_global,
     run_local,
@@ -471,10 +469,10 @@ def test_epoch_batches_shard_one_permutation_across_ranks(
     world = 2
     shards = []
     for rank in range(world):
-        dist = stages._Dist(rank, world)
+        dist = loop.Dist(rank, world)
         order = torch.Generator().manual_seed(5)
-        batches = stages._epoch_batches(num_slices, batch_size, min_batch, order, dist, CPU)
-        assert len(batches) == stages._steps_per_epoch(num_slices, batch_size, min_batch, dist)
+        batches = loop._epoch_batches(num_slices, batch_size, min_batch, order, dist, CPU)
+        assert len(batches) == loop._steps_per_epoch(num_slices, batch_size, min_batch, dist)
         assert all(min_batch <= len(b) <= batch_size for b in batches)
         shards.append(torch.cat(batches).tolist() if batches else [])
     assert not set(shards[0]) & set(shards[1])  # ranks never share a slice in an epoch
