@@ -8,8 +8,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import socket
+import sys
+import tempfile
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -23,6 +27,10 @@ QUIET_ENV = {
     "TUNE_DISABLE_SIGINT_HANDLER": "1",  # Ctrl+C stops the whole sweep at once
 }
 
+# A sweep's own Ray lives in a fresh temp dir named so: Ray looks for "the current cluster" in
+# its temp dir, so a plain ray.init() elsewhere (another sweep, a test suite) never finds it, and
+# this sweep never joins a cluster that `ray start` or ray.cluster_utils recorded in /tmp/ray.
+PRIVATE_TEMP_PREFIX = "semicon-ray-"
 CONNECT_TIMEOUT_S = 5.0
 DEFAULT_RAY_PORT = 6379
 DEFAULT_CLIENT_PORT = 10001
@@ -79,31 +87,84 @@ def check_address(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         raise ClusterError(f"cannot reach the Ray cluster at {address}: {reason}") from None
 
 
-def connect_ray(address: str | None) -> bool:
-    """Make sure this process is connected to Ray; returns True when it started Ray itself.
+def system_temp_dir() -> Path:
+    """Where Ray keeps its temp dirs on this machine (Ray's own rule: RAY_TMPDIR, then TMPDIR
+    on Linux, else /tmp on Linux and macOS)."""
+    if os.environ.get("RAY_TMPDIR"):
+        return Path(os.environ["RAY_TMPDIR"])
+    if sys.platform.startswith("linux") and os.environ.get("TMPDIR"):
+        return Path(os.environ["TMPDIR"])
+    if sys.platform.startswith(("linux", "darwin")):
+        return Path("/tmp")
+    return Path(tempfile.gettempdir())
 
-    ``address`` None: start a local Ray (no dashboard: the sweep uses no early stopping, the
-    one feature whose cleanup needs the State API); otherwise join the cluster at ``address``
-    after a quick reachability check. A process already connected (e.g. a test session) keeps
-    its connection. Connection failures raise ``ClusterError``.
+
+def resolve_address(address: str) -> str:
+    """``address`` with "auto" made explicit: ``RAY_ADDRESS``, else the shared cluster that
+    ``ray start --head`` recorded in Ray's default temp dir. Ray's own "auto" also joins any
+    Ray process it finds on the machine, which may be another sweep's private instance (gone
+    when that sweep ends); this never does. ``ClusterError`` when there is no shared cluster."""
+    if address != "auto":
+        return address
+    env = os.environ.get("RAY_ADDRESS", "")
+    if env and env != "auto":
+        return env
+    record = system_temp_dir() / "ray" / "ray_current_cluster"
+    try:
+        recorded = record.read_text(encoding="utf-8").strip()
+    except OSError:
+        recorded = ""
+    if not recorded:
+        raise ClusterError(
+            "--address auto: no shared Ray cluster on this machine (start one with "
+            "`ray start --head` or set RAY_ADDRESS); another sweep's own Ray is never joined"
+        )
+    return recorded
+
+
+def connect_ray(address: str | None) -> Path | None:
+    """Make sure this process is connected to Ray; returns the private temp dir of a Ray it
+    started itself (to remove after ``ray.shutdown()``), else None.
+
+    ``address`` None: start a private local Ray in a fresh ``PRIVATE_TEMP_PREFIX`` temp dir
+    (no dashboard: the sweep uses no early stopping, the one feature whose cleanup needs the
+    State API), ignoring ``RAY_ADDRESS``; otherwise join the cluster at ``address`` ("auto":
+    ``resolve_address``) after a quick reachability check. A process already connected (e.g. a
+    test session) keeps its connection. Connection failures raise ``ClusterError``.
     """
     import ray
 
     if address is not None:
+        address = resolve_address(address)
         check_address(address)
     if ray.is_initialized():
-        return False
+        return None
     options: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
+    temp_dir: Path | None = None
     try:
         if address is None:
-            ray.init(include_dashboard=False, **options)
+            temp_dir = Path(tempfile.mkdtemp(prefix=PRIVATE_TEMP_PREFIX, dir=system_temp_dir()))
+            with _without_env("RAY_ADDRESS"):
+                ray.init(include_dashboard=False, _temp_dir=str(temp_dir), **options)
         else:
             ray.init(address=address, **options)
     except (ConnectionError, TimeoutError, RuntimeError, ValueError) as err:
+        if temp_dir is not None:
+            shutil.rmtree(temp_dir, ignore_errors=True)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         where = address if address is not None else "a local Ray instance"
         raise ClusterError(f"cannot connect to {where}: {first}") from None
-    return True
+    return temp_dir
+
+
+@contextlib.contextmanager
+def _without_env(name: str) -> Iterator[None]:
+    saved = os.environ.pop(name, None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ[name] = saved
 
 
 @contextlib.contextmanager
@@ -151,13 +212,14 @@ def train_env() -> dict[str, str]:
 @contextlib.contextmanager
 def ray_session(address: str | None) -> Iterator[None]:
     """Quiet Ray, connected to ``address`` (see ``connect_ray``) for the block; a Ray started
-    here is shut down at its end."""
+    here is shut down at its end and its private temp dir removed."""
     with quiet_ray_env(), quiet_ray_loggers():
-        started = connect_ray(address)
+        private = connect_ray(address)
         try:
             yield
         finally:
-            if started:
+            if private is not None:
                 import ray
 
                 ray.shutdown()
+                shutil.rmtree(private, ignore_errors=True)

@@ -14,6 +14,8 @@ several simulated nodes run them in a subprocess.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,8 +46,12 @@ def ray_cluster() -> Iterator[str]:
     ray = pytest.importorskip("ray")
     if ray.is_initialized():
         raise RuntimeError("ray_cluster: Ray is already initialised in this test process")
-    saved = {name: os.environ.get(name) for name in ray_test_env()}
+    saved = {name: os.environ.get(name) for name in [*ray_test_env(), "RAY_ADDRESS"]}
     os.environ.update(ray_test_env())
+    os.environ.pop("RAY_ADDRESS", None)
+    # a private temp dir: ray.init() would otherwise join a cluster recorded in /tmp/ray (a
+    # `ray start` cluster or a simulated one), and nothing else finds this one
+    temp_dir = tempfile.mkdtemp(prefix="semicon-ray-test-")
     try:
         ray.init(
             num_cpus=4,
@@ -53,11 +59,13 @@ def ray_cluster() -> Iterator[str]:
             object_store_memory=256 << 20,
             log_to_driver=False,
             logging_level="WARNING",
+            _temp_dir=temp_dir,
         )
         yield ray.get_runtime_context().gcs_address
     finally:
         if ray.is_initialized():
             ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)

@@ -19,9 +19,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -37,7 +39,7 @@ from orchestrator.cli import app
 from orchestrator.execute import FAIL_NODES_ENV, injected_failures, one_line_error
 from orchestrator.plan import build_plan
 from orchestrator.resources import node_concurrency, scaling_options
-from orchestrator.session import ClusterError, check_address
+from orchestrator.session import ClusterError, check_address, resolve_address
 from orchestrator.spec import Resources, load_spec
 from orchestrator.store import StageStore
 from orchestrator.worker import truncate_epochs
@@ -99,6 +101,24 @@ def test_check_address_rejects_bad_and_unreachable_addresses() -> None:
     with pytest.raises(ClusterError, match=r"cannot reach the Ray cluster at 127\.0\.0\.1:1\b"):
         check_address("127.0.0.1:1", timeout_s=2.0)
     assert time.monotonic() - started < 5
+
+
+def test_address_auto_is_a_shared_cluster_never_a_private_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ "auto" means RAY_ADDRESS or what `ray start --head` recorded in Ray's default temp dir;
+    with neither, a one-line error (Ray's own "auto" would join any Ray process it finds,
+    such as another sweep's private instance)."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    with pytest.raises(ClusterError, match="no shared Ray cluster on this machine"):
+        resolve_address("auto")
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text("10.0.0.5:6379\n")
+    assert resolve_address("auto") == "10.0.0.5:6379"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.9:6379")
+    assert resolve_address("auto") == "10.0.0.9:6379"
+    assert resolve_address("ray://head:10001") == "ray://head:10001"
 
 
 def test_injected_failures_select_by_stage_or_key_prefix(tmp_path: Path) -> None:
@@ -439,14 +459,20 @@ def test_two_node_ddp_with_strict_spread(tmp_path: Path) -> None:
     storage = tmp_path / "storage"
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
-    run = subprocess.run(
-        [sys.executable, str(script), str(spec_path), str(storage)],
-        cwd=REPO_ROOT,
-        env={**os.environ, **ray_test_env()},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    # ray.cluster_utils records its head in <Ray temp root>/ray/ray_current_cluster, where a
+    # plain ray.init() on this machine would find and join it: keep that record private
+    ray_root = tempfile.mkdtemp(prefix="semicon-ray-test-")
+    try:
+        run = subprocess.run(
+            [sys.executable, str(script), str(spec_path), str(storage)],
+            cwd=REPO_ROOT,
+            env={**os.environ, **ray_test_env(), "RAY_TMPDIR": ray_root},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        shutil.rmtree(ray_root, ignore_errors=True)
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
     assert run.returncode == 0 and lines, run.stdout + run.stderr
     result = json.loads(lines[-1].removeprefix("RESULT "))
