@@ -158,6 +158,15 @@ def launch(
     try:
         with bad_input(ClusterError):
             run_sweep(plan, store, address=spec.ray.address, progress=progress, reuse=not no_reuse)
+    except KeyboardInterrupt:  # SIGINT, or SIGTERM as session.SweepInterrupted
+        from orchestrator.session import interrupting_signal
+
+        signum = interrupting_signal()
+        log(
+            f"{PROG}: interrupted ({signum.name}): complete nodes are kept and running ones "
+            f"resume from their last checkpoint; relaunch to continue: {PROG} launch {spec_path}"
+        )
+        raise typer.Exit(128 + signum.value) from None
     except typer.Exit:
         # run_sweep checks the trackers and the Ray address before it writes anything: on bad
         # input the claim is undone and the storage left as it was

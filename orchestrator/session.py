@@ -9,9 +9,11 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ QUIET_ENV = {
 # A sweep's own Ray lives in a fresh temp dir named so: Ray looks for "the current cluster" in
 # its temp dir, so a plain ray.init() elsewhere (another sweep, a test suite) never finds it, and
 # this sweep never joins a cluster that `ray start` or ray.cluster_utils recorded in /tmp/ray.
-PRIVATE_TEMP_PREFIX = "semicon-ray-"
+PRIVATE_TEMP_PREFIX = "semicon-"  # short: Ray's socket paths under it must stay < 108 bytes
 CONNECT_TIMEOUT_S = 5.0
 DEFAULT_RAY_PORT = 6379
 DEFAULT_CLIENT_PORT = 10001
@@ -40,6 +42,21 @@ TRAIN_POLL_S = "0.5"  # Ray's default is 2 s; see train_env()
 
 class ClusterError(ValueError):
     """The Ray cluster address is invalid or unreachable (one-line message naming it)."""
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """SIGTERM reached the driver while a sweep ran (SIGINT is Python's own KeyboardInterrupt).
+    Both unwind through ``ray_session``, which shuts down a Ray the sweep started. Tune may
+    re-raise a plain KeyboardInterrupt on the way: ``interrupting_signal`` tells them apart."""
+
+
+_RECEIVED: list[int] = []  # SIGTERMs seen by sigterm_as_interrupt in this process
+
+
+def interrupting_signal() -> signal.Signals:
+    """The signal behind the KeyboardInterrupt being handled: SIGTERM if one arrived during a
+    sweep, else SIGINT."""
+    return signal.Signals(_RECEIVED[-1]) if _RECEIVED else signal.SIGINT
 
 
 def _probe_target(address: str) -> tuple[str, int] | None:
@@ -148,7 +165,7 @@ def connect_ray(address: str | None) -> Path | None:
                 ray.init(include_dashboard=False, _temp_dir=str(temp_dir), **options)
         else:
             ray.init(address=address, **options)
-    except (ConnectionError, TimeoutError, RuntimeError, ValueError) as err:
+    except (OSError, RuntimeError, ValueError) as err:  # OSError: e.g. a socket path too long
         if temp_dir is not None:
             shutil.rmtree(temp_dir, ignore_errors=True)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -210,13 +227,33 @@ def train_env() -> dict[str, str]:
 
 
 @contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises ``SweepInterrupted`` in the main thread for the block (replacing Ray's
+    own handler, which exits with a crash dump and leaves the sweep's Ray behind)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        _RECEIVED.append(signum)
+        raise SweepInterrupted()
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
 def ray_session(address: str | None) -> Iterator[None]:
     """Quiet Ray, connected to ``address`` (see ``connect_ray``) for the block; a Ray started
     here is shut down at its end and its private temp dir removed."""
     with quiet_ray_env(), quiet_ray_loggers():
         private = connect_ray(address)
         try:
-            yield
+            with sigterm_as_interrupt():
+                yield
         finally:
             if private is not None:
                 import ray

@@ -39,7 +39,12 @@ from orchestrator.cli import app
 from orchestrator.execute import FAIL_NODES_ENV, injected_failures, one_line_error
 from orchestrator.plan import build_plan
 from orchestrator.resources import node_concurrency, scaling_options
-from orchestrator.session import ClusterError, check_address, resolve_address
+from orchestrator.session import (
+    PRIVATE_TEMP_PREFIX,
+    ClusterError,
+    check_address,
+    resolve_address,
+)
 from orchestrator.spec import Resources, load_spec
 from orchestrator.store import StageStore
 from orchestrator.worker import truncate_epochs
@@ -413,6 +418,77 @@ def test_relaunch_after_sigkill_resumes(ray_cluster: str, tmp_path: Path) -> Non
         assert (record["time"] < killed_at) == first_run
     trials = pd.read_parquet(storage / "tables" / "trials.parquet")
     assert list(trials["status"]) == ["ok", "ok"]
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """Pids of live processes whose environment contains ``text`` (Linux /proc): every process
+    a driver starts inherits its environment, also Ray workers that rename their command line."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                environ = (entry / "environ").read_bytes()
+            except OSError:
+                continue
+            if text.encode() in environ:
+                pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signals_stop_a_private_sweep_cleanly(signum: int, tmp_path: Path) -> None:
+    """SIGTERM / SIGINT during a sweep with its own Ray: one line saying how to resume, exit
+    128 + signal, the running node keeps its checkpoint, and every process of the sweep's
+    private Ray (found by its temp dir) is gone within seconds; the relaunch finishes."""
+    spec_path = write_spec(
+        tmp_path,
+        "signals",
+        method="random",
+        label_fraction=0.5,
+        stages={"finetune": {"epochs": 30, "batch_size": 2}},
+    )
+    storage = tmp_path / "storage"
+    plan = build_plan(load_spec(spec_path, overrides={"storage": str(storage)}))
+    key = plan.trials[0].nodes["finetune"]
+    ray_root = Path(tempfile.mkdtemp(prefix="srt-"))  # short: Ray's socket paths live below
+    env = {**os.environ, **ray_test_env(), "RAY_TMPDIR": str(ray_root)}
+    command = [sys.executable, "-m", "orchestrator", "launch", str(spec_path)]
+    command += ["--storage", str(storage)]
+    try:
+        driver = subprocess.Popen(
+            command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and driver.poll() is None:
+            if _snapshot_checkpoints(storage, key) > 0:
+                break
+            time.sleep(0.1)
+        assert driver.poll() is None, driver.communicate()[1].decode()[-1500:]
+        driver.send_signal(signum)
+        _, err = driver.communicate(timeout=60)
+        assert driver.returncode == 128 + signum, err.decode()
+        lines = [line for line in err.decode().splitlines() if "interrupted" in line]
+        assert len(lines) == 1 and signal.Signals(signum).name in lines[0], err.decode()
+        assert "relaunch" in lines[0]
+        assert _snapshot_checkpoints(storage, key) > 0 and not StageStore(storage).is_complete(key)
+        deadline = time.monotonic() + 15
+        while _processes_mentioning(str(ray_root)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _processes_mentioning(str(ray_root)) == []
+        assert list(ray_root.glob(f"{PRIVATE_TEMP_PREFIX}*")) == []  # private temp dir removed
+        if signum == signal.SIGTERM:
+            again = subprocess.run(
+                command, cwd=REPO_ROOT, env=env, capture_output=True, timeout=300
+            )
+            assert again.returncode == 0, again.stderr.decode()
+            assert StageStore(storage).is_complete(key)
+    finally:
+        for pid in _processes_mentioning(str(ray_root)):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(ray_root, ignore_errors=True)
 
 
 DDP_SCRIPT = textwrap.dedent(
