@@ -1,5 +1,7 @@
 """Progress lines while a sweep runs: a line per stage node start, finish and failure, and the
-node's loss every ``EPOCH_PROGRESS_EVERY_S`` seconds (a Ray Tune callback)."""
+node's loss every ``EPOCH_PROGRESS_EVERY_S`` seconds (a Ray Tune callback). Each line names the
+node's grid point (``node_label``) and says how many of the sweep's nodes are complete; finish
+lines add an estimate of the time left from this launch's finished nodes."""
 
 from __future__ import annotations
 
@@ -27,6 +29,22 @@ def clock(seconds: float) -> str:
     return f"{hours:d}:{minutes:02d}:{secs:02d}"
 
 
+def node_label(plan: Plan, key: str) -> str:
+    """The grid point a node computes, in words: the axis values every trial it serves shares
+    (e.g. "random label_fraction=0.05 split=1"; a shared pretraining node names only what its
+    trials have in common and how many they are)."""
+    trials = [trial for trial in plan.trials if key in trial.nodes.values()]
+    if not trials:
+        return ""
+    parts = [trials[0].method] if all(t.method == trials[0].method for t in trials) else []
+    for name, value in trials[0].params.items():
+        if name != "method" and all(trial.params.get(name) == value for trial in trials[1:]):
+            parts.append(f"{name}={value}")
+    if len(trials) > 1:
+        parts.append(f"({len(trials)} trials)")
+    return " ".join(parts)
+
+
 def progress_callback(
     plan: Plan, store: StageStore, progress: Callable[[str], None], sweep_start: float
 ) -> Any:
@@ -42,6 +60,11 @@ def progress_callback(
             self.started: dict[str, float] = {}
             self.last: dict[str, dict[str, Any]] = {}
             self.printed: dict[str, float] = {}
+            self.total = len(plan.nodes)
+            self.done = sum(1 for key in plan.nodes if store.is_complete(key))
+            self.took: list[float] = []  # this launch's finished nodes, seconds each
+            self.running: set[str] = set()
+            self.most_running = 1
 
         def __getstate__(self) -> dict[str, Any]:
             # Tune pickles its callbacks into tuner.pkl; the plan, store and progress sink (which
@@ -51,7 +74,24 @@ def progress_callback(
         def _line(self, key: str, text: str) -> None:
             node = self.plan.nodes[key]
             since_start = time.monotonic() - self.sweep_start
-            self.progress(f"[{clock(since_start)}] {node.stage:<8} {key} {text}")
+            label = node_label(self.plan, key)
+            self.progress(
+                f"[{clock(since_start)}] {self.done}/{self.total} done | {node.stage} {key[:8]}"
+                f" {label} | {text}"
+            )
+
+        def _eta(self) -> str:
+            """Time left: the mean finished node's time x nodes left / nodes run at once."""
+            left = self.total - self.done
+            if not self.took or left <= 0:
+                return ""
+            seconds = sum(self.took) / len(self.took) * left / self.most_running
+            return f" | about {clock(seconds)} left"
+
+        def _ended(self, key: str) -> None:
+            self.running.discard(key)
+            if key in self.started:
+                self.took.append(time.monotonic() - self.started[key])
 
         def _loss(self, key: str) -> str:
             last = self.last.get(key, {})
@@ -67,8 +107,9 @@ def progress_callback(
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             key = trial.config["node_key"]
             self.started[key] = time.monotonic()
-            users = sum(1 for t in self.plan.trials if key in t.nodes.values())
-            self._line(key, f"start (serves {users} trial{'s' * (users != 1)})")
+            self.running.add(key)
+            self.most_running = max(self.most_running, len(self.running))
+            self._line(key, "start")
 
         def on_trial_result(
             self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
@@ -89,14 +130,17 @@ def progress_callback(
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             key = trial.config["node_key"]
+            self._ended(key)
             if self.store.is_complete(key):
-                self._line(key, f"done in {self._elapsed(key)}, {self._loss(key)}")
+                self.done += 1
+                self._line(key, f"done in {self._elapsed(key)}, {self._loss(key)}{self._eta()}")
             else:
                 error = self.store.read_error(key) or "no result"
                 self._line(key, f"FAILED after {self._elapsed(key)}, {self._loss(key)}: {error}")
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             key = trial.config["node_key"]
+            self._ended(key)
             self._line(key, f"FAILED (trial crashed) after {self._elapsed(key)}, {self._loss(key)}")
 
     return NodeProgress(plan, store, progress, sweep_start)

@@ -41,7 +41,12 @@ def test_a_line_per_node_start_and_end(tmp_path: Path) -> None:
     callback.on_trial_complete(0, [], trial)
     store.write_error(failed, "RuntimeError: boom")
     callback.on_trial_complete(0, [], SimpleNamespace(config={"node_key": failed}))
-    assert "start (serves 2 trials)" in lines[0] and shared in lines[0]
-    assert "done in" in lines[1] and "epoch 1/100 loss 0.5000" in lines[1]
+    # the shared global node: what its trials have in common, and how many they are
+    assert lines[0].endswith(f"0/3 done | global {shared[:8]} global (2 trials) | start")
+    assert "1/3 done" in lines[1] and "done in" in lines[1]
+    assert "epoch 1/100 loss 0.5000" in lines[1] and "left" in lines[1]  # an estimate
     assert "FAILED" in lines[2] and "finetune" in lines[2] and "RuntimeError: boom" in lines[2]
+    failed_trial = next(t for t in plan.trials if failed in t.nodes.values())
+    assert f"global label_fraction={failed_trial.label_fraction}" in lines[2]
+    assert "1/3 done" in lines[2]
     assert clock(3725) == "1:02:05"
