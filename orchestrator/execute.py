@@ -322,6 +322,11 @@ def _dag_searcher(scheduler: DagScheduler, store: StageStore) -> Any:
     return DagSearcher(scheduler, store)
 
 
+def grid_order(plan: Plan) -> list[str]:
+    """Every node key once, trial by trial in grid order, each trial's chain parent first."""
+    return list(dict.fromkeys(key for trial in plan.trials for key in trial.nodes.values()))
+
+
 def _run_nodes(
     plan: Plan,
     store: StageStore,
@@ -330,17 +335,19 @@ def _run_nodes(
     outcome: SweepOutcome,
     started: float,
 ) -> None:
-    """Every node not yet complete, in one Tune run; a node starts once its parent completes."""
+    """Every node not yet complete, in one Tune run; a node starts once its parent completes.
+
+    Nodes are listed in grid order (trial by trial, each trial's chain parent first), which is
+    the scheduler's tie-break after "most descendants first": the fine-tunings run in the
+    order of the spec's trials, so a sweep stopped part-way holds whole slices of its grid.
+    """
     parents: dict[str, str | None] = {}
-    for level in plan.levels:
-        for key in level:
-            if store.is_complete(key):
-                outcome.already_complete.append(key)
-            else:
-                parent = plan.nodes[key].parent
-                parents[key] = (
-                    parent if parent is not None and not store.is_complete(parent) else None
-                )
+    for key in grid_order(plan):
+        if store.is_complete(key):
+            outcome.already_complete.append(key)
+        else:
+            parent = plan.nodes[key].parent
+            parents[key] = parent if parent is not None and not store.is_complete(parent) else None
     if not parents:
         return
     nodes = [plan.nodes[key] for key in parents]
