@@ -2,9 +2,10 @@
 
 Commands::
 
+    semicon-sweep --version
     semicon-sweep launch SPEC [--address A] [--storage DIR] [--dry-run [--json]] [--force] [--no-reuse]
     semicon-sweep status STORAGE
-    semicon-sweep tabulate STORAGE [--metric M] [--by AXIS] [--format text|md|latex|csv] [--out FILE]
+    semicon-sweep tabulate STORAGE [--metric M] [--by AXIS] [--format text|md|latex|csv] [--out FILE] [--baseline METHOD]
     semicon-sweep evaluate STORAGE --data ROOT [--batch-size N] [--device cpu|cuda]
     semicon-sweep plot STORAGE [--metric M] [--out DIR]
     semicon-sweep data synth DIR [--cases N] [--seed S]
@@ -20,39 +21,45 @@ traceback. Ray is imported only by ``launch`` when it actually runs, so every ot
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
+import re
 import shutil
 import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from orchestrator.plan import Plan, build_plan
-from orchestrator.spec import SpecError, load_spec, spec_from_mapping
-from orchestrator.stats import paired_differences
-from orchestrator.store import StageStore, StorageConflict, atomic_write_text
-from orchestrator.tables import (
-    STATUSES,
-    collect,
-    format_table,
-    node_state,
-    paired_table,
-    paper_table,
-    read_tables,
-    tables_stale,
-    trial_status,
-    write_paired,
-    write_tables,
-)
-from trainers.config import ConfigError
-from trainers.data import DatasetError
+# Everything else is imported by the command that needs it: ``--help`` and argument errors
+# import typer alone (no torch, pandas or Ray), and reading a spec imports no torch either.
+if TYPE_CHECKING:
+    from orchestrator.plan import Plan
+    from orchestrator.store import StageStore
 
 PROG = "semicon-sweep"
-BAD_INPUT: tuple[type[BaseException], ...] = (SpecError, ConfigError, DatasetError, StorageConflict)
 MAX_TRIALS_SHOWN = 20
+
+
+class TableFormat(str, enum.Enum):
+    """``tabulate --format`` (``orchestrator.tables.TABLE_FORMATS``)."""
+
+    text = "text"
+    md = "md"
+    latex = "latex"
+    csv = "csv"
+
+
+def bad_input_errors() -> tuple[type[BaseException], ...]:
+    """The bad-input errors (docs/ARCHITECTURE.md, "Bad input"): one line, exit 2."""
+    from orchestrator.spec import SpecError
+    from orchestrator.store import StorageConflict
+    from trainers.config import ConfigError, DatasetError
+
+    return (SpecError, ConfigError, DatasetError, StorageConflict)
+
 
 app = typer.Typer(
     name=PROG,
@@ -60,14 +67,46 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # plain help: typer's boxed help prints `<bool>` after every flag (--dry-run, --help)
+    rich_markup_mode=None,
 )
-data_app = typer.Typer(help="Prepare and check MSD-layout datasets.", no_args_is_help=True)
+data_app = typer.Typer(
+    help="Prepare and check MSD-layout datasets.", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(data_app, name="data")
 
 
 def main() -> None:
     """Console-script entry point (``semicon-sweep``)."""
     app(prog_name=PROG)
+
+
+def package_version() -> str:
+    """The installed package's version (``unknown`` when run from a checkout not installed)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("semicon-sweep")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"{PROG} {package_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global_options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Options before the command (the app's help text is ``app``'s ``help``)."""
 
 
 def log(message: str) -> None:
@@ -80,7 +119,7 @@ def bad_input(*extra: type[BaseException]) -> Iterator[None]:
     """Turn bad-input errors into one stderr line and exit code 2."""
     try:
         yield
-    except (*BAD_INPUT, *extra) as err:
+    except (*bad_input_errors(), *extra) as err:
         message = " ".join(str(err).split()) or type(err).__name__
         typer.echo(f"{PROG}: error: {message}", err=True)
         raise typer.Exit(2) from None
@@ -115,6 +154,10 @@ def launch(
     ] = False,
 ) -> None:
     """Plan a sweep and run it on Ray (or only print the plan with --dry-run)."""
+    from orchestrator.plan import build_plan
+    from orchestrator.spec import SpecError, load_spec
+    from orchestrator.store import StageStore
+
     if as_json and not dry_run:
         with bad_input():
             raise SpecError("--json: only with --dry-run")
@@ -139,6 +182,7 @@ def launch(
 
     # Ray itself is imported only inside run_sweep; execute's module level is Ray-free
     from orchestrator.execute import ClusterError, run_sweep
+    from orchestrator.tables import collect, format_table, paper_table, write_tables
 
     existed = store.root.exists()
     previous = store.sweep_path.read_bytes() if store.sweep_path.is_file() else None
@@ -184,6 +228,8 @@ def launch(
 
 def _undo_claim(store: StageStore, existed: bool, previous: bytes | None) -> None:
     """After a launch that never reached the cluster, leave the storage as it was."""
+    from orchestrator.store import atomic_write_text
+
     if not existed:
         if not any(store.stages_dir.glob("*")):
             shutil.rmtree(store.root, ignore_errors=True)
@@ -226,6 +272,10 @@ def describe_plan(plan: Plan, store: StageStore) -> str:
 
 def recorded_plan(storage: Path) -> tuple[Plan, StageStore]:
     """The plan of the sweep held in ``storage`` (from ``sweep.json``; no Ray, no data needed)."""
+    from orchestrator.plan import Plan, build_plan
+    from orchestrator.spec import spec_from_mapping
+    from orchestrator.store import StageStore, StorageConflict
+
     store = StageStore(storage)
     record = store.read_sweep()
     if record is None:
@@ -244,6 +294,8 @@ NODE_STATES = {"complete": 10, "failed": 8, "skipped": 9, "pending": 9}  # state
 
 
 def _status_line(counts: Counter[str], total: int) -> str:
+    from orchestrator.tables import STATUSES
+
     parts = ", ".join(f"{status} {counts.get(status, 0)}" for status in STATUSES)
     return f"{total} trials: {parts}"
 
@@ -251,6 +303,8 @@ def _status_line(counts: Counter[str], total: int) -> str:
 @app.command()
 def status(storage: Annotated[Path, typer.Argument(help="The sweep's storage folder.")]) -> None:
     """Count trials and stage nodes that are complete, failed or pending."""
+    from orchestrator.tables import node_state, trial_status
+
     with bad_input():
         plan, store = recorded_plan(storage)
     counts = Counter(trial_status(trial, store)[0] for trial in plan.trials)
@@ -282,7 +336,7 @@ def tabulate(
         str, typer.Option(help="Trials-table column to report.")
     ] = "test_dice_pooled_mean",
     by: Annotated[str, typer.Option(help="Grid axis for the table's columns.")] = "label_fraction",
-    fmt: Annotated[str, typer.Option("--format", help="text, md, latex or csv.")] = "text",
+    fmt: Annotated[TableFormat, typer.Option("--format", help="Table format.")] = TableFormat.text,
     out: Annotated[
         Path | None, typer.Option(help="Write the table to this file instead of stdout.")
     ] = None,
@@ -298,15 +352,21 @@ def tabulate(
 
     Cells marked † hold a run that had not converged, ‡ one with a collapsed class.
     """
-    with bad_input(ValueError):
-        if fmt not in ("text", "md", "latex", "csv"):
-            raise ValueError(f"--format {fmt!r}: must be one of text, md, latex, csv")
-        plan, store = recorded_plan(storage)
-        if tables_stale(store):
-            tables = collect(plan, store)
+    from orchestrator.stats import paired_differences
+    from orchestrator.store import atomic_write_text
+    from orchestrator.tables import (
+        format_table,
+        paired_table,
+        paper_table,
+        write_paired,
+        write_tables,
+    )
+
+    fmt = TableFormat(fmt).value
+    with bad_input(ValueError, FileNotFoundError):
+        tables, store, collected = sweep_tables(storage)
+        if collected:
             write_tables(tables, store)
-        else:
-            tables = read_tables(storage)
         table = paper_table(tables.trials, metric=metric, cols=by)
         paired = None
         if baseline is not None and not table.empty:
@@ -318,6 +378,8 @@ def tabulate(
         )
         return
     text = format_table(table, fmt) + _notes(table, fmt)
+    if (unfinished := unfinished_note(tables.trials)) is not None:
+        text += f"{_comment(fmt)}{unfinished}\n"
     if paired is not None:
         write_paired(paired, store)
         text += (
@@ -330,6 +392,37 @@ def tabulate(
     else:
         atomic_write_text(out, text)
         log(f"{PROG}: wrote {out}")
+
+
+def sweep_tables(storage: Path) -> tuple[Any, StageStore, bool]:
+    """The result tables (``orchestrator.tables.Tables``) of the sweep in ``storage``, its store,
+    and whether they were collected anew (then the caller writes them once it succeeded).
+
+    With ``sweep.json``: collected from the stage store when the tables are missing or older than
+    it, else read. Without (results committed without their stages, e.g. a folder under
+    ``results/`` that holds only ``tables/``): read from ``tables/`` as they are.
+    """
+    from orchestrator.store import StageStore
+    from orchestrator.tables import collect, read_tables, tables_stale
+
+    store = StageStore(storage)
+    if store.read_sweep() is None and (store.tables_dir / "trials.parquet").is_file():
+        return read_tables(storage), store, False
+    plan, store = recorded_plan(storage)
+    if tables_stale(store):
+        return collect(plan, store), store, True
+    return read_tables(storage), store, False
+
+
+def unfinished_note(trials: Any) -> str | None:
+    """``"12 of 40 trials finished; not shown: pending 26, failed 2"``; None when all are ok."""
+    from orchestrator.tables import STATUSES
+
+    counts = Counter(trials["status"]) if "status" in trials.columns else Counter()
+    if counts.get("ok", 0) == len(trials):
+        return None
+    rest = ", ".join(f"{status} {counts[status]}" for status in STATUSES[1:] if counts.get(status))
+    return f"{counts.get('ok', 0)} of {len(trials)} trials finished; not shown: {rest}"
 
 
 def _comment(fmt: str) -> str:
@@ -345,6 +438,12 @@ def _notes(table: Any, fmt: str) -> str:
 # ---- evaluate / plot -----------------------------------------------------------------------
 
 
+def _check_device(value: str) -> str:
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", value):
+        raise typer.BadParameter(f"{value!r}: one of cpu, cuda, cuda:N")
+    return value
+
+
 @app.command()
 def evaluate(
     storage: Annotated[Path, typer.Argument(help="The finished sweep's storage folder.")],
@@ -355,13 +454,19 @@ def evaluate(
         ),
     ],
     batch_size: Annotated[int, typer.Option(help="Slices per forward pass.")] = 256,
-    device: Annotated[str, typer.Option(help="cpu or cuda (cuda:N).")] = "cpu",
+    device: Annotated[
+        str,
+        typer.Option(
+            metavar="[cpu|cuda|cuda:N]", callback=_check_device, help="Device for the models."
+        ),
+    ] = "cpu",
 ) -> None:
     """Score every fine-tuned model of a finished sweep on all cases of another MSD folder.
 
     Preprocessed as the sweep's data; writes tables/external.parquet (ext_* Dice per trial).
     """
     from orchestrator.evaluate import ExternalEvalError, evaluate_external, write_external
+    from orchestrator.tables import format_table, paper_table
 
     with bad_input(ExternalEvalError):
         plan, store = recorded_plan(storage)
@@ -393,17 +498,18 @@ def plot(
     """Write PNG figures: Dice vs label fraction, ablation heatmaps, per-epoch loss curves."""
     from orchestrator.evaluate import ExternalEvalError, read_external
     from orchestrator.plot import PlotError, plot_sweep
+    from orchestrator.tables import write_tables
 
-    with bad_input(PlotError, ExternalEvalError, ValueError):
-        plan, store = recorded_plan(storage)
-        stale = tables_stale(store)
-        tables = collect(plan, store) if stale else read_tables(storage)
+    with bad_input(PlotError, ExternalEvalError, ValueError, FileNotFoundError):
+        tables, store, stale = sweep_tables(storage)
         trials = read_external(store) if metric.startswith("ext_") else tables.trials
         paths = plot_sweep(
             trials, tables.epochs, out or store.root / "plots", metric=metric, baseline=baseline
         )
     if stale:  # refreshed only once the plots succeeded: bad input writes nothing
         write_tables(tables, store)
+    if (unfinished := unfinished_note(trials)) is not None:
+        log(f"{PROG}: {unfinished} (the figures show the finished ones)")
     for path in paths:
         typer.echo(str(path))
 

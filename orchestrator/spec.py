@@ -65,7 +65,9 @@ from trainers.config import (
     check_positive_int,
     from_dict,
     hash_form,
+    parse_number,
     to_dict,
+    unknown_key,
 )
 from trainers.methods import METHODS
 from trainers.point import NAMED_CHECKS, TrialPoint, spec_key
@@ -325,12 +327,21 @@ def _as_list(value: Any) -> list[Any]:
     return list(value) if isinstance(value, list | tuple) else [value]
 
 
+def _map_list(function: Any, value: Any) -> Any:
+    """``function`` applied to ``value``, or to each item when it is a list."""
+    return [function(v) for v in value] if isinstance(value, list) else function(value)
+
+
 def _build(
     raw: Mapping[str, Any], file: str, overrides: Mapping[str, Any], check_paths: bool
 ) -> Spec:
     unknown = [k for k in raw if k not in TOP_LEVEL_KEYS]
     if unknown:
-        raise SpecError(f"{file}: {unknown[0]}: unknown key (known: {', '.join(TOP_LEVEL_KEYS)})")
+        raise SpecError(f"{file}: {unknown[0]}: {unknown_key(unknown[0], TOP_LEVEL_KEYS)}")
+
+    if "label_fraction" in raw:  # 5e-2 (text to PyYAML) is a number; grid values likewise below
+        fractions = raw["label_fraction"]
+        raw = {**raw, "label_fraction": _map_list(parse_number, fractions)}
 
     name = raw.get("name")
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", name or ""):
@@ -372,7 +383,7 @@ def _build(
     unknown = [k for k in stages_raw if k not in STAGE_KINDS]
     if unknown:
         raise SpecError(
-            f"{file}: stages.{unknown[0]}: unknown stage (known: {', '.join(STAGE_KINDS)})"
+            f"{file}: stages.{unknown[0]}: {unknown_key(unknown[0], STAGE_KINDS, 'stage')}"
         )
     stage_cfgs = {}
     for stage, kind in STAGE_KINDS.items():
@@ -407,7 +418,7 @@ def _build(
             raise SpecError(
                 f"{file}: grid.{path}: also given at the top level as {NAMED_AXES[path]}; give it in one place"
             )
-        axes.append((path, tuple(values)))
+        axes.append((path, tuple(parse_number(v) for v in values)))  # 1e-4 is a number
     for axis_name, values in axes:
         if axis_name == "method":
             method = list(values)
@@ -477,9 +488,7 @@ def _check_grid_path(path: str, file: str) -> None:
         known = {f.name for f in dataclasses.fields(sections[section])}
         if leaf in known:
             return
-        raise SpecError(
-            f"{file}: grid.{path}: unknown key {leaf!r} of {section} (known: {', '.join(sorted(known))})"
-        )
+        raise SpecError(f"{file}: grid.{path}: {section}: {unknown_key(leaf, sorted(known))}")
     raise SpecError(
         f"{file}: grid.{path}: unknown path (use method, label_fraction, seed, split, or "
         f"<section>.<key> with section one of {', '.join(sections)})"

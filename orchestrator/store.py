@@ -32,9 +32,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-import torch
-
 if TYPE_CHECKING:
+    import torch
+
     from orchestrator.plan import Plan, StageNode
     from orchestrator.spec import Spec
 
@@ -192,6 +192,8 @@ class StageStore:
         Order: ``model.pt``, ``metrics.json``, ``COMPLETE`` (each atomic), then remove
         ``error.txt``. A crash before ``COMPLETE`` leaves the node incomplete (it reruns).
         """
+        import torch  # here: status, tabulate and plot read the store without torch
+
         folder = self.node_dir(key)
         state = {name: tensor.detach().cpu() for name, tensor in state_dict.items()}
         atomic_write(folder / "model.pt", lambda handle: torch.save(state, handle))
@@ -221,6 +223,8 @@ class StageStore:
         path = self.model_path(key)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: node {key} has no stored model")
+        import torch
+
         return torch.load(path, weights_only=True, map_location="cpu")
 
     # ---- the sweep -------------------------------------------------------------------------

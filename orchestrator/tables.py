@@ -48,6 +48,7 @@ from orchestrator.store import StageStore, atomic_write, environment_info
 from trainers.registry import stage_names
 
 TABLE_NAMES = ("trials", "epochs", "summary")
+TABLE_FORMATS = ("text", "md", "latex", "csv")  # format_table's (the CLI's --format choices)
 STATUSES = ("ok", "failed", "skipped", "pending")
 # the paper's order (Table 1), then the baselines it lacks and our additions
 METHOD_ORDER = (
@@ -316,12 +317,14 @@ def paper_table(
     Rows are ``rows`` (methods in the paper's order) plus every other grid axis that varies
     among the ok trials (never seed or split, which are what the mean is taken over), so no
     two different configurations are pooled into one cell. Columns are the values of ``cols``.
-    Cells with one trial read ``"mean (1)"``; missing cells are empty.
+    Cells with one trial read ``"mean (1)"``; missing cells are empty. An empty frame when no
+    trial is ok yet.
     """
+    finished = "status" in trials.columns and (trials["status"] == "ok").any()
+    if metric not in trials.columns and not finished:
+        return pd.DataFrame()  # no trial has finished: no metric column yet, nothing to show
     if metric not in trials.columns:
-        available = (
-            ", ".join(c for c in trials.columns if c.startswith(("test_", "val_"))) or "none yet"
-        )
+        available = ", ".join(c for c in trials.columns if c.startswith(("test_", "val_")))
         raise ValueError(f"metric {metric!r}: not in the trials table (available: {available})")
     if cols not in trials.columns:
         raise ValueError(
@@ -394,8 +397,8 @@ def _paired_cell(row: pd.Series) -> str:
 
 def format_table(table: pd.DataFrame, fmt: str = "text") -> str:
     """Render a ``paper_table`` as plain text, Markdown, LaTeX (tabular) or CSV."""
-    if fmt not in ("text", "md", "latex", "csv"):
-        raise ValueError(f"format {fmt!r}: must be one of text, md, latex, csv")
+    if fmt not in TABLE_FORMATS:
+        raise ValueError(f"format {fmt!r}: must be one of {', '.join(TABLE_FORMATS)}")
     index_names = [n if n is not None else "" for n in table.index.names]
     header = [*index_names, *[str(c) for c in table.columns]]
     if table.columns.name and header:

@@ -5,15 +5,15 @@ from __future__ import annotations
 import os
 import random
 
-import numpy as np
-import torch
-
 # Bumped whenever a change alters what a stage computes, so stale store entries are not reused.
 STAGE_CODE_VERSION = 1
 
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices) and ask cuDNN for deterministic kernels."""
+    import numpy as np  # here, not at module level: the spec and the CLI import this package
+    import torch
+
     os.environ["PYTHONHASHSEED"] = str(seed)
     random.seed(seed)
     np.random.seed(seed % (2**32))

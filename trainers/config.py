@@ -12,8 +12,10 @@ the canonical mapping used for content-addressed keys.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
-from collections.abc import Iterator, Mapping
+import re
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
@@ -31,6 +33,27 @@ class DatasetError(ValueError):
 
 def _fail(section: str, key: str, message: str) -> None:
     raise ConfigError(f"{section}.{key}: {message}")
+
+
+def unknown_key(key: str, known: Iterable[str], what: str = "key") -> str:
+    """``unknown key; did you mean 'temperature'? (known: ...)``: the closest known name
+    (``difflib``) when there is one, then all of them in the order given."""
+    known = list(known)
+    close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown {what}{hint} (known: {', '.join(known)})"
+
+
+# YAML 1.2 numbers that PyYAML (YAML 1.1) reads as strings: 1e-4, 5E3, +2e-1 (1.1 wants 1.0e-4)
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def parse_number(value: Any) -> Any:
+    """``value`` as a float when it is a string written as a number (``"1e-4"``: what PyYAML
+    gives for ``lr: 1e-4``); anything else unchanged."""
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value)
+    return value
 
 
 def check_positive(section: str, key: str, value: float) -> None:
@@ -91,7 +114,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, section: str) -> T:
     known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(known))
     if unknown:
-        _fail(section, unknown[0], f"unknown key (known: {', '.join(sorted(known))})")
+        _fail(section, unknown[0], unknown_key(unknown[0], sorted(known)))
     # a budget is epochs or steps: naming only one of them switches the budget to it
     if data.get("steps") is not None and "epochs" not in data and "epochs" in known:
         data["epochs"] = None
@@ -102,9 +125,12 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, section: str) -> T:
         if isinstance(default, AugmentConfig):
             data[name] = AugmentConfig.parse(value, default, f"{section}.{name}")
             continue
-        # ints are accepted where floats are expected; everything else must match the default's type
+        # ints (and numbers PyYAML left as text, 1e-4) are accepted where floats are expected;
+        # everything else must match the default's type
         if default is not None and value is not None:
             expected = type(default)
+            if expected is float and isinstance(value, str):
+                data[name] = value = parse_number(value)
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
                 data[name] = float(value)
             elif expected is bool and not isinstance(value, bool):

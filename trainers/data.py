@@ -38,12 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
-import torch
-import torch.nn.functional as F
-from nibabel.filebasedimages import ImageFileError
-from nibabel.spatialimages import HeaderDataError
 
 from trainers.config import ConfigError, DataConfig, DatasetError, SplitConfig
 from trainers.synthetic import DEFAULT_SHAPE, SYNTHETIC_VERSION, write_synthetic_msd
@@ -60,16 +55,10 @@ _CACHE_ARRAYS = {
     "volume": np.int32,
     "position": np.float32,
 }
-# What reading a corrupt or foreign file can raise inside nibabel, gzip and zlib.
-_READ_ERRORS = (
-    ImageFileError,
-    HeaderDataError,
-    OSError,
-    EOFError,
-    zlib.error,
-    struct.error,
-    ValueError,
-)
+# What reading a corrupt or foreign file can raise inside gzip and zlib (nibabel's own errors
+# join them in ``_read_volume``: nibabel and torch are imported where they are used, so that
+# planning a sweep, which needs only ``data_fingerprint``, imports neither).
+_READ_ERRORS = (OSError, EOFError, zlib.error, struct.error, ValueError)
 # Independent random streams of one split index (see ``_split_rng``).
 _SPLIT_STREAM = 1
 _LABELLED_STREAM = 2
@@ -227,9 +216,13 @@ def _read_volume(path: Path, dtype: type[np.floating]) -> np.ndarray:
 
     A 4D file whose trailing dimensions are 1 is squeezed to 3D; anything else not 3D is an error.
     """
+    import nibabel as nib
+    from nibabel.filebasedimages import ImageFileError
+    from nibabel.spatialimages import HeaderDataError
+
     try:
         data = nib.load(str(path)).get_fdata(dtype=dtype, caching="unchanged")
-    except _READ_ERRORS as err:
+    except (ImageFileError, HeaderDataError, *_READ_ERRORS) as err:
         raise DatasetError(f"{path}: cannot read NIfTI file ({type(err).__name__}: {err})") from err
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
@@ -413,6 +406,9 @@ def _resize_slices(
     images: np.ndarray, labels: np.ndarray, size: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """(n, h, w) images / labels -> (n, size, size): bilinear (antialiased) / nearest-exact."""
+    import torch
+    import torch.nn.functional as F
+
     image_t = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))[:, None]
     label_t = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.float32))[:, None]
     if image_t.shape[-2:] != (size, size):
@@ -427,6 +423,8 @@ def _resize_slices(
 
 def _slice_volumes(volumes: list[Volume], size: int, axis: int) -> dict[str, np.ndarray]:
     """All volumes' slices along ``axis``: the four cache arrays (see ``SliceData``)."""
+    import torch
+
     parts: dict[str, list[np.ndarray]] = {name: [] for name in _CACHE_ARRAYS}
     with torch.no_grad():
         for index, volume in enumerate(volumes):

@@ -19,9 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from trainers.config import (
     ConfigError,
@@ -32,10 +30,14 @@ from trainers.config import (
     StageConfigs,
     bind_dataset,
 )
-from trainers.data import SliceData, labelled_subset, make_split
-from trainers.loop import ReportFn, StageContext
 from trainers.methods import METHODS, resolve_stages
 from trainers.registry import STAGE_KINDS
+
+if TYPE_CHECKING:  # stage_context imports them when called: the spec needs no torch
+    import torch
+
+    from trainers.data import SliceData
+    from trainers.loop import ReportFn, StageContext
 
 
 def _is_int(value: Any) -> bool:
@@ -145,6 +147,11 @@ def stage_context(
     """The ``StageContext`` of one stage: split ``split_index`` of ``data`` and, when the stage
     reads labels (``label_fraction`` not None), its labelled subset. ``init_parts`` apply only
     when there is an ``init_state`` to load them from."""
+    import torch
+
+    from trainers.data import labelled_subset, make_split
+    from trainers.loop import StageContext
+
     drawn = make_split(data.num_volumes, split, split_index)
     labelled = labelled_subset(drawn, label_fraction) if label_fraction is not None else ()
     return StageContext(

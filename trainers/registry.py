@@ -1,18 +1,19 @@
 """The stage kinds, each declared once: everything the rest of the code needs to know of one.
 
 A ``StageKind`` names a stage (``"global"``), its frozen config class, its run function
-(``trainers.stages.run_global``), which volumes it reads (role -> "labelled" | "train",
-``trainers.stages.resolve_volumes``; whether it reads labels follows from that), which parent
-kinds it can start from and which model parts it loads from each, and which of its settings its
-own choices leave unused (left out of node keys, ``orchestrator.plan.relevant_settings``).
+(``trainers.stages.run_global``, imported on the first call, so that reading a spec and
+planning a sweep need no torch), which volumes it reads (role -> "labelled" | "train",
+``resolve_volumes`` here; whether it reads labels follows from that), which parent kinds it
+can start from and which model parts it loads from each, and which of its settings its own
+choices leave unused (left out of node keys, ``orchestrator.plan.relevant_settings``).
 The spec (its ``stages.<name>`` sections and grid paths), the plan (node keys), the Ray worker,
 the executor, the tables (``key_<stage>``, ``wall_s_<stage>`` ... columns) and the plots read
 ``STAGE_KINDS``; nothing else spells out a stage's name.
 
-Adding a stage kind: write its config class (``trainers.config``) and its run function and
-reads function (``trainers.stages``), then one ``register_stage(StageKind(...))`` call. Methods
-that run it are rows of ``trainers.methods.METHODS``. A kind must be registered in a module the
-Ray workers import too (this one), or they will not know it.
+Adding a stage kind: write its config class (``trainers.config``), its run function
+(``trainers.stages``) and its reads function, then one ``register_stage(StageKind(...))``
+call. Methods that run it are rows of ``trainers.methods.METHODS``. A kind must be registered
+in a module the Ray workers import too (this one), or they will not know it.
 """
 
 from __future__ import annotations
@@ -20,22 +21,15 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trainers.config import FinetuneConfig, GlobalConfig, LocalConfig, ModelConfig
-from trainers.data import Split
-from trainers.loop import StageContext, StageResult
-from trainers.stages import (
-    finetune_reads,
-    global_reads,
-    local_reads,
-    resolve_volumes,
-    run_finetune,
-    run_global,
-    run_local,
-)
 
-StageFn = Callable[[Any, ModelConfig, StageContext], StageResult]
+if TYPE_CHECKING:
+    from trainers.data import Split
+    from trainers.loop import StageContext, StageResult
+
+StageFn = Callable[[Any, ModelConfig, "StageContext"], "StageResult"]
 # (predicate on the stage's config as a plain dict, settings it leaves unused when it holds)
 UnusedRule = tuple[Callable[[Mapping[str, Any]], bool], tuple[str, ...]]
 
@@ -121,11 +115,66 @@ def stage_volumes(
     return resolve_volumes(get_stage(stage).reads(cfg), split, labelled)
 
 
+# ---- which slices a stage reads (no torch here: the spec and the plan ask it) ----------------
+
+# Where a stage's volumes come from: "labelled" = the labelled subset of split.train, read with
+# its label maps; "train" = every volume of split.train, read without labels.
+VOLUME_SOURCES = ("labelled", "train")
+
+
+def global_reads(cfg: GlobalConfig) -> dict[str, str]:
+    """Global pretraining reads every training volume, unlabelled."""
+    return {"train": "train"}
+
+
+def local_reads(cfg: LocalConfig) -> dict[str, str]:
+    """Supervised local pretraining reads the labelled subset; self-supervised reads every
+    training volume, unlabelled."""
+    return {"train": "labelled" if cfg.loss == "supervised" else "train"}
+
+
+def finetune_reads(cfg: FinetuneConfig) -> dict[str, str]:
+    """Fine-tuning reads the labelled subset; Mean Teacher also every training volume,
+    unlabelled."""
+    roles = {"train": "labelled"}
+    if cfg.regulariser == "mean_teacher":
+        roles["unlabelled"] = "train"
+    return roles
+
+
+def resolve_volumes(
+    reads: Mapping[str, str], split: Split, labelled: tuple[int, ...]
+) -> dict[str, tuple[int, ...]]:
+    """The volumes of each role of ``reads`` (role -> source, see ``VOLUME_SOURCES``). The
+    stages load their training slices only through this function, so validation and test
+    volumes are never among them."""
+    sources = {"labelled": tuple(labelled), "train": tuple(split.train)}
+    unknown = sorted(set(reads.values()) - set(sources))
+    if unknown:
+        raise ValueError(f"unknown volume source {unknown[0]!r} (known: {list(VOLUME_SOURCES)})")
+    return {role: sources[source] for role, source in reads.items()}
+
+
+def _stage_function(name: str) -> StageFn:
+    """``trainers.stages.<name>``, imported on the first call: declaring the kinds (and so
+    reading a spec or planning a sweep) needs no torch; running a stage does."""
+
+    def run(cfg: Any, model: ModelConfig, ctx: StageContext) -> StageResult:
+        from trainers import stages
+
+        return getattr(stages, name)(cfg, model, ctx)
+
+    # named as the function it stands for, so that pickle resolves it to that function
+    run.__name__ = run.__qualname__ = name
+    run.__module__ = "trainers.stages"
+    return run
+
+
 register_stage(
     StageKind(
         name="global",
         config=GlobalConfig,
-        run=run_global,
+        run=_stage_function("run_global"),
         reads=global_reads,
         unused_settings=((lambda c: c["loss"] != "partition", ("n_parts",)),),
         title="global pretraining",
@@ -137,7 +186,7 @@ register_stage(
     StageKind(
         name="local",
         config=LocalConfig,
-        run=run_local,
+        run=_stage_function("run_local"),
         reads=local_reads,
         parents={"global": ("encoder",)},
         unused_settings=(
@@ -155,7 +204,7 @@ register_stage(
     StageKind(
         name="finetune",
         config=FinetuneConfig,
-        run=run_finetune,
+        run=_stage_function("run_finetune"),
         reads=finetune_reads,
         # projection heads are never passed on to fine-tuning
         parents={"global": ("encoder",), "local": ("encoder", "decoder")},

@@ -11,8 +11,8 @@ Every stage function reads as the same few named steps:
    checkpoint every ``ctx.checkpoint_every`` epochs and at the last epoch;
 4. **evaluate** (fine-tuning): Dice on the validation and test volumes (``evaluate_model``).
 
-Data use (docs/ARCHITECTURE.md; each stage's ``*_reads`` function, resolved by ``resolve_volumes``,
-is the single place that decides it): global
+Data use (docs/ARCHITECTURE.md; each stage's ``*_reads`` function in ``trainers.registry``,
+resolved by ``resolve_volumes``, is the single place that decides it): global
 reads all slices of ``split.train``, unlabelled; local supervised the slices of ``labelled``;
 local self all of ``split.train``, unlabelled; fine-tuning the slices of ``labelled`` (Mean
 Teacher also unlabelled slices of ``split.train``). ``split.val`` is read only by the per-epoch
@@ -61,7 +61,7 @@ from trainers.augment import (
     spatial_augment,
 )
 from trainers.config import FinetuneConfig, GlobalConfig, LocalConfig, ModelConfig
-from trainers.data import SliceData, Split
+from trainers.data import SliceData
 from trainers.loop import (
     StageContext,
     StageResult,
@@ -83,47 +83,7 @@ from trainers.losses import (
 )
 from trainers.metrics import evaluate_volumes
 from trainers.model import UNet, unwrap_model
-
-# ---------------------------------------------------------------------------------------------
-# which slices a stage reads
-
-
-# Where a stage's volumes come from: "labelled" = the labelled subset of split.train, read with
-# its label maps; "train" = every volume of split.train, read without labels.
-VOLUME_SOURCES = ("labelled", "train")
-
-
-def global_reads(cfg: GlobalConfig) -> dict[str, str]:
-    """Global pretraining reads every training volume, unlabelled."""
-    return {"train": "train"}
-
-
-def local_reads(cfg: LocalConfig) -> dict[str, str]:
-    """Supervised local pretraining reads the labelled subset; self-supervised reads every
-    training volume, unlabelled."""
-    return {"train": "labelled" if cfg.loss == "supervised" else "train"}
-
-
-def finetune_reads(cfg: FinetuneConfig) -> dict[str, str]:
-    """Fine-tuning reads the labelled subset; Mean Teacher also every training volume,
-    unlabelled."""
-    roles = {"train": "labelled"}
-    if cfg.regulariser == "mean_teacher":
-        roles["unlabelled"] = "train"
-    return roles
-
-
-def resolve_volumes(
-    reads: Mapping[str, str], split: Split, labelled: tuple[int, ...]
-) -> dict[str, tuple[int, ...]]:
-    """The volumes of each role of ``reads`` (role -> source, see ``VOLUME_SOURCES``). The
-    stages load their training slices only through this function, so validation and test
-    volumes are never among them."""
-    sources = {"labelled": tuple(labelled), "train": tuple(split.train)}
-    unknown = sorted(set(reads.values()) - set(sources))
-    if unknown:
-        raise ValueError(f"unknown volume source {unknown[0]!r} (known: {list(VOLUME_SOURCES)})")
-    return {role: sources[source] for role, source in reads.items()}
+from trainers.registry import finetune_reads, global_reads, local_reads, resolve_volumes
 
 
 @dataclass

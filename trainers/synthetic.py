@@ -31,7 +31,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 
 from trainers.config import DatasetError
@@ -187,6 +186,8 @@ def write_synthetic_msd(
     already holds the dataset for the same (version, num_cases, seed, shape) it is left as is;
     any other non-empty ``root`` raises ``DatasetError`` naming it.
     """
+    import nibabel as nib  # here: planning a synthetic sweep imports this module, not nibabel
+
     dims = _validate(num_cases, seed, shape)
     root = Path(root)
     marker = _marker(num_cases, seed, dims)

@@ -155,9 +155,12 @@ def test_json_needs_dry_run(runner: CliRunner, tmp_path: Path) -> None:
 
 
 def fake_executor(
-    fail: Callable[[Plan, str], bool] | None = None, cluster_error: bool = False
+    fail: Callable[[Plan, str], bool] | None = None,
+    cluster_error: bool = False,
+    leave: Callable[[Plan, str], bool] | None = None,
 ) -> types.ModuleType:
-    """A stand-in for orchestrator.execute: runs nothing, writes results like the real one."""
+    """A stand-in for orchestrator.execute: runs nothing, writes results like the real one;
+    nodes for which ``leave`` holds stay pending (a sweep still running)."""
     module = types.ModuleType("orchestrator.execute")
 
     class ClusterError(ValueError):
@@ -174,6 +177,8 @@ def fake_executor(
             for key in level:
                 node = plan.nodes[key]
                 if store.is_complete(key) or (node.parent and not store.is_complete(node.parent)):
+                    continue
+                if leave is not None and leave(plan, key):
                     continue
                 store.write_node(node)
                 if fail is not None and fail(plan, key):
@@ -321,7 +326,6 @@ def test_tabulate_formats_and_out(runner: CliRunner, finished: Path, tmp_path: P
     [
         (["--metric", "test_hd95"], "metric 'test_hd95'"),
         (["--by", "nope"], "--by 'nope'"),
-        (["--format", "html"], "--format 'html'"),
     ],
 )
 def test_tabulate_bad_options(
@@ -382,3 +386,143 @@ def test_tabulate_baseline_prints_and_writes_paired_differences(
     bad = runner.invoke(app, ["tabulate", str(finished), "--baseline", "tcsm"])
     assert bad.exit_code == 2
     assert "--baseline 'tcsm'" in one_error_line(bad.stderr)
+
+
+# ---- the command line itself: fast help, flags, choices, version -------------------------------
+
+HEAVY = ("torch", "nibabel", "ray", "pandas", "matplotlib")
+
+
+def test_help_and_dry_run_import_no_torch(tmp_path: Path) -> None:
+    """``--help`` imports none of the heavy packages; reading a spec and planning (a dry run)
+    import no torch, nibabel or Ray (this is what makes ``--help`` take well under a second)."""
+    spec_path, storage = write_spec(tmp_path), tmp_path / "storage"
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from typer.testing import CliRunner
+        from orchestrator.cli import app
+        runner = CliRunner()
+        for args in (["--help"], ["launch", "--help"], ["tabulate", "--help"], ["data", "--help"]):
+            assert runner.invoke(app, args).exit_code == 0, args
+        print(sorted(m for m in {HEAVY!r} if m in sys.modules))
+        args = ["launch", {str(spec_path)!r}, "--dry-run", "--storage", {str(storage)!r}]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        print(sorted(m for m in ("torch", "nibabel", "ray") if m in sys.modules))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["[]", "[]"]
+
+
+def test_boolean_options_are_flags(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["launch", "--help"])
+    assert result.exit_code == 0
+    assert "<bool>" not in result.stdout
+    options = [line.split()[0] for line in result.stdout.splitlines() if line.startswith("  --")]
+    assert {"--dry-run", "--json", "--force", "--no-reuse"} <= set(options)
+    for flag in ("--dry-run", "--json", "--force", "--no-reuse"):
+        line = next(line for line in result.stdout.splitlines() if line.startswith(f"  {flag} "))
+        assert line.split()[1][0].isupper(), line  # the help text follows: no value to give
+
+
+def test_format_and_device_offer_their_choices(runner: CliRunner, tmp_path: Path) -> None:
+    from orchestrator.cli import TableFormat
+    from orchestrator.tables import TABLE_FORMATS
+
+    assert tuple(f.value for f in TableFormat) == TABLE_FORMATS
+    assert "<text|md|latex|csv>" in runner.invoke(app, ["tabulate", "--help"]).stdout
+    bad = runner.invoke(app, ["tabulate", str(tmp_path), "--format", "html"])
+    assert bad.exit_code == 2
+    assert "'html' is not one of 'text', 'md', 'latex', 'csv'" in bad.stderr
+    assert "[cpu|cuda|cuda:N]" in runner.invoke(app, ["evaluate", "--help"]).stdout
+    bad = runner.invoke(app, ["evaluate", str(tmp_path), "--data", ".", "--device", "gpu"])
+    assert bad.exit_code == 2
+    assert "'gpu': one of cpu, cuda, cuda:N" in bad.stderr
+
+
+def test_version(runner: CliRunner) -> None:
+    from importlib import metadata
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.stdout == f"semicon-sweep {metadata.version('semicon-sweep')}\n"
+
+
+# ---- tabulate and plot on a running sweep and on committed tables -----------------------------
+
+
+@pytest.fixture
+def running(runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A storage folder of a sweep under way: seed 1's fine-tuning nodes have not run yet."""
+
+    def leave(plan: Plan, key: str) -> bool:
+        return plan.nodes[key].stage == "finetune" and plan.nodes[key].seed == 1
+
+    monkeypatch.setitem(sys.modules, "orchestrator.execute", fake_executor(leave=leave))
+    storage = tmp_path / "running"
+    result = runner.invoke(app, ["launch", str(write_spec(tmp_path)), "--storage", str(storage)])
+    assert result.exit_code == 1  # not every trial ok
+    return storage
+
+
+def test_tabulate_a_running_sweep_shows_the_finished_trials(
+    runner: CliRunner, running: Path
+) -> None:
+    result = runner.invoke(app, ["tabulate", str(running), "--format", "csv"])
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "method \\ label_fraction,0.2,0.5"
+    assert lines[1].startswith("global,0.600 (1),")  # seed 0 only
+    assert lines[-1] == "# 4 of 8 trials finished; not shown: pending 4"
+
+
+def test_plot_a_running_sweep(runner: CliRunner, running: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["plot", str(running), "--out", str(tmp_path / "plots")])
+    assert result.exit_code == 0, result.stderr
+    assert "4 of 8 trials finished; not shown: pending 4" in result.stderr
+    assert (tmp_path / "plots" / "dice_vs_label_fraction__test_dice_pooled_mean.png").is_file()
+
+
+def test_tabulate_before_any_trial_finished(runner: CliRunner, tmp_path: Path) -> None:
+    storage = tmp_path / "storage"
+    spec = load_spec(write_spec(tmp_path), overrides={"storage": str(storage)})
+    StageStore(storage).claim_sweep(spec, plan=build_plan(spec))
+    result = runner.invoke(app, ["tabulate", str(storage)])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == ""
+    assert "no finished trials" in result.stderr and "pending 8" in result.stderr
+
+
+def test_tables_without_their_sweep_re_render(
+    runner: CliRunner, finished: Path, tmp_path: Path
+) -> None:
+    """A folder holding only ``tables/`` (results committed without their stage store)."""
+    committed = tmp_path / "committed"
+    (committed / "tables").mkdir(parents=True)
+    for table in (finished / "tables").iterdir():
+        (committed / "tables" / table.name).write_bytes(table.read_bytes())
+    expected = runner.invoke(app, ["tabulate", str(finished), "--format", "md"]).stdout
+    result = runner.invoke(app, ["tabulate", str(committed), "--format", "md"])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == expected
+    result = runner.invoke(app, ["plot", str(committed)])
+    assert result.exit_code == 0, result.stderr
+    assert (committed / "plots" / "dice_vs_label_fraction__test_dice_pooled_mean.png").is_file()
+    assert sorted(p.name for p in committed.iterdir()) == ["plots", "tables"]
+
+
+def test_committed_reproduction_tables_re_render(runner: CliRunner, tmp_path: Path) -> None:
+    source = REPO / "results" / "reproductions" / "paper_hippocampus_cpu" / "tables"
+    copy = tmp_path / "paper" / "tables"
+    copy.mkdir(parents=True)
+    for table in source.glob("*.parquet"):
+        (copy / table.name).write_bytes(table.read_bytes())
+    result = runner.invoke(app, ["tabulate", str(copy.parent), "--format", "md"])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.startswith("| method \\ label_fraction | 0.05 | 0.1 | 0.2 |")
+    assert "| global+local_block |" in result.stdout

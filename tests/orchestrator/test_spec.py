@@ -320,3 +320,61 @@ def test_step_budgets_and_augmentation_resolve_per_point(tmp_path: Path) -> None
     assert point.stage_configs["global"].augment.flip_axes == (0, 1)  # bound to the dataset
     assert point.stages.local.augment.noise_std == 0.1
     assert point.stages.local.augment.flip_axes == ()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (GOOD + "seeds: 1\n", "seeds: unknown key; did you mean 'seed'? (known: name, dataset,"),
+        (
+            good_with(**{"  local:": "  local: {block_size: 8, temprature: 0.1}"}),
+            "stages.local.temprature: unknown key; did you mean 'temperature'?",
+        ),
+        (
+            good_with(model="model: {base_chanels: 4, depth: 2}"),
+            "model.base_chanels: unknown key; did you mean 'base_channels'?",
+        ),
+        (
+            GOOD.replace("  local: {block_size: 8}", "  local: {block_size: 8}\n  finetuning: {}"),
+            "stages.finetuning: unknown stage; did you mean 'finetune'?",
+        ),
+        (
+            GOOD + "  stages.local.blocksize: [8, 16]\n",
+            "grid.stages.local.blocksize: stages.local: unknown key; did you mean 'block_size'?",
+        ),
+        (GOOD + "ray: {adress: auto}\n", "ray.adress: unknown key; did you mean 'address'?"),
+    ],
+)
+def test_unknown_keys_suggest_the_closest_known_key(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    with pytest.raises(SpecError) as info:
+        load_spec(write(tmp_path, text))
+    message = str(info.value)
+    assert expected in message and "\n" not in message, message
+
+
+def test_unknown_key_without_a_close_one_has_no_suggestion(tmp_path: Path) -> None:
+    text = good_with(**{"  local:": "  local: {block_size: 8, xyz: 1}"})
+    with pytest.raises(SpecError, match=r"stages\.local\.xyz: unknown key \(known: ") as info:
+        load_spec(write(tmp_path, text))
+    assert "did you mean" not in str(info.value)
+
+
+def test_numbers_pyyaml_reads_as_text_are_numbers(tmp_path: Path) -> None:
+    """YAML 1.1 (PyYAML) reads ``1e-4`` as a string; where a number is expected it is one."""
+    short = good_with(
+        label_fraction="label_fraction: [2e-1, 5E-1]",
+        **{"  local:": "  local: {block_size: 8, lr: 1e-4}"},
+    ).replace("temperature: [0.1, 0.5]", "temperature: [1e-1, 5e-1]")
+    spec = load_spec(write(tmp_path, short, "short.yaml"))
+    spelled = load_spec(
+        write(tmp_path, short.replace("1e-4", "1.0e-4").replace("2e-1", "0.2"), "spelled.yaml")
+    )
+    assert spec.stages.local.lr == 1e-4 and isinstance(spec.stages.local.lr, float)
+    assert spec.label_fraction == (0.2, 0.5)
+    assert dict(spec.axes)["stages.local.temperature"] == (0.1, 0.5)
+    assert spec.spec_hash == spelled.spec_hash
+    bad = short.replace("lr: 1e-4", "lr: 1e-4x")
+    with pytest.raises(SpecError, match=r"stages\.local\.lr: must be of type float, got '1e-4x'"):
+        load_spec(write(tmp_path, bad, "bad.yaml"))
