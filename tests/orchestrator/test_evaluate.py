@@ -273,10 +273,11 @@ def test_corrupt_model_file_is_named(
 ) -> None:
     plan, store = sweep
     key = plan.trials[0].nodes["finetune"]
-    store.model_path(key).write_bytes(b"not a torch file")
+    path = store.model_path(key)
+    path.write_bytes(b"x" * path.stat().st_size)  # same size: only its sha256 tells
     result = runner.invoke(app, ["evaluate", str(store.root), "--data", str(external_root)])
     assert result.exit_code == 2
-    assert f"{store.model_path(key)}: unreadable model" in one_error_line(result.stderr)
+    assert f"{path}: content differs from COMPLETE's sha256" in one_error_line(result.stderr)
     assert not (store.root / "tables" / "external.parquet").exists()
 
 
