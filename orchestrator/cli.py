@@ -3,7 +3,8 @@
 Commands::
 
     semicon-sweep launch SPEC [--address A] [--storage DIR] [--dry-run [--json]] [--force] [--no-reuse]
-    semicon-sweep status STORAGE
+                              [--verify] [--allow-large-grid]
+    semicon-sweep status STORAGE [--verify]
     semicon-sweep tabulate STORAGE [--metric M] [--by AXIS] [--format text|md|latex|csv] [--out FILE]
     semicon-sweep evaluate STORAGE --data ROOT [--batch-size N] [--device cpu|cuda]
     semicon-sweep plot STORAGE [--metric M] [--out DIR]
@@ -11,7 +12,9 @@ Commands::
     semicon-sweep data check ROOT
 
 Exit codes: 0 done (every trial ok), 1 some trials failed or are unfinished, 2 bad input
-(a bad spec, config, dataset, storage owned by another sweep, unreachable cluster). Bad input
+(a bad spec, config, dataset, storage owned by another sweep or not a writable folder, a grid
+over ``MAX_TRIALS`` points without --allow-large-grid, a node needing more CPUs / GPUs than a
+local Ray has, unreachable cluster, a stored model that fails to load). Bad input
 prints one line ``semicon-sweep: error: <message>`` on stderr, writes nothing, and never a
 traceback. Ray is imported only by ``launch`` when it actually runs, so every other command
 (and a dry run) starts fast and needs no cluster.
@@ -31,9 +34,20 @@ from typing import Annotated, Any
 import typer
 
 from orchestrator.plan import Plan, build_plan
-from orchestrator.spec import SpecError, load_spec, spec_from_mapping
+from orchestrator.resources import check_local_resources
+from orchestrator.session import ClusterError
+from orchestrator.spec import MAX_TRIALS, GridTooLarge, SpecError, load_spec, spec_from_mapping
 from orchestrator.stats import paired_differences
-from orchestrator.store import StageStore, StorageConflict, atomic_write_text
+from orchestrator.store import (
+    StageStore,
+    StorageConflict,
+    StorageError,
+    StoredFileError,
+    atomic_write_text,
+    check_storage,
+    invalid_nodes,
+    storage_writable,
+)
 from orchestrator.tables import (
     STATUSES,
     collect,
@@ -47,12 +61,23 @@ from orchestrator.tables import (
     write_paired,
     write_tables,
 )
+from orchestrator.tracking import check_tracking
 from trainers.config import ConfigError
 from trainers.data import DatasetError
 
 PROG = "semicon-sweep"
-BAD_INPUT: tuple[type[BaseException], ...] = (SpecError, ConfigError, DatasetError, StorageConflict)
+BAD_INPUT: tuple[type[BaseException], ...] = (
+    SpecError,
+    ConfigError,
+    DatasetError,
+    StorageConflict,
+    StorageError,
+    StoredFileError,
+    ClusterError,
+)
 MAX_TRIALS_SHOWN = 20
+MAX_INVALID_SHOWN = 20
+MAX_PROBLEMS_SHOWN = 5  # failed / skipped trials listed by ``status``, each
 
 app = typer.Typer(
     name=PROG,
@@ -113,6 +138,20 @@ def launch(
     no_reuse: Annotated[
         bool, typer.Option("--no-reuse", help="Give every trial its own stage nodes (no sharing).")
     ] = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="Check the sha256 of every complete node's files, not only their sizes.",
+        ),
+    ] = False,
+    allow_large_grid: Annotated[
+        bool,
+        typer.Option(
+            "--allow-large-grid",
+            help=f"Plan a grid of more than {MAX_TRIALS:,} trials (with --dry-run: count it).",
+        ),
+    ] = False,
 ) -> None:
     """Plan a sweep and run it on Ray (or only print the plan with --dry-run)."""
     if as_json and not dry_run:
@@ -124,17 +163,30 @@ def launch(
     if address is not None:
         overrides["address"] = address
     with bad_input():
-        spec = load_spec(spec_path, overrides=overrides)
+        try:
+            limit = None if allow_large_grid and not dry_run else MAX_TRIALS
+            spec = load_spec(spec_path, overrides=overrides, max_trials=limit)
+        except GridTooLarge as err:
+            if not allow_large_grid:
+                raise
+            typer.echo(describe_large_grid(err, as_json))
+            return
+        # everything that can be checked without Ray, before anything is written
+        check_storage(spec.storage, writable=True)
+        check_tracking(spec)
+        check_local_resources(spec.resources, spec.ray.address)
         plan = build_plan(spec, reuse=not no_reuse)
-    store = StageStore(spec.storage)
+    store = StageStore(spec.storage, verify_hashes=verify)
     if dry_run:
         with bad_input():
-            summary = plan.summary(store.is_complete)
+            invalid = invalid_nodes(plan, store)
+            report_invalid(invalid)
+            summary = plan.summary(lambda key: key not in invalid and store.is_complete(key))
         if as_json:
-            summary.update(storage=spec.storage, spec_hash=spec.spec_hash)
+            summary.update(storage=spec.storage, spec_hash=spec.spec_hash, invalid=invalid)
             typer.echo(json.dumps(summary))
         else:
-            typer.echo(describe_plan(plan, store))
+            typer.echo(describe_plan(plan, store, invalid))
         return
 
     # Ray itself is imported only inside run_sweep; execute's module level is Ray-free
@@ -184,10 +236,39 @@ def _undo_claim(store: StageStore, existed: bool, previous: bytes | None) -> Non
         store.sweep_path.unlink(missing_ok=True)
 
 
-def describe_plan(plan: Plan, store: StageStore) -> str:
-    """The plan for a person: stage node counts, what is done, and the trials."""
+def report_invalid(invalid: dict[str, str]) -> None:
+    """One stderr line per node whose COMPLETE no longer holds (``store.invalid_nodes``)."""
+    for key, why in list(invalid.items())[:MAX_INVALID_SHOWN]:
+        log(f"{PROG}: node {key} will rerun: {why}")
+    if len(invalid) > MAX_INVALID_SHOWN:
+        log(f"{PROG}: ... and {len(invalid) - MAX_INVALID_SHOWN} more nodes will rerun")
+
+
+def describe_large_grid(err: GridTooLarge, as_json: bool) -> str:
+    """The dry run of a grid over ``MAX_TRIALS`` points: its size only, no point built."""
+    if as_json:
+        return json.dumps({"trials": err.trials, "axes": dict(err.axes), "planned": False})
+    axes = ", ".join(f"{name} ({count})" for name, count in err.axes)
+    return "\n".join(
+        [
+            f"{err.trials:,} trials over axes {axes}",
+            f"more than {MAX_TRIALS:,}: grid points were counted, not checked or planned; "
+            "dry run: nothing was run or written",
+        ]
+    )
+
+
+def describe_plan(plan: Plan, store: StageStore, invalid: dict[str, str] | None = None) -> str:
+    """The plan for a person: stage node counts, what is done, and the trials.
+
+    ``invalid``: nodes whose COMPLETE no longer holds (``store.invalid_nodes``): to run."""
     spec = plan.spec
-    summary = plan.summary(store.is_complete)
+    invalid = invalid or {}
+
+    def complete(key: str) -> bool:
+        return key not in invalid and store.is_complete(key)
+
+    summary = plan.summary(complete)
     lines = [
         f"sweep '{spec.name}' (spec {spec.spec_hash[:12]}): {summary['trials']} trials",
         f"storage: {spec.storage}",
@@ -201,8 +282,7 @@ def describe_plan(plan: Plan, store: StageStore) -> str:
     lines.append("")
     for trial in plan.trials[:MAX_TRIALS_SHOWN]:
         chain = " -> ".join(
-            f"{stage}:{key[:8]}{'*' if store.is_complete(key) else ''}"
-            for stage, key in trial.nodes.items()
+            f"{stage}:{key[:8]}{'*' if complete(key) else ''}" for stage, key in trial.nodes.items()
         )
         params = ", ".join(f"{k}={v}" for k, v in trial.params.items())
         lines.append(f"{trial.trial_id}  {params or '(single point)'}  [{chain}]")
@@ -217,6 +297,7 @@ def describe_plan(plan: Plan, store: StageStore) -> str:
 
 def recorded_plan(storage: Path) -> tuple[Plan, StageStore]:
     """The plan of the sweep held in ``storage`` (from ``sweep.json``; no Ray, no data needed)."""
+    check_storage(storage, writable=False)
     store = StageStore(storage)
     record = store.read_sweep()
     if record is None:
@@ -240,10 +321,25 @@ def _status_line(counts: Counter[str], total: int) -> str:
 
 
 @app.command()
-def status(storage: Annotated[Path, typer.Argument(help="The sweep's storage folder.")]) -> None:
-    """Count trials and stage nodes that are complete, failed or pending."""
+def status(
+    storage: Annotated[Path, typer.Argument(help="The sweep's storage folder.")],
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="Check the sha256 of every complete node's files, not only their sizes.",
+        ),
+    ] = False,
+) -> None:
+    """Count trials and stage nodes that are complete, failed, skipped or pending.
+
+    Failed trials are listed with their error, skipped ones with the failed node they build on;
+    nodes whose COMPLETE no longer matches their files are listed on stderr (they will rerun).
+    """
     with bad_input():
         plan, store = recorded_plan(storage)
+        store.verify_hashes = verify
+        report_invalid(invalid_nodes(plan, store))
     counts = Counter(trial_status(trial, store)[0] for trial in plan.trials)
     typer.echo(f"sweep '{plan.spec.name}' (spec {plan.spec.spec_hash[:12]}) in {store.root}")
     typer.echo(_status_line(counts, len(plan.trials)))
@@ -256,14 +352,13 @@ def status(storage: Annotated[Path, typer.Argument(help="The sweep's storage fol
         counts = Counter(state for key, state in states.items() if plan.nodes[key].stage == stage)
         cells = "".join(f"{counts.get(state, 0):>{width}}" for state, width in NODE_STATES.items())
         typer.echo(f"{stage:<10}{sum(counts.values()):>7}{cells}")
-    errors = [
-        (trial.trial_id, error)
-        for trial in plan.trials
-        for state, error in [trial_status(trial, store)]
-        if state == "failed" and error
-    ]
-    for trial_id, error in errors[:5]:
-        typer.echo(f"{trial_id} failed: {error.splitlines()[0] if error else ''}")
+    problems = [(trial.trial_id, *trial_status(trial, store)) for trial in plan.trials]
+    for shown in ("failed", "skipped"):
+        listed = [(trial_id, error) for trial_id, state, error in problems if state == shown]
+        for trial_id, error in listed[:MAX_PROBLEMS_SHOWN]:
+            typer.echo(f"{trial_id} {shown}: {(error or '').splitlines()[0] if error else ''}")
+        if len(listed) > MAX_PROBLEMS_SHOWN:
+            typer.echo(f"... and {len(listed) - MAX_PROBLEMS_SHOWN} more {shown} trials")
 
 
 @app.command()
@@ -292,10 +387,16 @@ def tabulate(
     with bad_input(ValueError):
         if fmt not in ("text", "md", "latex", "csv"):
             raise ValueError(f"--format {fmt!r}: must be one of text, md, latex, csv")
+        if out is not None:
+            check_storage(out.absolute().parent, writable=True)
         plan, store = recorded_plan(storage)
+        writable = storage_writable(store.root)
         if tables_stale(store):
             tables = collect(plan, store)
-            write_tables(tables, store)
+            if writable:
+                write_tables(tables, store)
+            else:
+                log(f"{PROG}: {store.root} is read-only: tables built, not saved")
         else:
             tables = read_tables(storage)
         table = paper_table(tables.trials, metric=metric, cols=by)
@@ -310,7 +411,8 @@ def tabulate(
         return
     text = format_table(table, fmt) + _notes(table, fmt)
     if paired is not None:
-        write_paired(paired, store)
+        if writable:
+            write_paired(paired, store)
         text += (
             f"\n{_comment(fmt)}{metric}: mean paired difference to {baseline} over matching "
             f"(seed, split) runs [95 % t interval] wins/n\n"
@@ -356,6 +458,7 @@ def evaluate(
 
     with bad_input(ExternalEvalError):
         plan, store = recorded_plan(storage)
+        report_invalid(invalid_nodes(plan, store))
         frame = evaluate_external(
             plan, store, data, batch_size=batch_size, device=device, progress=log
         )
@@ -387,13 +490,14 @@ def plot(
 
     with bad_input(PlotError, ExternalEvalError, ValueError):
         plan, store = recorded_plan(storage)
+        check_storage(out or store.root / "plots", writable=True)
         stale = tables_stale(store)
         tables = collect(plan, store) if stale else read_tables(storage)
         trials = read_external(store) if metric.startswith("ext_") else tables.trials
         paths = plot_sweep(
             trials, tables.epochs, out or store.root / "plots", metric=metric, baseline=baseline
         )
-    if stale:  # refreshed only once the plots succeeded: bad input writes nothing
+    if stale and storage_writable(store.root):  # only once the plots succeeded
         write_tables(tables, store)
     for path in paths:
         typer.echo(str(path))
