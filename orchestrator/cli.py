@@ -79,6 +79,14 @@ MAX_TRIALS_SHOWN = 20
 MAX_INVALID_SHOWN = 20
 MAX_PROBLEMS_SHOWN = 5  # failed / skipped trials listed by ``status``, each
 
+# launch and status: hash the files every COMPLETE vouches for (sizes are always compared)
+VerifyOption = Annotated[
+    bool,
+    typer.Option(
+        "--verify", help="Check the sha256 of every complete node's files, not only their sizes."
+    ),
+]
+
 app = typer.Typer(
     name=PROG,
     help="Ray-distributed sweeps of semi-supervised contrastive segmentation (Hu et al., MICCAI 2021).",
@@ -138,13 +146,7 @@ def launch(
     no_reuse: Annotated[
         bool, typer.Option("--no-reuse", help="Give every trial its own stage nodes (no sharing).")
     ] = False,
-    verify: Annotated[
-        bool,
-        typer.Option(
-            "--verify",
-            help="Check the sha256 of every complete node's files, not only their sizes.",
-        ),
-    ] = False,
+    verify: VerifyOption = False,
     allow_large_grid: Annotated[
         bool,
         typer.Option(
@@ -323,13 +325,7 @@ def _status_line(counts: Counter[str], total: int) -> str:
 @app.command()
 def status(
     storage: Annotated[Path, typer.Argument(help="The sweep's storage folder.")],
-    verify: Annotated[
-        bool,
-        typer.Option(
-            "--verify",
-            help="Check the sha256 of every complete node's files, not only their sizes.",
-        ),
-    ] = False,
+    verify: VerifyOption = False,
 ) -> None:
     """Count trials and stage nodes that are complete, failed, skipped or pending.
 
