@@ -4,7 +4,8 @@ Commands::
 
     semicon-sweep --version
     semicon-sweep launch SPEC [--address A] [--storage DIR] [--dry-run [--json]] [--force] [--no-reuse]
-    semicon-sweep status STORAGE
+                              [--verify] [--allow-large-grid]
+    semicon-sweep status STORAGE [--verify]
     semicon-sweep tabulate STORAGE [--metric M] [--by AXIS] [--format text|md|latex|csv] [--out FILE] [--baseline METHOD]
     semicon-sweep evaluate STORAGE --data ROOT [--batch-size N] [--device cpu|cuda]
     semicon-sweep plot STORAGE [--metric M] [--out DIR]
@@ -12,7 +13,9 @@ Commands::
     semicon-sweep data check ROOT
 
 Exit codes: 0 done (every trial ok), 1 some trials failed or are unfinished, 2 bad input
-(a bad spec, config, dataset, storage owned by another sweep, unreachable cluster). Bad input
+(a bad spec, config, dataset, storage owned by another sweep or not a writable folder, a grid
+over ``MAX_TRIALS`` points without --allow-large-grid, a node needing more CPUs / GPUs than a
+local Ray has, unreachable cluster, a stored model that fails to load). Bad input
 prints one line ``semicon-sweep: error: <message>`` on stderr, writes nothing, and never a
 traceback. Ray is imported only by ``launch`` when it actually runs, so every other command
 (and a dry run) starts fast and needs no cluster.
@@ -37,10 +40,21 @@ import typer
 # import typer alone (no torch, pandas or Ray), and reading a spec imports no torch either.
 if TYPE_CHECKING:
     from orchestrator.plan import Plan
+    from orchestrator.spec import GridTooLarge
     from orchestrator.store import StageStore
 
 PROG = "semicon-sweep"
 MAX_TRIALS_SHOWN = 20
+MAX_INVALID_SHOWN = 20
+MAX_PROBLEMS_SHOWN = 5  # failed / skipped trials listed by ``status``, each
+
+# launch and status: hash the files every COMPLETE vouches for (sizes are always compared)
+VerifyOption = Annotated[
+    bool,
+    typer.Option(
+        "--verify", help="Check the sha256 of every complete node's files, not only their sizes."
+    ),
+]
 
 
 class TableFormat(str, enum.Enum):
@@ -54,11 +68,20 @@ class TableFormat(str, enum.Enum):
 
 def bad_input_errors() -> tuple[type[BaseException], ...]:
     """The bad-input errors (docs/ARCHITECTURE.md, "Bad input"): one line, exit 2."""
+    from orchestrator.session import ClusterError
     from orchestrator.spec import SpecError
-    from orchestrator.store import StorageConflict
+    from orchestrator.store import StorageConflict, StorageError, StoredFileError
     from trainers.config import ConfigError, DatasetError
 
-    return (SpecError, ConfigError, DatasetError, StorageConflict)
+    return (
+        SpecError,
+        ConfigError,
+        DatasetError,
+        StorageConflict,
+        StorageError,
+        StoredFileError,
+        ClusterError,
+    )
 
 
 app = typer.Typer(
@@ -152,11 +175,22 @@ def launch(
     no_reuse: Annotated[
         bool, typer.Option("--no-reuse", help="Give every trial its own stage nodes (no sharing).")
     ] = False,
+    verify: VerifyOption = False,
+    allow_large_grid: Annotated[
+        bool,
+        typer.Option(
+            "--allow-large-grid",
+            help="Plan a grid beyond the trial limit, orchestrator.spec.MAX_TRIALS (with "
+            "--dry-run: count it).",
+        ),
+    ] = False,
 ) -> None:
     """Plan a sweep and run it on Ray (or only print the plan with --dry-run)."""
     from orchestrator.plan import build_plan
-    from orchestrator.spec import SpecError, load_spec
-    from orchestrator.store import StageStore
+    from orchestrator.resources import check_local_resources
+    from orchestrator.spec import MAX_TRIALS, GridTooLarge, SpecError, load_spec
+    from orchestrator.store import StageStore, check_storage, invalid_nodes
+    from orchestrator.tracking import check_tracking
 
     if as_json and not dry_run:
         with bad_input():
@@ -167,17 +201,30 @@ def launch(
     if address is not None:
         overrides["address"] = address
     with bad_input():
-        spec = load_spec(spec_path, overrides=overrides)
+        try:
+            limit = None if allow_large_grid and not dry_run else MAX_TRIALS
+            spec = load_spec(spec_path, overrides=overrides, max_trials=limit)
+        except GridTooLarge as err:
+            if not allow_large_grid:
+                raise
+            typer.echo(describe_large_grid(err, as_json))
+            return
+        # everything that can be checked without Ray, before anything is written
+        check_storage(spec.storage, writable=True)
+        check_tracking(spec)
+        check_local_resources(spec.resources, spec.ray.address)
         plan = build_plan(spec, reuse=not no_reuse)
-    store = StageStore(spec.storage)
+    store = StageStore(spec.storage, verify_hashes=verify)
     if dry_run:
         with bad_input():
-            summary = plan.summary(store.is_complete)
+            invalid = invalid_nodes(plan, store)
+            report_invalid(invalid)
+            summary = plan.summary(lambda key: key not in invalid and store.is_complete(key))
         if as_json:
-            summary.update(storage=spec.storage, spec_hash=spec.spec_hash)
+            summary.update(storage=spec.storage, spec_hash=spec.spec_hash, invalid=invalid)
             typer.echo(json.dumps(summary))
         else:
-            typer.echo(describe_plan(plan, store))
+            typer.echo(describe_plan(plan, store, invalid))
         return
 
     # Ray itself is imported only inside run_sweep; execute's module level is Ray-free
@@ -239,10 +286,41 @@ def _undo_claim(store: StageStore, existed: bool, previous: bytes | None) -> Non
         store.sweep_path.unlink(missing_ok=True)
 
 
-def describe_plan(plan: Plan, store: StageStore) -> str:
-    """The plan for a person: stage node counts, what is done, and the trials."""
+def report_invalid(invalid: dict[str, str]) -> None:
+    """One stderr line per node whose COMPLETE no longer holds (``store.invalid_nodes``)."""
+    for key, why in list(invalid.items())[:MAX_INVALID_SHOWN]:
+        log(f"{PROG}: node {key} will rerun: {why}")
+    if len(invalid) > MAX_INVALID_SHOWN:
+        log(f"{PROG}: ... and {len(invalid) - MAX_INVALID_SHOWN} more nodes will rerun")
+
+
+def describe_large_grid(err: GridTooLarge, as_json: bool) -> str:
+    """The dry run of a grid over ``MAX_TRIALS`` points: its size only, no point built."""
+    from orchestrator.spec import MAX_TRIALS
+
+    if as_json:
+        return json.dumps({"trials": err.trials, "axes": dict(err.axes), "planned": False})
+    axes = ", ".join(f"{name} ({count})" for name, count in err.axes)
+    return "\n".join(
+        [
+            f"{err.trials:,} trials over axes {axes}",
+            f"more than {MAX_TRIALS:,}: grid points were counted, not checked or planned; "
+            "dry run: nothing was run or written",
+        ]
+    )
+
+
+def describe_plan(plan: Plan, store: StageStore, invalid: dict[str, str] | None = None) -> str:
+    """The plan for a person: stage node counts, what is done, and the trials.
+
+    ``invalid``: nodes whose COMPLETE no longer holds (``store.invalid_nodes``): to run."""
     spec = plan.spec
-    summary = plan.summary(store.is_complete)
+    invalid = invalid or {}
+
+    def complete(key: str) -> bool:
+        return key not in invalid and store.is_complete(key)
+
+    summary = plan.summary(complete)
     lines = [
         f"sweep '{spec.name}' (spec {spec.spec_hash[:12]}): {summary['trials']} trials",
         f"storage: {spec.storage}",
@@ -256,8 +334,7 @@ def describe_plan(plan: Plan, store: StageStore) -> str:
     lines.append("")
     for trial in plan.trials[:MAX_TRIALS_SHOWN]:
         chain = " -> ".join(
-            f"{stage}:{key[:8]}{'*' if store.is_complete(key) else ''}"
-            for stage, key in trial.nodes.items()
+            f"{stage}:{key[:8]}{'*' if complete(key) else ''}" for stage, key in trial.nodes.items()
         )
         params = ", ".join(f"{k}={v}" for k, v in trial.params.items())
         lines.append(f"{trial.trial_id}  {params or '(single point)'}  [{chain}]")
@@ -274,8 +351,9 @@ def recorded_plan(storage: Path) -> tuple[Plan, StageStore]:
     """The plan of the sweep held in ``storage`` (from ``sweep.json``; no Ray, no data needed)."""
     from orchestrator.plan import Plan, build_plan
     from orchestrator.spec import spec_from_mapping
-    from orchestrator.store import StageStore, StorageConflict
+    from orchestrator.store import StageStore, StorageConflict, check_storage
 
+    check_storage(storage, writable=False)
     store = StageStore(storage)
     record = store.read_sweep()
     if record is None:
@@ -301,12 +379,22 @@ def _status_line(counts: Counter[str], total: int) -> str:
 
 
 @app.command()
-def status(storage: Annotated[Path, typer.Argument(help="The sweep's storage folder.")]) -> None:
-    """Count trials and stage nodes that are complete, failed or pending."""
+def status(
+    storage: Annotated[Path, typer.Argument(help="The sweep's storage folder.")],
+    verify: VerifyOption = False,
+) -> None:
+    """Count trials and stage nodes that are complete, failed, skipped or pending.
+
+    Failed trials are listed with their error, skipped ones with the failed node they build on;
+    nodes whose COMPLETE no longer matches their files are listed on stderr (they will rerun).
+    """
+    from orchestrator.store import invalid_nodes
     from orchestrator.tables import node_state, trial_status
 
     with bad_input():
         plan, store = recorded_plan(storage)
+        store.verify_hashes = verify
+        report_invalid(invalid_nodes(plan, store))
     counts = Counter(trial_status(trial, store)[0] for trial in plan.trials)
     typer.echo(f"sweep '{plan.spec.name}' (spec {plan.spec.spec_hash[:12]}) in {store.root}")
     typer.echo(_status_line(counts, len(plan.trials)))
@@ -319,14 +407,13 @@ def status(storage: Annotated[Path, typer.Argument(help="The sweep's storage fol
         counts = Counter(state for key, state in states.items() if plan.nodes[key].stage == stage)
         cells = "".join(f"{counts.get(state, 0):>{width}}" for state, width in NODE_STATES.items())
         typer.echo(f"{stage:<10}{sum(counts.values()):>7}{cells}")
-    errors = [
-        (trial.trial_id, error)
-        for trial in plan.trials
-        for state, error in [trial_status(trial, store)]
-        if state == "failed" and error
-    ]
-    for trial_id, error in errors[:5]:
-        typer.echo(f"{trial_id} failed: {error.splitlines()[0] if error else ''}")
+    problems = [(trial.trial_id, *trial_status(trial, store)) for trial in plan.trials]
+    for shown in ("failed", "skipped"):
+        listed = [(trial_id, error) for trial_id, state, error in problems if state == shown]
+        for trial_id, error in listed[:MAX_PROBLEMS_SHOWN]:
+            typer.echo(f"{trial_id} {shown}: {(error or '').splitlines()[0] if error else ''}")
+        if len(listed) > MAX_PROBLEMS_SHOWN:
+            typer.echo(f"... and {len(listed) - MAX_PROBLEMS_SHOWN} more {shown} trials")
 
 
 @app.command()
@@ -353,7 +440,7 @@ def tabulate(
     Cells marked † hold a run that had not converged, ‡ one with a collapsed class.
     """
     from orchestrator.stats import paired_differences
-    from orchestrator.store import atomic_write_text
+    from orchestrator.store import atomic_write_text, check_storage, storage_writable
     from orchestrator.tables import (
         format_table,
         paired_table,
@@ -364,9 +451,15 @@ def tabulate(
 
     fmt = TableFormat(fmt).value
     with bad_input(ValueError, FileNotFoundError):
+        if out is not None:
+            check_storage(out.absolute().parent, writable=True)
         tables, store, collected = sweep_tables(storage)
+        writable = storage_writable(store.root)
         if collected:
-            write_tables(tables, store)
+            if writable:
+                write_tables(tables, store)
+            else:
+                log(f"{PROG}: {store.root} is read-only: tables built, not saved")
         table = paper_table(tables.trials, metric=metric, cols=by)
         paired = None
         if baseline is not None and not table.empty:
@@ -381,7 +474,8 @@ def tabulate(
     if (unfinished := unfinished_note(tables.trials)) is not None:
         text += f"{_comment(fmt)}{unfinished}\n"
     if paired is not None:
-        write_paired(paired, store)
+        if writable:
+            write_paired(paired, store)
         text += (
             f"\n{_comment(fmt)}{metric}: mean paired difference to {baseline} over matching "
             f"(seed, split) runs [95 % t interval] wins/n\n"
@@ -402,9 +496,10 @@ def sweep_tables(storage: Path) -> tuple[Any, StageStore, bool]:
     it, else read. Without (results committed without their stages, e.g. a folder under
     ``results/`` that holds only ``tables/``): read from ``tables/`` as they are.
     """
-    from orchestrator.store import StageStore
+    from orchestrator.store import StageStore, check_storage
     from orchestrator.tables import collect, read_tables, tables_stale
 
+    check_storage(storage, writable=False)
     store = StageStore(storage)
     if store.read_sweep() is None and (store.tables_dir / "trials.parquet").is_file():
         return read_tables(storage), store, False
@@ -466,10 +561,12 @@ def evaluate(
     Preprocessed as the sweep's data; writes tables/external.parquet (ext_* Dice per trial).
     """
     from orchestrator.evaluate import ExternalEvalError, evaluate_external, write_external
+    from orchestrator.store import invalid_nodes
     from orchestrator.tables import format_table, paper_table
 
     with bad_input(ExternalEvalError):
         plan, store = recorded_plan(storage)
+        report_invalid(invalid_nodes(plan, store))
         frame = evaluate_external(
             plan, store, data, batch_size=batch_size, device=device, progress=log
         )
@@ -498,15 +595,17 @@ def plot(
     """Write PNG figures: Dice vs label fraction, ablation heatmaps, per-epoch loss curves."""
     from orchestrator.evaluate import ExternalEvalError, read_external
     from orchestrator.plot import PlotError, plot_sweep
+    from orchestrator.store import check_storage, storage_writable
     from orchestrator.tables import write_tables
 
     with bad_input(PlotError, ExternalEvalError, ValueError, FileNotFoundError):
         tables, store, stale = sweep_tables(storage)
+        check_storage(out or store.root / "plots", writable=True)
         trials = read_external(store) if metric.startswith("ext_") else tables.trials
         paths = plot_sweep(
             trials, tables.epochs, out or store.root / "plots", metric=metric, baseline=baseline
         )
-    if stale:  # refreshed only once the plots succeeded: bad input writes nothing
+    if stale and storage_writable(store.root):  # only once the plots succeeded
         write_tables(tables, store)
     if (unfinished := unfinished_note(trials)) is not None:
         log(f"{PROG}: {unfinished} (the figures show the finished ones)")

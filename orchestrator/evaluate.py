@@ -47,7 +47,7 @@ import pandas as pd
 import torch
 
 from orchestrator.plan import Plan, StageNode
-from orchestrator.store import StageStore, atomic_write
+from orchestrator.store import StageStore, StoredFileError, atomic_write
 from orchestrator.tables import parquet_safe, trial_columns
 from trainers.config import ConfigError, DataConfig, ModelConfig, from_dict
 from trainers.data import (
@@ -108,7 +108,7 @@ def load_finetuned(store: StageStore, node: StageNode) -> UNet:
     path = store.model_path(node.key)
     try:
         state = store.load_state(node.key)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, StoredFileError) as err:  # messages name the file
         raise ExternalEvalError(str(err)) from None
     except Exception as err:  # torch.load of a corrupt or foreign file: pickle, zip, runtime
         raise ExternalEvalError(f"{path}: unreadable model ({type(err).__name__}: {err})") from None

@@ -26,7 +26,9 @@ sweep goes on with the other nodes (a failed node's children are skipped, with t
 crashed driver (e.g. its machine lost) is retried by Tune up to ``max_failures`` times; the new
 driver's Train run has the same name, so it resumes from the same checkpoints.
 
-Resume = relaunch: a ``COMPLETE`` node is never run again; an interrupted node's Train run
+Resume = relaunch: a ``COMPLETE`` node whose files still match it is never run again (one that
+no longer matches is invalidated first, with its complete descendants: ``orchestrator.store``);
+an interrupted node's Train run
 folder (``<storage>/ray/train/<key>``) still holds its checkpoints, so the new Train run of the
 same name continues from the last one (the worker drops the epoch records after it). Once a
 node is complete its Train checkpoints are deleted (its result lives in the stage store).
@@ -56,7 +58,7 @@ from orchestrator.progress import clock, print_progress, progress_callback
 from orchestrator.resources import NODE_DRIVER_RESOURCES, node_concurrency, scaling_options
 from orchestrator.scheduler import DagScheduler
 from orchestrator.session import TRAIN_POLL_ENV, ClusterError, ray_session, train_env
-from orchestrator.store import StageStore
+from orchestrator.store import StageStore, invalidate_nodes
 from orchestrator.tracking import check_tracking, logger_callbacks
 from orchestrator.worker import NodeJob
 from trainers.registry import stage_names
@@ -262,7 +264,7 @@ def run_sweep(
             )
     spec = plan.spec
     address = address if address is not None else spec.ray.address
-    check_tracking(spec)  # the one check of the trackers; the address is checked on connecting
+    check_tracking(spec)  # the CLI checks it earlier too; the address is checked on connecting
     started = time.monotonic()
     outcome = SweepOutcome(completed=[], failed={}, skipped={}, wall_s=0.0)
     with ray_session(address):
@@ -340,7 +342,10 @@ def _run_nodes(
     Nodes are listed in grid order (trial by trial, each trial's chain parent first), which is
     the scheduler's tie-break after "most descendants first": the fine-tunings run in the
     order of the spec's trials, so a sweep stopped part-way holds whole slices of its grid.
+    First, nodes whose ``COMPLETE`` no longer matches their files (and their complete
+    descendants) are reported and invalidated (``orchestrator.store.invalidate_nodes``).
     """
+    invalidate_nodes(plan, store, progress)
     parents: dict[str, str | None] = {}
     for key in grid_order(plan):
         if store.is_complete(key):

@@ -4,6 +4,7 @@ for (``orchestrator.spec.Resources`` says what one node needs)."""
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +48,38 @@ def node_concurrency(resources: Resources, cluster: Mapping[str, float], pending
             "or set resources.max_concurrent_trials to wait for an autoscaling cluster"
         )
     return max(1, min(min(fits.values()), pending))
+
+
+def check_local_resources(
+    resources: Resources, address: str | None, cpus: int | None = None, gpus: int | None = None
+) -> None:
+    """Before Ray starts: with a local Ray (``address`` None) the cluster is this machine, so a
+    node whose workers need more CPUs (GPUs) than it has could never be placed; raise
+    ``ClusterError`` naming the key. ``cpus``/``gpus``: this machine's (default
+    ``os.cpu_count()``, ``torch.cuda.device_count()``). Unlike ``node_concurrency``,
+    ``max_concurrent_trials`` does not lift the check: nothing scales a local Ray up.
+    A cluster address is not checked here (its resources are known only once connected)."""
+    if address is not None:
+        return
+    if cpus is None:
+        cpus = os.cpu_count() or 1
+    if gpus is None and resources.gpus_per_worker > 0:  # torch only when GPUs are asked for
+        import torch
+
+        gpus = torch.cuda.device_count()
+    workers = resources.workers_per_trial
+    for kind, per_worker, has in (
+        ("cpu", resources.cpus_per_worker, cpus),
+        ("gpu", resources.gpus_per_worker, gpus or 0),
+    ):
+        need = workers * per_worker
+        if need > has + 1e-9:
+            raise ClusterError(
+                f"resources.{kind}s_per_worker: one stage node needs {need:g} {kind.upper()} "
+                f"(workers_per_trial {workers} x {kind}s_per_worker {per_worker:g}) but this "
+                f"machine has {has} and ray.address is null (a local Ray); lower it or give "
+                "--address of a cluster"
+            )
 
 
 def scaling_options(resources: Resources, placement_strategy: str = "PACK") -> dict[str, Any]:

@@ -78,6 +78,63 @@ class SpecError(ValueError):
     """A spec that cannot be run; the message reads ``"<file>: <dotted.key>: <message>"``."""
 
 
+# A grid of more trials than this is refused before any point is built (each point is checked
+# and planned one by one, about 15 ms each); the CLI's --allow-large-grid lifts the limit.
+MAX_TRIALS = 10_000
+
+
+class GridTooLarge(SpecError):
+    """The grid has more than ``max_trials`` points; ``trials`` is the count, ``axes`` the
+    (name, number of values) pairs. Raised before any grid point is built."""
+
+    def __init__(self, message: str, trials: int, axes: tuple[tuple[str, int], ...]) -> None:
+        super().__init__(message)
+        self.trials = trials
+        self.axes = axes
+
+
+class DuplicateKey(yaml.YAMLError):
+    """A mapping in the YAML writes one key twice (``UniqueKeyLoader``)."""
+
+    def __init__(self, key: str, first: int, again: int) -> None:
+        super().__init__(f"{key}: written twice (lines {first} and {again})")
+        self.key = key
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key written twice in one mapping (PyYAML keeps the
+    last one silently). Checked on the composed node tree, so the error names the dotted key;
+    keys brought in by a ``<<`` merge may be overridden as YAML allows."""
+
+    def compose_document(self) -> yaml.Node | None:
+        node = super().compose_document()
+        if node is not None:
+            _refuse_duplicate_keys(node, "", set())
+        return node
+
+
+def _refuse_duplicate_keys(node: yaml.Node, path: str, seen: set[int]) -> None:
+    if id(node) in seen:  # an alias to a node already walked
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(
+                key_node, yaml.ScalarNode
+            ):
+                continue
+            key = f"{path}.{key_node.value}" if path else str(key_node.value)
+            line = key_node.start_mark.line + 1
+            if key_node.value in lines:
+                raise DuplicateKey(key, lines[key_node.value], line)
+            lines[key_node.value] = line
+            _refuse_duplicate_keys(value_node, key, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _refuse_duplicate_keys(item, f"{path}[{index}]", seen)
+
+
 TOP_LEVEL_KEYS = (
     "name",
     "dataset",
@@ -244,11 +301,16 @@ class Spec:
         return _resolved(self, for_hash=False)
 
 
-def load_spec(path: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None) -> Spec:
+def load_spec(
+    path: str | os.PathLike[str],
+    overrides: Mapping[str, Any] | None = None,
+    max_trials: int | None = MAX_TRIALS,
+) -> Spec:
     """Read, expand and validate the spec at ``path``.
 
     ``overrides``: optional ``{"storage": str, "address": str}`` (the CLI's ``--storage`` and
-    ``--address``), applied before validation.
+    ``--address``), applied before validation. A grid of more than ``max_trials`` points
+    raises ``GridTooLarge`` before any point is built (None: no limit).
     """
     file = str(path)
     try:
@@ -258,7 +320,9 @@ def load_spec(path: str | os.PathLike[str], overrides: Mapping[str, Any] | None 
     except (OSError, UnicodeDecodeError) as err:
         raise SpecError(f"{file}: unreadable ({err})") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader subclass
+    except DuplicateKey as err:
+        raise SpecError(f"{file}: {err}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark is not None else ""
@@ -267,7 +331,7 @@ def load_spec(path: str | os.PathLike[str], overrides: Mapping[str, Any] | None 
     if not isinstance(raw, dict):
         raise SpecError(f"{file}: the spec must be a mapping of sections, got {type(raw).__name__}")
     raw = _expand(raw, file, "")
-    return _build(raw, file, dict(overrides or {}), check_paths=True)
+    return _build(raw, file, dict(overrides or {}), check_paths=True, max_trials=max_trials)
 
 
 def spec_from_mapping(
@@ -333,7 +397,11 @@ def _map_list(function: Any, value: Any) -> Any:
 
 
 def _build(
-    raw: Mapping[str, Any], file: str, overrides: Mapping[str, Any], check_paths: bool
+    raw: Mapping[str, Any],
+    file: str,
+    overrides: Mapping[str, Any],
+    check_paths: bool,
+    max_trials: int | None = None,
 ) -> Spec:
     unknown = [k for k in raw if k not in TOP_LEVEL_KEYS]
     if unknown:
@@ -465,6 +533,13 @@ def _build(
         overrides=dict(overrides),
     )
     _check_values(spec, file)
+    if max_trials is not None and spec.num_trials > max_trials:
+        raise GridTooLarge(
+            f"{file}: grid: {spec.num_trials:,} trials, more than the limit of {max_trials:,}; "
+            "pass --allow-large-grid to plan it anyway",
+            spec.num_trials,
+            tuple((name, len(values)) for name, values in spec.axes),
+        )
     _check_points(spec, file)
     digest = hashlib.sha256(_canonical(_resolved(spec, for_hash=True)).encode()).hexdigest()
     return dataclasses.replace(spec, spec_hash=digest)

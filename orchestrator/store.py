@@ -7,7 +7,9 @@ Layout (``<storage>/``)::
     stages/<key>/epochs.jsonl   one JSON object per epoch, appended by rank 0
     stages/<key>/model.pt       final state_dict (torch.save; loaded with weights_only=True)
     stages/<key>/metrics.json   final metrics
-    stages/<key>/COMPLETE       written last: the node is done and never run again
+    stages/<key>/COMPLETE       written last: the node is done and never run again; records the
+                                size and sha256 of model.pt and metrics.json (what it vouches for)
+    stages/<key>/COMPLETE.invalid  a COMPLETE whose files stopped matching it (kept for the record)
     stages/<key>/error.txt      last failure's message (removed on success)
     cache/<fingerprint>/        preprocessed slices, memory-mapped by every worker
     ray/                        Ray Tune / Train experiment folders
@@ -17,16 +19,29 @@ Every whole-file write goes to a temporary file in the same folder, is flushed a
 then renamed over the target with ``os.replace`` (atomic on POSIX), so a reader never sees a
 half-written file and a crash leaves either the old or the new content. ``COMPLETE`` is
 written only after ``model.pt`` and ``metrics.json`` are in place.
+
+``COMPLETE`` is checked, not trusted: it records ``{"files": {name: {"bytes", "sha256"}}}`` of
+``COMPLETE_FILES``, and a node is complete only while those files match it: their sizes always
+(a ``stat`` each), their hashes when the store is opened with ``verify_hashes=True`` (the CLI's
+``--verify``) and whenever ``load_state`` reads a model (it reads the whole file anyway). A
+``COMPLETE`` written before the record existed (no ``files``) is still accepted when both files
+exist, are not empty, and ``model.pt`` ends like a whole zip archive (``torch.save``'s format;
+a truncated one does not), so existing stores do not rerun. ``invalid_nodes`` finds the nodes
+whose ``COMPLETE`` no longer holds and, after them, their complete descendants (they were
+trained from the lost model, so they rerun with it); ``invalidate`` renames such a ``COMPLETE``
+to ``COMPLETE.invalid``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import subprocess
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Mapping
 from importlib import metadata
 from pathlib import Path
@@ -39,8 +54,68 @@ if TYPE_CHECKING:
     from orchestrator.spec import Spec
 
 
+COMPLETE_FILES = ("model.pt", "metrics.json")  # what a node's COMPLETE vouches for
+_HASH_CHUNK = 1 << 20
+
+
 class StorageConflict(ValueError):
     """The storage folder belongs to another sweep (a different spec hash)."""
+
+
+class StorageError(ValueError):
+    """The storage path cannot hold a sweep: a file, under a file, or a folder that cannot be
+    read (or written, where writing is asked); the one-line message names the path."""
+
+
+def check_storage(root: str | os.PathLike[str], writable: bool = True) -> None:
+    """Raise ``StorageError`` unless ``root`` is (or can be made) a folder this process can read
+    and, with ``writable``, write: its nearest existing ancestor must be a folder, and ``root``
+    with its existing top-level subfolders (or that ancestor) readable / writable. Writes nothing.
+    """
+    root = Path(root)
+    existing = next((p for p in (root, *root.parents) if p.exists()), None)
+    if existing is None:  # not even "/" exists: let the OS say so on first use
+        return
+    if not existing.is_dir():
+        where = "is a file" if existing == root else f"lies under the file {existing}"
+        raise StorageError(f"{root}: not a folder: it {where}")
+    mode = os.R_OK | os.X_OK | (os.W_OK if writable else 0)
+    needs = "read and written" if writable else "read"
+    folders = [existing]
+    if existing == root:
+        subfolders = ("stages", "cache", "ray", "tables")
+        folders += [root / name for name in subfolders if (root / name).is_dir()]
+    for folder in folders:
+        if not os.access(folder, mode):
+            raise StorageError(f"{folder}: storage folder cannot be {needs} by this user")
+
+
+def storage_writable(root: str | os.PathLike[str]) -> bool:
+    """Whether ``check_storage(root, writable=True)`` passes."""
+    try:
+        check_storage(root, writable=True)
+    except StorageError:
+        return False
+    return True
+
+
+class StoredFileError(ValueError):
+    """A node's stored file does not match its ``COMPLETE`` record or cannot be loaded; the
+    one-line message names the file."""
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """``{"bytes": size, "sha256": hex digest}`` of the file at ``path``."""
+    return {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of the file's content, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> None:
@@ -96,8 +171,10 @@ def environment_info() -> dict[str, str]:
 class StageStore:
     """A sweep's storage folder: stage nodes by key, caches, Ray folders and tables."""
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], verify_hashes: bool = False) -> None:
         self.root = Path(root)
+        self.verify_hashes = verify_hashes
+        self._hashes: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256
 
     def __repr__(self) -> str:
         return f"StageStore({str(self.root)!r})"
@@ -142,8 +219,54 @@ class StageStore:
     # ---- nodes -----------------------------------------------------------------------------
 
     def is_complete(self, key: str) -> bool:
-        """Whether the node finished (``COMPLETE`` exists); such a node is never run again."""
-        return (self.node_dir(key) / "COMPLETE").is_file()
+        """Whether the node finished: ``COMPLETE`` exists and its files still match it
+        (``completion_problem``); such a node is never run again."""
+        return (self.node_dir(key) / "COMPLETE").is_file() and self.completion_problem(key) is None
+
+    def completion_problem(self, key: str) -> str | None:
+        """Why the node's ``COMPLETE`` does not hold, in one line naming the file; None when it
+        holds or the node has none. Sizes are compared always, sha256 with ``verify_hashes``;
+        a ``COMPLETE`` without a file record gets the legacy check (module docstring)."""
+        folder = self.node_dir(key)
+        marker = folder / "COMPLETE"
+        try:
+            record = json.loads(marker.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return f"{marker}: not valid JSON"
+        files = record.get("files") if isinstance(record, dict) else None
+        if not isinstance(files, dict):
+            return _legacy_problem(folder)
+        for name, expected in files.items():
+            problem = self._file_problem(folder / name, expected, self.verify_hashes)
+            if problem is not None:
+                return problem
+        return None
+
+    def _file_problem(self, path: Path, expected: Any, check_hash: bool) -> str | None:
+        """How ``path`` differs from its ``COMPLETE`` entry ``expected``; None when it matches."""
+        if not isinstance(expected, dict) or not isinstance(expected.get("bytes"), int):
+            return f"{path.parent / 'COMPLETE'}: malformed record for {path.name}"
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            return f"{path}: missing (COMPLETE vouches for {expected['bytes']} bytes)"
+        if stat.st_size != expected["bytes"]:
+            return f"{path}: {stat.st_size} bytes, COMPLETE vouches for {expected['bytes']}"
+        if check_hash:
+            memo = (str(path), stat.st_size, stat.st_mtime_ns)
+            if memo not in self._hashes:
+                self._hashes[memo] = sha256_of(path)
+            if self._hashes[memo] != expected.get("sha256"):
+                return f"{path}: content differs from COMPLETE's sha256 (same size)"
+        return None
+
+    def invalidate(self, key: str) -> None:
+        """Rename the node's ``COMPLETE`` to ``COMPLETE.invalid``: it reruns; its files stay."""
+        folder = self.node_dir(key)
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(folder / "COMPLETE", folder / "COMPLETE.invalid")
 
     def write_node(self, node: StageNode) -> None:
         """Write ``node.json`` (the node's full description) atomically."""
@@ -189,8 +312,9 @@ class StageStore:
     ) -> None:
         """Store the node's final weights and metrics, then mark it complete.
 
-        Order: ``model.pt``, ``metrics.json``, ``COMPLETE`` (each atomic), then remove
-        ``error.txt``. A crash before ``COMPLETE`` leaves the node incomplete (it reruns).
+        Order: ``model.pt``, ``metrics.json``, ``COMPLETE`` (each atomic; it records both
+        files' size and sha256), then remove ``error.txt`` and any ``COMPLETE.invalid``. A crash
+        before ``COMPLETE`` leaves the node incomplete (it reruns).
         """
         import torch  # here: status, tabulate and plot read the store without torch
 
@@ -198,9 +322,11 @@ class StageStore:
         state = {name: tensor.detach().cpu() for name, tensor in state_dict.items()}
         atomic_write(folder / "model.pt", lambda handle: torch.save(state, handle))
         atomic_write_json(folder / "metrics.json", dict(metrics))
-        atomic_write_json(folder / "COMPLETE", {"completed_at": time.time()})
-        with contextlib.suppress(FileNotFoundError):
-            (folder / "error.txt").unlink()
+        files = {name: file_record(folder / name) for name in COMPLETE_FILES}
+        atomic_write_json(folder / "COMPLETE", {"completed_at": time.time(), "files": files})
+        for stale in ("error.txt", "COMPLETE.invalid"):
+            with contextlib.suppress(FileNotFoundError):
+                (folder / stale).unlink()
 
     def read_metrics(self, key: str) -> dict[str, Any] | None:
         """The node's final metrics, or None when it has none yet."""
@@ -219,13 +345,29 @@ class StageStore:
             return None
 
     def load_state(self, key: str) -> dict[str, torch.Tensor]:
-        """The node's final ``state_dict`` on CPU (``torch.load(weights_only=True)``)."""
+        """The node's final ``state_dict`` on CPU (``torch.load(weights_only=True)``).
+
+        The file is checked against the node's ``COMPLETE`` record (size and sha256) first;
+        a mismatch or a file torch cannot read raises ``StoredFileError`` naming it.
+        """
         path = self.model_path(key)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: node {key} has no stored model")
+        expected = _read_json_or_none(self.node_dir(key) / "COMPLETE")
+        files = expected.get("files") if isinstance(expected, dict) else None
+        if isinstance(files, dict) and path.name in files:
+            problem = self._file_problem(path, files[path.name], check_hash=True)
+            if problem is not None:
+                raise StoredFileError(f"{problem}; relaunch the sweep to rerun node {key}")
         import torch
 
-        return torch.load(path, weights_only=True, map_location="cpu")
+        try:
+            return torch.load(path, weights_only=True, map_location="cpu")
+        except Exception as err:  # torch.load of a damaged file: zip, pickle, EOF, runtime
+            first = (str(err).strip().splitlines() or [""])[0]
+            raise StoredFileError(
+                f"{path}: cannot load node {key}'s model ({type(err).__name__}: {first})"
+            ) from None
 
     # ---- the sweep -------------------------------------------------------------------------
 
@@ -268,6 +410,58 @@ class StageStore:
         if plan is not None:
             record["plan"] = plan.to_dict()
         atomic_write_json(self.sweep_path, record)
+
+
+def invalid_nodes(plan: Plan, store: StageStore) -> dict[str, str]:
+    """Node key -> one line naming the file, for the plan's nodes whose ``COMPLETE`` no longer
+    holds (``StageStore.completion_problem``) and then their descendants that are complete:
+    those were trained from the lost model, so they rerun after it. Parents come first."""
+    invalid: dict[str, str] = {}
+    for level in plan.levels:
+        for key in level:
+            marker = store.node_dir(key) / "COMPLETE"
+            if not marker.is_file():
+                continue
+            parent = plan.nodes[key].parent
+            if parent in invalid:
+                invalid[key] = f"{marker}: its parent {parent} reruns"
+                continue
+            problem = store.completion_problem(key)
+            if problem is not None:
+                invalid[key] = problem
+    return invalid
+
+
+def invalidate_nodes(
+    plan: Plan, store: StageStore, report: Callable[[str], None]
+) -> dict[str, str]:
+    """Find ``invalid_nodes``, report one line each, and ``invalidate`` them so they rerun."""
+    invalid = invalid_nodes(plan, store)
+    for key, why in invalid.items():
+        report(f"node {key} reruns: {why}")
+        store.invalidate(key)
+    return invalid
+
+
+def _legacy_problem(folder: Path) -> str | None:
+    """The check of a ``COMPLETE`` without a file record (written before it existed): both
+    files present and not empty, ``model.pt`` a whole zip archive (its end record present)."""
+    for name in COMPLETE_FILES:
+        path = folder / name
+        if not path.is_file() or path.stat().st_size == 0:
+            return f"{path}: missing or empty"
+    model = folder / "model.pt"
+    if not zipfile.is_zipfile(model):
+        return f"{model}: not a whole torch archive (truncated?)"
+    return None
+
+
+def _read_json_or_none(path: Path) -> Any:
+    """``_read_json`` that takes unreadable JSON as no record."""
+    try:
+        return _read_json(path)
+    except ValueError:
+        return None
 
 
 def _read_json(path: Path) -> Any:

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,3 +72,9 @@ def ray_cluster() -> Iterator[str]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    """A Typer test runner (stdout and stderr apart) for the CLI tests."""
+    return CliRunner()

@@ -62,8 +62,9 @@ def test_dry_run_json_is_one_object_and_writes_nothing(runner: CliRunner, tmp_pa
     )
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert set(summary) == {"trials", "stages", "storage", "spec_hash"}
+    assert set(summary) == {"trials", "stages", "storage", "spec_hash", "invalid"}
     assert summary["trials"] == 8
+    assert summary["invalid"] == {}
     assert summary["stages"] == {
         "global": {"nodes": 2, "to_run": 2},
         "local": {"nodes": 4, "to_run": 4},

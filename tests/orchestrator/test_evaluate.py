@@ -257,7 +257,6 @@ def test_nothing_finished_or_bad_options_exit_2(
     StageStore(spec.storage).claim_sweep(spec, plan=build_plan(spec))
     cases = {
         "no finished fine-tuning node": [spec.storage],
-        "--device 'tpu'": [spec.storage, "--device", "tpu"],
         "--batch-size: must be an integer >= 1": [spec.storage, "--batch-size", "0"],
         "no sweep.json": [str(tmp_path)],
     }
@@ -265,6 +264,9 @@ def test_nothing_finished_or_bad_options_exit_2(
         result = runner.invoke(app, ["evaluate", *args, "--data", str(external_root)])
         assert result.exit_code == 2, (message, result.stderr)
         assert message in one_error_line(result.stderr)
+    # an option's value outside its choices is refused by the option parser (exit 2, naming it)
+    result = runner.invoke(app, ["evaluate", spec.storage, "--device", "tpu", "--data", "x"])
+    assert result.exit_code == 2 and "Invalid value for '--device': 'tpu'" in result.stderr
     assert not (Path(spec.storage) / "tables").exists()
 
 
@@ -273,10 +275,11 @@ def test_corrupt_model_file_is_named(
 ) -> None:
     plan, store = sweep
     key = plan.trials[0].nodes["finetune"]
-    store.model_path(key).write_bytes(b"not a torch file")
+    path = store.model_path(key)
+    path.write_bytes(b"x" * path.stat().st_size)  # same size: only its sha256 tells
     result = runner.invoke(app, ["evaluate", str(store.root), "--data", str(external_root)])
     assert result.exit_code == 2
-    assert f"{store.model_path(key)}: unreadable model" in one_error_line(result.stderr)
+    assert f"{path}: content differs from COMPLETE's sha256" in one_error_line(result.stderr)
     assert not (store.root / "tables" / "external.parquet").exists()
 
 

@@ -43,6 +43,11 @@ def good_with(**replacements: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def with_stage(line: str) -> str:
+    """GOOD with one more ``stages`` entry (a second ``stages:`` key would be an error)."""
+    return GOOD.replace("  local: {block_size: 8}\n", f"  local: {{block_size: 8}}\n  {line}\n")
+
+
 BAD_SPECS = {
     "malformed YAML": ("name: x\ndataset: {kind: synthetic\n", "malformed YAML at line"),
     "unknown top-level key": (GOOD + "epochs: 3\n", "epochs: unknown key"),
@@ -122,37 +127,46 @@ BAD_SPECS = {
     "no name": (GOOD.replace("name: tiny", "name: ''"), "name:"),
     "section not a mapping": (good_with(model="model: 3"), "model: must be a mapping"),
     "epochs and steps": (
-        GOOD + "stages: {finetune: {epochs: 3, steps: 40}}\n",
+        with_stage("finetune: {epochs: 3, steps: 40}"),
         "stages.finetune.steps: give either epochs or steps, not both",
     ),
-    "zero steps": (GOOD + "stages: {global: {steps: 0}}\n", "stages.global.steps"),
+    "zero steps": (with_stage("global: {steps: 0}"), "stages.global.steps"),
     "unknown lr schedule": (
-        GOOD + "stages: {local: {lr_schedule: linear}}\n",
+        good_with(**{"  local:": "  local: {block_size: 8, lr_schedule: linear}"}),
         "stages.local.lr_schedule",
     ),
     "augment not a mapping": (
-        GOOD + "stages: {finetune: {augment: yes please}}\n",
+        with_stage("finetune: {augment: yes please}"),
         "stages.finetune.augment: must be true, false or a mapping",
     ),
     "bad augment key": (
-        GOOD + "stages: {finetune: {augment: {flip: [0]}}}\n",
+        with_stage("finetune: {augment: {flip: [0]}}"),
         "stages.finetune.augment.flip: unknown key",
     ),
     "bad flip axis": (
-        GOOD + "stages: {finetune: {augment: {flip_axes: [2]}}}\n",
+        with_stage("finetune: {augment: {flip_axes: [2]}}"),
         "stages.finetune.augment.flip_axes",
     ),
     "bad scale": (
-        GOOD + "stages: {global: {augment: {scale: [1.2, 0.8]}}}\n",
+        with_stage("global: {augment: {scale: [1.2, 0.8]}}"),
         "stages.global.augment.scale",
     ),
     "spatial local augment": (
-        GOOD + "stages: {local: {augment: {rotate_deg: 10}}}\n",
+        good_with(**{"  local:": "  local: {block_size: 8, augment: {rotate_deg: 10}}"}),
         "stages.local.augment: the local losses compare pixel-aligned views",
     ),
     "bad dataset flip axes": (
         good_with(dataset="dataset: {kind: synthetic, image_size: 32, flip_axes: [0, 3]}"),
         "dataset.flip_axes",
+    ),
+    "duplicate top-level key": (GOOD + "seed: 1\n", "seed: written twice (lines 7 and 12)"),
+    "duplicate nested key": (
+        good_with(model="model: {base_channels: 4, depth: 2, depth: 3}"),
+        "model.depth: written twice",
+    ),
+    "duplicate grid path": (
+        GOOD + "  stages.local.temperature: [0.2]\n",
+        "grid.stages.local.temperature: written twice",
     ),
     "bad decoder norm": (
         good_with(model="model: {base_channels: 4, depth: 2, decoder_norm: batch}"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 from pathlib import Path
 
@@ -11,7 +12,18 @@ import torch
 
 from orchestrator.plan import StageNode, build_plan
 from orchestrator.spec import Spec, load_spec
-from orchestrator.store import StageStore, StorageConflict, atomic_write, atomic_write_json
+from orchestrator.store import (
+    StageStore,
+    StorageConflict,
+    StorageError,
+    StoredFileError,
+    atomic_write,
+    atomic_write_json,
+    check_storage,
+    invalid_nodes,
+    invalidate_nodes,
+    sha256_of,
+)
 
 SPEC = """
 name: store-test
@@ -163,3 +175,137 @@ def test_corrupt_sweep_json_is_a_conflict(tmp_path: Path) -> None:
     store.sweep_path.write_text("{not json")
     with pytest.raises(StorageConflict, match="sweep.json"):
         store.read_sweep()
+
+
+# ---- COMPLETE is checked, not trusted ----------------------------------------------------------
+
+
+def finished_node(tmp_path: Path, key: str = "k") -> tuple[StageStore, Path]:
+    store = StageStore(tmp_path)
+    store.write_result(key, {"w": torch.arange(100.0)}, {"test_dice_pooled_mean": 0.5})
+    return store, store.model_path(key)
+
+
+def test_complete_records_size_and_sha256_of_its_files(tmp_path: Path) -> None:
+    store, model = finished_node(tmp_path)
+    record = json.loads((store.node_dir("k") / "COMPLETE").read_text())
+    assert set(record["files"]) == {"model.pt", "metrics.json"}
+    for name, entry in record["files"].items():
+        path = store.node_dir("k") / name
+        assert entry == {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
+    assert store.is_complete("k") and store.completion_problem("k") is None
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated", "metrics deleted"])
+def test_damaged_files_make_a_node_incomplete_and_are_named(tmp_path: Path, damage: str) -> None:
+    store, model = finished_node(tmp_path)
+    if damage == "deleted":
+        model.unlink()
+    elif damage == "truncated":
+        model.write_bytes(model.read_bytes()[:100])
+    else:
+        (store.node_dir("k") / "metrics.json").unlink()
+    assert not store.is_complete("k")
+    problem = store.completion_problem("k")
+    assert problem is not None and "\n" not in problem
+    named = model if damage != "metrics deleted" else store.node_dir("k") / "metrics.json"
+    assert problem.startswith(f"{named}: ")
+    assert ("missing" if "deleted" in damage else "100 bytes, COMPLETE vouches for") in problem
+
+
+def test_same_size_damage_needs_the_hash(tmp_path: Path) -> None:
+    store, model = finished_node(tmp_path)
+    model.write_bytes(b"x" * model.stat().st_size)
+    assert store.is_complete("k")  # sizes only: a stat per file
+    assert not StageStore(tmp_path, verify_hashes=True).is_complete("k")
+    with pytest.raises(StoredFileError) as info:  # loading always checks the hash
+        store.load_state("k")
+    assert str(info.value).startswith(f"{model}: content differs from COMPLETE's sha256")
+
+
+def test_legacy_complete_without_a_record_is_still_accepted(tmp_path: Path) -> None:
+    store, model = finished_node(tmp_path)
+    marker = store.node_dir("k") / "COMPLETE"
+    marker.write_text(json.dumps({"completed_at": 1.0}))  # as written before the record existed
+    assert store.is_complete("k")
+    assert set(store.load_state("k")) == {"w"}
+    model.write_bytes(model.read_bytes()[:-40])  # a truncated zip lacks its end record
+    assert not store.is_complete("k")
+    assert store.completion_problem("k") == f"{model}: not a whole torch archive (truncated?)"
+    with pytest.raises(StoredFileError) as info:  # no record to compare: torch.load fails
+        store.load_state("k")
+    message = str(info.value)
+    assert message.startswith(f"{model}: cannot load node k's model (") and "\n" not in message
+    model.unlink()
+    assert store.completion_problem("k") == f"{model}: missing or empty"
+
+
+def test_invalid_node_and_its_descendants_rerun(tmp_path: Path) -> None:
+    plan = build_plan(spec_of(tmp_path))
+    store = StageStore(tmp_path / "storage")
+    for level in plan.levels:
+        for key in level:
+            store.write_result(key, {"w": torch.zeros(4)}, {})
+    assert invalid_nodes(plan, store) == {}
+    [root] = plan.levels[0]
+    children = plan.levels[1]
+    assert children and all(plan.nodes[key].parent == root for key in children)
+    model = store.model_path(root)
+    model.write_bytes(model.read_bytes()[:10])
+
+    invalid = invalid_nodes(plan, store)
+    assert list(invalid) == [root, *children]  # parents first
+    assert invalid[root].startswith(f"{model}: 10 bytes")
+    for child in children:  # complete themselves, but trained from the lost model
+        assert store.is_complete(child)
+        assert invalid[child] == f"{store.node_dir(child) / 'COMPLETE'}: its parent {root} reruns"
+
+    lines: list[str] = []
+    assert invalidate_nodes(plan, store, lines.append) == invalid
+    assert lines[0] == f"node {root} reruns: {invalid[root]}" and len(lines) == 1 + len(children)
+    for key in invalid:
+        assert not store.is_complete(key)
+        assert (store.node_dir(key) / "COMPLETE.invalid").is_file()  # kept for the record
+        assert store.read_metrics(key) == {}  # nothing else touched
+    assert invalid_nodes(plan, store) == {}  # a relaunch sees plain incomplete nodes
+    store.write_result(root, {"w": torch.zeros(4)}, {})
+    assert store.is_complete(root)
+    assert not (store.node_dir(root) / "COMPLETE.invalid").exists()
+
+
+# ---- storage checks -------------------------------------------------------------------------
+
+
+def test_storage_that_is_a_file_or_under_one_is_refused(tmp_path: Path) -> None:
+    file = tmp_path / "results.txt"
+    file.write_text("keep me")
+    for writable in (True, False):
+        with pytest.raises(StorageError, match="is a file"):
+            check_storage(file, writable=writable)
+        with pytest.raises(StorageError) as info:
+            check_storage(file / "sweep", writable=writable)
+        assert str(info.value) == f"{file / 'sweep'}: not a folder: it lies under the file {file}"
+    assert file.read_text() == "keep me"
+    check_storage(tmp_path / "new" / "folder")  # to be made: its nearest folder is writable
+    assert not (tmp_path / "new").exists()
+
+
+def test_unwritable_storage_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # running as root makes chmod ineffective, so os.access is mocked: this folder is read-only
+    storage = tmp_path / "storage"
+    (storage / "stages").mkdir(parents=True)
+    real_access = os.access
+
+    def access(path: object, mode: int) -> bool:
+        if Path(str(path)) == storage / "stages" and mode & os.W_OK:
+            return False
+        return real_access(path, mode)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "access", access)
+    with pytest.raises(StorageError) as info:
+        check_storage(storage, writable=True)
+    assert (
+        str(info.value)
+        == f"{storage / 'stages'}: storage folder cannot be read and written by this user"
+    )
+    check_storage(storage, writable=False)  # readers need no write access
