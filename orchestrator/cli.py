@@ -633,7 +633,7 @@ def data_synth(
 @data_app.command("check")
 def data_check(root: Annotated[Path, typer.Argument(help="An MSD-layout folder.")]) -> None:
     """Read and check every case of an MSD folder; print a summary."""
-    from trainers.data import load_msd
+    from trainers.msd import load_msd
 
     with bad_input():
         volumes = load_msd(root)

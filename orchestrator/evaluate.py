@@ -54,11 +54,11 @@ from trainers.data import (
     DatasetError,
     SliceData,
     data_fingerprint,
-    load_msd,
     load_slice_cache,
     prepare_slices,
 )
 from trainers.model import UNet, transfer_weights
+from trainers.msd import load_msd
 from trainers.stages import evaluate_model
 
 EXTERNAL_TABLE = "external.parquet"

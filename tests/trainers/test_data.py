@@ -20,12 +20,12 @@ from trainers.data import (
     Split,
     data_fingerprint,
     labelled_subset,
-    load_msd,
     load_slice_cache,
     make_split,
     normalise_intensity,
     prepare_slices,
 )
+from trainers.msd import load_msd
 from trainers.synthetic import write_synthetic_msd
 
 LABELS = {"0": "background", "1": "anterior", "2": "posterior"}
