@@ -187,12 +187,29 @@ def drive_node(config: Mapping[str, Any], payload: DriverPayload) -> None:
         ray.tune.report({"node_status": "failed", "error": message})
         return
     shutil.rmtree(Path(payload.train_dir) / key, ignore_errors=True)
-    ray.tune.report({"node_status": "complete"})
+    # the last result carries the node's final metrics (val / test Dice per class for a
+    # fine-tuning): what MLflow and TensorBoard show as the run's outcome
+    final = {
+        name: value
+        for name, value in (store.read_metrics(key) or {}).items()
+        if isinstance(value, int | float) and not isinstance(value, bool)
+    }
+    ray.tune.report({"node_status": "complete", **final})
 
 
-def node_name(trial: Any) -> str:
-    """Tune trial (and trial folder) name: the node key."""
+def node_folder(trial: Any) -> str:
+    """Tune trial folder name: the node key (the store's name for it)."""
     return str(trial.config["node_key"])
+
+
+def node_title(trial: Any) -> str:
+    """Tune trial name, which trackers show (MLflow's run name): stage, short key and the grid
+    point (``Plan.node_point``, which the searcher puts in the trial's config)."""
+    config = dict(trial.config)
+    point = ", ".join(
+        f"{name}={value}" for name, value in config.items() if name not in ("node_key", "stage")
+    )
+    return f"{config.get('stage', 'node')} {str(config['node_key'])[:8]} ({point})"
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,14 +295,15 @@ def run_sweep(
     return outcome
 
 
-def _dag_searcher(scheduler: DagScheduler, store: StageStore) -> Any:
-    """A ``ray.tune.search.Searcher`` that suggests ``{"node_key": key}`` from ``scheduler``."""
+def _dag_searcher(plan: Plan, scheduler: DagScheduler, store: StageStore) -> Any:
+    """A ``ray.tune.search.Searcher`` that suggests ``{"node_key": key, **plan.node_point(key)}``
+    from ``scheduler``."""
     from ray.tune.search import Searcher
 
     class DagSearcher(Searcher):
-        def __init__(self, scheduler: DagScheduler, store: StageStore) -> None:
+        def __init__(self, plan: Plan, scheduler: DagScheduler, store: StageStore) -> None:
             super().__init__()
-            self.scheduler, self.store = scheduler, store
+            self.plan, self.scheduler, self.store = plan, scheduler, store
             self.trial_keys: dict[str, str] = {}
 
         def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
@@ -295,7 +313,8 @@ def _dag_searcher(scheduler: DagScheduler, store: StageStore) -> Any:
             if key is None:
                 return None  # Tune asks again once a running node ends
             self.trial_keys[trial_id] = key
-            return {"node_key": key}
+            # the grid point as the trial's parameters, for trackers; the trainable reads the key
+            return {"node_key": key, **self.plan.node_point(key)}
 
         def on_trial_complete(
             self, trial_id: str, result: dict | None = None, error: bool = False
@@ -321,7 +340,7 @@ def _dag_searcher(scheduler: DagScheduler, store: StageStore) -> Any:
         def restore(self, checkpoint_path: str) -> None:
             raise NotImplementedError("a sweep resumes by relaunching, from the stage store")
 
-    return DagSearcher(scheduler, store)
+    return DagSearcher(plan, scheduler, store)
 
 
 def grid_order(plan: Plan) -> list[str]:
@@ -420,11 +439,11 @@ def _run_tune(
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=_dag_searcher(scheduler, store),
+            search_alg=_dag_searcher(plan, scheduler, store),
             num_samples=len(keys),
             max_concurrent_trials=concurrency,
-            trial_name_creator=node_name,
-            trial_dirname_creator=node_name,
+            trial_name_creator=node_title,
+            trial_dirname_creator=node_folder,
         ),
         run_config=tune.RunConfig(
             name=name,

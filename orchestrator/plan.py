@@ -133,6 +133,20 @@ class Plan:
             stages[stage] = {"nodes": len(keys), "to_run": len(keys) - done}
         return {"trials": len(self.trials), "stages": stages}
 
+    def node_point(self, key: str) -> dict[str, Any]:
+        """The grid point node ``key`` computes, as plain values: ``stage``, then ``method`` and
+        every grid axis value that all the trials it serves share, and ``trials`` (how many).
+        E.g. a shared global pretraining: {"stage": "global", "split": 0, "trials": 9}."""
+        serving = [trial for trial in self.trials if key in trial.nodes.values()]
+        point: dict[str, Any] = {"stage": self.nodes[key].stage}
+        if serving and all(trial.method == serving[0].method for trial in serving):
+            point["method"] = serving[0].method
+        for name, value in (serving[0].params.items() if serving else ()):
+            if name != "method" and all(trial.params.get(name) == value for trial in serving):
+                point[name] = value
+        point["trials"] = len(serving)
+        return point
+
     def to_dict(self) -> dict[str, Any]:
         """The trials and nodes as plain data (recorded in ``sweep.json``; no spec)."""
         return {

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from orchestrator.store import StageStore
 
 EPOCH_PROGRESS_EVERY_S = 30.0
+NOT_AXES = ("stage", "method", "trials")  # the keys of Plan.node_point that are not axes
 
 
 def print_progress(line: str) -> None:
@@ -30,18 +31,14 @@ def clock(seconds: float) -> str:
 
 
 def node_label(plan: Plan, key: str) -> str:
-    """The grid point a node computes, in words: the axis values every trial it serves shares
-    (e.g. "random label_fraction=0.05 split=1"; a shared pretraining node names only what its
-    trials have in common and how many they are)."""
-    trials = [trial for trial in plan.trials if key in trial.nodes.values()]
-    if not trials:
-        return ""
-    parts = [trials[0].method] if all(t.method == trials[0].method for t in trials) else []
-    for name, value in trials[0].params.items():
-        if name != "method" and all(trial.params.get(name) == value for trial in trials[1:]):
-            parts.append(f"{name}={value}")
-    if len(trials) > 1:
-        parts.append(f"({len(trials)} trials)")
+    """The grid point a node computes, in words (``Plan.node_point``): e.g. "random
+    label_fraction=0.05 split=1"; a node serving several trials names what they share and how
+    many they are."""
+    point = plan.node_point(key)
+    parts = [str(point["method"])] if "method" in point else []
+    parts += [f"{name}={value}" for name, value in point.items() if name not in NOT_AXES]
+    if point["trials"] > 1:
+        parts.append(f"({point['trials']} trials)")
     return " ".join(parts)
 
 

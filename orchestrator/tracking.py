@@ -8,8 +8,9 @@ The spec's ``tracking`` section switches trackers on::
   every Tune trial folder (``<storage>/ray/level<n>-<hash>/<node key>/``), one point per epoch
   (the metrics each stage reports through ``TuneReportCallback``).
 - ``mlflow_uri: <uri>`` adds ``ray.air.integrations.mlflow.MLflowLoggerCallback``: one MLflow run
-  per stage node (Tune trial) in the experiment named after the sweep, with the node key as a
-  parameter and every epoch's metrics.
+  per stage node (Tune trial) in the experiment named after the sweep, named after the node's
+  stage and grid point (``orchestrator.execute.node_title``), with that grid point as parameters
+  (``Plan.node_point``), every epoch's metrics and, last, the node's final metrics.
 
 Neither package is a dependency (``pip install 'semicon-sweep[tracking]'``); they are looked up
 only when switched on, and a missing one is a ``SpecError`` naming the spec key, raised before

@@ -50,3 +50,43 @@ def test_a_line_per_node_start_and_end(tmp_path: Path) -> None:
     assert f"global label_fraction={failed_trial.label_fraction}" in lines[2]
     assert "1/3 done" in lines[2]
     assert clock(3725) == "1:02:05"
+
+
+def test_trackers_see_the_grid_point_not_a_hash(tmp_path: Path) -> None:
+    """The searcher's trial config (what MLflow / TensorBoard log as parameters) and the trial
+    name carry the node's grid point; the trainable still reads only the node key."""
+    from orchestrator.execute import _dag_searcher, node_folder, node_title
+    from orchestrator.scheduler import DagScheduler
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(
+        textwrap.dedent(
+            """
+            name: tracking-names
+            dataset: {kind: synthetic, image_size: 32, synthetic_cases: 8}
+            model: {base_channels: 4, depth: 2}
+            method: [global, random]
+            label_fraction: [0.25, 0.5]
+            """
+        )
+    )
+    plan = build_plan(load_spec(path, overrides={"storage": str(tmp_path / "s")}))
+    store = StageStore(tmp_path / "s")
+    shared = next(key for key, node in plan.nodes.items() if node.stage == "global")
+    assert plan.node_point(shared) == {"stage": "global", "method": "global", "trials": 2}
+    random_half = next(t for t in plan.trials if t.method == "random" and t.label_fraction == 0.5)
+    key = random_half.nodes["finetune"]
+    assert plan.node_point(key) == {
+        "stage": "finetune",
+        "method": "random",
+        "label_fraction": 0.5,
+        "trials": 1,
+    }
+    scheduler = DagScheduler({key: None}, {key: "finetune"})
+    config = _dag_searcher(plan, scheduler, store).suggest("trial-1")
+    assert config == {"node_key": key, **plan.node_point(key)}
+    trial = SimpleNamespace(config=config)
+    assert node_folder(trial) == key
+    assert node_title(trial) == (
+        f"finetune {key[:8]} (method=random, label_fraction=0.5, trials=1)"
+    )
