@@ -407,11 +407,14 @@ def status(
         counts = Counter(state for key, state in states.items() if plan.nodes[key].stage == stage)
         cells = "".join(f"{counts.get(state, 0):>{width}}" for state, width in NODE_STATES.items())
         typer.echo(f"{stage:<10}{sum(counts.values()):>7}{cells}")
-    problems = [(trial.trial_id, *trial_status(trial, store)) for trial in plan.trials]
+    problems = [(trial, *trial_status(trial, store)) for trial in plan.trials]
     for shown in ("failed", "skipped"):
-        listed = [(trial_id, error) for trial_id, state, error in problems if state == shown]
-        for trial_id, error in listed[:MAX_PROBLEMS_SHOWN]:
-            typer.echo(f"{trial_id} {shown}: {(error or '').splitlines()[0] if error else ''}")
+        listed = [(trial, error) for trial, state, error in problems if state == shown]
+        for trial, error in listed[:MAX_PROBLEMS_SHOWN]:
+            line = f"{trial.trial_id} {shown}: {(error or '').splitlines()[0] if error else ''}"
+            tracebacks = [store.traceback_path(key) for key in trial.nodes.values()]
+            kept = [path for path in tracebacks if path.is_file()]
+            typer.echo(line + (f" (traceback: {kept[0]})" if kept and shown == "failed" else ""))
         if len(listed) > MAX_PROBLEMS_SHOWN:
             typer.echo(f"... and {len(listed) - MAX_PROBLEMS_SHOWN} more {shown} trials")
 

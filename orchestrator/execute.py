@@ -49,6 +49,7 @@ import json
 import os
 import shutil
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,7 +179,8 @@ def drive_node(config: Mapping[str, Any], payload: DriverPayload) -> None:
         trainer.fit()
     except Exception as err:  # every Train failure is this node's failure, recorded, not raised
         message = one_line_error(err)
-        store.write_error(key, message)
+        # Ray's error text carries the failing worker's own traceback
+        store.write_error(key, message, "".join(traceback.format_exception(err)))
         ray.tune.report({"node_status": "failed", "error": message})
         return
     if not store.is_complete(key):

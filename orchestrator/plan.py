@@ -141,7 +141,7 @@ class Plan:
         point: dict[str, Any] = {"stage": self.nodes[key].stage}
         if serving and all(trial.method == serving[0].method for trial in serving):
             point["method"] = serving[0].method
-        for name, value in (serving[0].params.items() if serving else ()):
+        for name, value in serving[0].params.items() if serving else ():
             if name != "method" and all(trial.params.get(name) == value for trial in serving):
                 point[name] = value
         point["trials"] = len(serving)

@@ -11,6 +11,7 @@ Layout (``<storage>/``)::
                                 size and sha256 of model.pt and metrics.json (what it vouches for)
     stages/<key>/COMPLETE.invalid  a COMPLETE whose files stopped matching it (kept for the record)
     stages/<key>/error.txt      last failure's message (removed on success)
+    stages/<key>/traceback.txt  last failure's full traceback, when there was one (idem)
     cache/<fingerprint>/        preprocessed slices, memory-mapped by every worker
     ray/                        Ray Tune / Train experiment folders
     tables/                     trials / epochs / summary parquet files
@@ -324,7 +325,7 @@ class StageStore:
         atomic_write_json(folder / "metrics.json", dict(metrics))
         files = {name: file_record(folder / name) for name in COMPLETE_FILES}
         atomic_write_json(folder / "COMPLETE", {"completed_at": time.time(), "files": files})
-        for stale in ("error.txt", "COMPLETE.invalid"):
+        for stale in ("error.txt", "traceback.txt", "COMPLETE.invalid"):
             with contextlib.suppress(FileNotFoundError):
                 (folder / stale).unlink()
 
@@ -332,9 +333,19 @@ class StageStore:
         """The node's final metrics, or None when it has none yet."""
         return _read_json(self.node_dir(key) / "metrics.json")
 
-    def write_error(self, key: str, message: str) -> None:
-        """Record the node's last failure (kept until the node succeeds)."""
-        atomic_write_text(self.node_dir(key) / "error.txt", message.rstrip("\n") + "\n")
+    def write_error(self, key: str, message: str, traceback: str | None = None) -> None:
+        """Record the node's last failure (kept until the node succeeds): ``message`` (one line,
+        what tables and ``status`` show) and, when given, the full ``traceback``."""
+        folder = self.node_dir(key)
+        atomic_write_text(folder / "error.txt", message.rstrip("\n") + "\n")
+        if traceback is not None:
+            atomic_write_text(self.traceback_path(key), traceback.rstrip("\n") + "\n")
+        else:
+            self.traceback_path(key).unlink(missing_ok=True)
+
+    def traceback_path(self, key: str) -> Path:
+        """Where the node's last failure's full traceback is kept (``write_error``)."""
+        return self.node_dir(key) / "traceback.txt"
 
     def read_error(self, key: str) -> str | None:
         """The node's last failure message, or None."""

@@ -297,3 +297,17 @@ def test_status_names_the_failed_node_of_skipped_trials(
     assert not [
         line for line in result.stdout.splitlines() if " failed: " in line.split("skipped")[0]
     ]
+
+
+def test_status_points_at_a_failed_nodes_traceback(runner: CliRunner, failed_sweep: Path) -> None:
+    store = StageStore(failed_sweep)
+    plan = build_plan(
+        load_spec(failed_sweep.parent / "spec.yaml", overrides={"storage": str(failed_sweep)})
+    )
+    trial = next(t for t in plan.trials if store.is_complete(t.final_key))
+    (store.node_dir(trial.final_key) / "COMPLETE").unlink()
+    store.write_error(trial.final_key, "ValueError: boom", "Traceback (most recent call last):")
+    result = runner.invoke(app, ["status", str(failed_sweep)])
+    line = next(line for line in result.stdout.splitlines() if line.startswith(trial.trial_id))
+    assert "failed:" in line and "ValueError: boom" in line
+    assert line.endswith(f"(traceback: {store.traceback_path(trial.final_key)})")

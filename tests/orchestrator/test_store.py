@@ -107,6 +107,18 @@ def test_failed_result_write_leaves_node_incomplete(tmp_path: Path) -> None:
     assert leftovers(tmp_path) == []
 
 
+def test_a_failure_keeps_its_traceback_until_the_node_succeeds(tmp_path: Path) -> None:
+    store = StageStore(tmp_path)
+    store.write_error("k", "RuntimeError: boom", "Traceback (most recent call last):\n  ...\n")
+    assert store.read_error("k") == "RuntimeError: boom"
+    assert store.traceback_path("k").read_text().startswith("Traceback")
+    store.write_error("k", "ValueError: no traceback this time")  # a stale one is not kept
+    assert not store.traceback_path("k").exists()
+    store.write_error("k", "RuntimeError: boom", "Traceback ...")
+    store.write_result("k", {"w": torch.zeros(1)}, {"loss": 0.1})
+    assert store.read_error("k") is None and not store.traceback_path("k").exists()
+
+
 def test_missing_results(tmp_path: Path) -> None:
     store = StageStore(tmp_path)
     assert store.read_metrics("nope") is None
