@@ -368,7 +368,15 @@ def recorded_plan(storage: Path) -> tuple[Plan, StageStore]:
     return build_plan(spec), store
 
 
-NODE_STATES = {"complete": 10, "failed": 8, "skipped": 9, "pending": 9}  # state -> column width
+# node state (orchestrator.tables.node_state) -> column width in ``status``
+NODE_STATES = {
+    "complete": 10,
+    "failed": 8,
+    "skipped": 9,
+    "started": 9,
+    "waiting": 9,
+    "pending": 9,
+}
 
 
 def _status_line(counts: Counter[str], total: int) -> str:
@@ -388,8 +396,9 @@ def status(
     Failed trials are listed with their error, skipped ones with the failed node they build on;
     nodes whose COMPLETE no longer matches their files are listed on stderr (they will rerun).
     """
+    from orchestrator.progress import node_label
     from orchestrator.store import invalid_nodes
-    from orchestrator.tables import node_state, trial_status
+    from orchestrator.tables import node_progress, node_state, trial_status
 
     with bad_input():
         plan, store = recorded_plan(storage)
@@ -400,13 +409,23 @@ def status(
     typer.echo(_status_line(counts, len(plan.trials)))
     typer.echo("")
     typer.echo(
-        f"{'stage':<10}{'nodes':>7}{'complete':>10}{'failed':>8}{'skipped':>9}{'pending':>9}"
+        f"{'stage':<10}{'nodes':>7}"
+        + "".join(f"{state:>{width}}" for state, width in NODE_STATES.items())
     )
     states = {key: node_state(plan, store, key) for key in plan.nodes}
     for stage in plan.stages:
         counts = Counter(state for key, state in states.items() if plan.nodes[key].stage == stage)
         cells = "".join(f"{counts.get(state, 0):>{width}}" for state, width in NODE_STATES.items())
         typer.echo(f"{stage:<10}{sum(counts.values()):>7}{cells}")
+    started = [key for key, state in states.items() if state == "started"]
+    for key in started[:MAX_PROBLEMS_SHOWN]:
+        node = plan.nodes[key]
+        typer.echo(
+            f"started: {node.stage} {key[:8]} {node_label(plan, key)}: "
+            f"{node_progress(plan, store, key)}"
+        )
+    if len(started) > MAX_PROBLEMS_SHOWN:
+        typer.echo(f"... and {len(started) - MAX_PROBLEMS_SHOWN} more started nodes")
     problems = [(trial, *trial_status(trial, store)) for trial in plan.trials]
     for shown in ("failed", "skipped"):
         listed = [(trial, error) for trial, state, error in problems if state == shown]

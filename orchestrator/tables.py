@@ -93,7 +93,9 @@ class Tables(NamedTuple):
 
 
 def node_state(plan: Plan, store: StageStore, key: str) -> str:
-    """complete | failed (error recorded) | skipped (an ancestor failed) | pending."""
+    """complete | failed (error recorded) | skipped (an ancestor failed) | started (epochs
+    recorded, not finished: running now, or resuming from its checkpoint at the next launch) |
+    waiting (on an incomplete parent) | pending (ready to start)."""
     if store.is_complete(key):
         return "complete"
     if store.read_error(key) is not None:
@@ -103,7 +105,35 @@ def node_state(plan: Plan, store: StageStore, key: str) -> str:
         if not store.is_complete(parent) and store.read_error(parent) is not None:
             return "skipped"
         parent = plan.nodes[parent].parent if parent in plan.nodes else None
-    return "pending"
+    folder = store.node_dir(key)
+    finished_once = (folder / "COMPLETE").exists() or (folder / "COMPLETE.invalid").exists()
+    if store.read_epochs(key) and not finished_once:  # an invalidated result reruns from zero
+        return "started"
+    direct = plan.nodes[key].parent
+    return "waiting" if direct is not None and not store.is_complete(direct) else "pending"
+
+
+def node_progress(plan: Plan, store: StageStore, key: str) -> str:
+    """A started node's progress in words: budget done, time per epoch and an estimate of the
+    time left (from its own epoch records), e.g. "step 648/1200, 4.1 s/epoch, about 0:01:40
+    left"."""
+    records = store.read_epochs(key)
+    if not records:
+        return "not started"
+    last, config = records[-1], plan.nodes[key].config
+    per_epoch = sum(float(r.get("seconds", 0.0)) for r in records) / len(records)
+    if config.get("steps") is not None:
+        done, total = int(last.get("steps", 0)), int(config["steps"])
+        budget = f"step {done}/{total}"
+        per_step = per_epoch * len(records) / max(done, 1)
+        left = (total - done) * per_step
+    else:
+        done, total = int(last.get("epoch", 0)), int(config.get("epochs") or 0)
+        budget = f"epoch {done}/{total}"
+        left = (total - done) * per_epoch
+    minutes, seconds = divmod(int(left), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{budget}, {per_epoch:.1f} s/epoch, about {hours}:{minutes:02d}:{seconds:02d} left"
 
 
 def trial_status(trial: Trial, store: StageStore) -> tuple[str, str | None]:

@@ -294,10 +294,37 @@ def test_status(runner: CliRunner, finished: Path) -> None:
     rows = {
         line.split()[0]: line.split()[1:] for line in result.stdout.splitlines() if line.split()
     }
-    assert rows["stage"] == ["nodes", "complete", "failed", "skipped", "pending"]
-    assert rows["global"] == ["2", "1", "1", "0", "0"]
-    assert rows["local"] == ["4", "2", "0", "2", "0"]  # seed 1's local nodes: parent failed
-    assert rows["finetune"] == ["8", "4", "0", "4", "0"]
+    assert rows["stage"] == ["nodes", "complete", "failed", "skipped", "started", "waiting"] + [
+        "pending"
+    ]
+    assert rows["global"] == ["2", "1", "1", "0", "0", "0", "0"]
+    assert rows["local"] == ["4", "2", "0", "2", "0", "0", "0"]  # seed 1's: parent failed
+    assert rows["finetune"] == ["8", "4", "0", "4", "0", "0", "0"]
+
+
+def test_status_shows_started_and_waiting_nodes(runner: CliRunner, tmp_path: Path) -> None:
+    """A node with epochs recorded but no result is started (with its progress and an
+    estimate of the time left); one whose parent is not complete is waiting."""
+    spec_path = write_spec(tmp_path)
+    spec = load_spec(spec_path, overrides={"storage": str(tmp_path / "s")})
+    plan = build_plan(spec)
+    store = StageStore(spec.storage)
+    store.claim_sweep(spec, plan=plan)
+    key = plan.levels[0][0]
+    node = plan.nodes[key]
+    total = node.config["epochs"]
+    for epoch in (1, 2):
+        store.append_epoch(key, {"epoch": epoch, "steps": epoch * 3, "loss": 1.0, "seconds": 2.0})
+    result = runner.invoke(app, ["status", spec.storage])
+    assert result.exit_code == 0, result.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines() if line}
+    assert rows[node.stage][4] == "1"  # started
+    children = sum(1 for n in plan.nodes.values() if n.parent == key)
+    assert int(rows["local"][5]) == children  # waiting on the started global node
+    line = next(line for line in result.stdout.splitlines() if line.startswith("started:"))
+    left = (total - 2) * 2
+    assert f"{key[:8]}" in line and f"epoch 2/{total}, 2.0 s/epoch" in line
+    assert line.endswith(f"about 0:{left // 60:02d}:{left % 60:02d} left")
 
 
 def test_status_without_sweep(runner: CliRunner, tmp_path: Path) -> None:

@@ -78,7 +78,8 @@ def test_truncated_model_is_reported_and_its_subtree_replanned(
     assert status.stderr.splitlines()[0].startswith(
         f"semicon-sweep: node {root} will rerun: {model}"
     )
-    assert rows(status.stdout)["global"] == ["2", "1", "0", "0", "1"]  # pending, not complete
+    # an invalidated result reruns from zero: pending, neither complete nor started
+    assert rows(status.stdout)["global"] == ["2", "1", "0", "0", "0", "0", "1"]
 
 
 def _grandparent(plan: Plan, key: str) -> str | None:
