@@ -9,6 +9,7 @@ Commands::
     semicon-sweep tabulate STORAGE [--metric M] [--by AXIS] [--format text|md|latex|csv] [--out FILE] [--baseline METHOD]
     semicon-sweep evaluate STORAGE --data ROOT [--batch-size N] [--device cpu|cuda]
     semicon-sweep plot STORAGE [--metric M] [--out DIR]
+    semicon-sweep schema
     semicon-sweep data synth DIR [--cases N] [--seed S]
     semicon-sweep data check ROOT
 
@@ -658,6 +659,20 @@ def plot(
         log(f"{PROG}: {unfinished} (the figures show the finished ones)")
     for path in paths:
         typer.echo(str(path))
+
+
+# ---- schema --------------------------------------------------------------------------------
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema (draft 2020-12) of a spec file, for editors and validators.
+
+    Generated from the config classes and the spec loader's keys (orchestrator.schema).
+    """
+    from orchestrator.schema import spec_schema
+
+    typer.echo(json.dumps(spec_schema(), indent=2))
 
 
 # ---- data ----------------------------------------------------------------------------------
