@@ -4,16 +4,18 @@ Commands::
 
     semicon-sweep --version
     semicon-sweep launch SPEC [--address A] [--storage DIR] [--dry-run [--json]] [--force] [--no-reuse]
-                              [--verify] [--allow-large-grid]
+                              [--verify] [--allow-large-grid] [--force-unlock]
     semicon-sweep status STORAGE [--verify]
     semicon-sweep tabulate STORAGE [--metric M] [--by AXIS] [--format text|md|latex|csv] [--out FILE] [--baseline METHOD]
     semicon-sweep evaluate STORAGE --data ROOT [--batch-size N] [--device cpu|cuda]
     semicon-sweep plot STORAGE [--metric M] [--out DIR]
+    semicon-sweep schema
     semicon-sweep data synth DIR [--cases N] [--seed S]
     semicon-sweep data check ROOT
 
 Exit codes: 0 done (every trial ok), 1 some trials failed or are unfinished, 2 bad input
-(a bad spec, config, dataset, storage owned by another sweep or not a writable folder, a grid
+(a bad spec, config, dataset, storage owned by another sweep, in use by a running launch
+(``orchestrator.lock``) or not a writable folder, a grid
 over ``MAX_TRIALS`` points without --allow-large-grid, a node needing more CPUs / GPUs than a
 local Ray has, unreachable cluster, a stored model that fails to load). Bad input
 prints one line ``semicon-sweep: error: <message>`` on stderr, writes nothing, and never a
@@ -40,7 +42,7 @@ import typer
 # import typer alone (no torch, pandas or Ray), and reading a spec imports no torch either.
 if TYPE_CHECKING:
     from orchestrator.plan import Plan
-    from orchestrator.spec import GridTooLarge
+    from orchestrator.spec import GridTooLarge, Spec
     from orchestrator.store import StageStore
 
 PROG = "semicon-sweep"
@@ -68,6 +70,7 @@ class TableFormat(str, enum.Enum):
 
 def bad_input_errors() -> tuple[type[BaseException], ...]:
     """The bad-input errors (docs/ARCHITECTURE.md, "Bad input"): one line, exit 2."""
+    from orchestrator.lock import SweepLocked
     from orchestrator.session import ClusterError
     from orchestrator.spec import SpecError
     from orchestrator.store import StorageConflict, StorageError, StoredFileError
@@ -81,6 +84,7 @@ def bad_input_errors() -> tuple[type[BaseException], ...]:
         StorageError,
         StoredFileError,
         ClusterError,
+        SweepLocked,
     )
 
 
@@ -184,8 +188,20 @@ def launch(
             "--dry-run: count it).",
         ),
     ] = False,
+    force_unlock: Annotated[
+        bool,
+        typer.Option(
+            "--force-unlock",
+            help="Take over the storage's launch.lock held by a launch on another machine "
+            "whose heartbeat is still fresh (only when you know that launch is gone).",
+        ),
+    ] = False,
 ) -> None:
-    """Plan a sweep and run it on Ray (or only print the plan with --dry-run)."""
+    """Plan a sweep and run it on Ray (or only print the plan with --dry-run).
+
+    One launch at a time runs into a storage folder: it holds STORAGE/launch.lock while it runs,
+    and a second launch exits 2 naming the owner (orchestrator.lock).
+    """
     from orchestrator.plan import build_plan
     from orchestrator.resources import check_local_resources
     from orchestrator.spec import MAX_TRIALS, GridTooLarge, SpecError, load_spec
@@ -216,6 +232,7 @@ def launch(
         plan = build_plan(spec, reuse=not no_reuse)
     store = StageStore(spec.storage, verify_hashes=verify)
     if dry_run:
+        report_owner(store.root)
         with bad_input():
             invalid = invalid_nodes(plan, store)
             report_invalid(invalid)
@@ -227,11 +244,30 @@ def launch(
             typer.echo(describe_plan(plan, store, invalid))
         return
 
-    # Ray itself is imported only inside run_sweep; execute's module level is Ray-free
-    from orchestrator.execute import ClusterError, run_sweep
-    from orchestrator.tables import collect, format_table, paper_table, write_tables
+    from orchestrator.lock import acquire_lock
 
     existed = store.root.exists()
+    with bad_input():
+        lock = acquire_lock(store.root, force_unlock=force_unlock)  # before anything is written
+    with lock:
+        _run_locked(spec_path, spec, plan, store, existed, force, no_reuse)
+
+
+def _run_locked(
+    spec_path: Path,
+    spec: Spec,
+    plan: Plan,
+    store: StageStore,
+    existed: bool,
+    force: bool,
+    no_reuse: bool,
+) -> None:
+    """``launch`` once it holds the storage's lock: claim, run, collect, exit."""
+    # Ray itself is imported only inside run_sweep; execute's module level is Ray-free
+    from orchestrator.execute import ClusterError, run_sweep
+    from orchestrator.session import sigterm_as_interrupt
+    from orchestrator.tables import collect, format_table, paper_table, write_tables
+
     previous = store.sweep_path.read_bytes() if store.sweep_path.is_file() else None
     with bad_input():
         store.claim_sweep(spec, force=force, plan=plan)
@@ -247,7 +283,9 @@ def launch(
         log(line)
 
     try:
-        with bad_input(ClusterError):
+        # SIGTERM as KeyboardInterrupt from here on (not only while Ray runs), so the lock is
+        # released whenever the launch is stopped
+        with sigterm_as_interrupt(), bad_input(ClusterError):
             run_sweep(plan, store, address=spec.ray.address, progress=progress, reuse=not no_reuse)
     except KeyboardInterrupt:  # SIGINT, or SIGTERM as session.SweepInterrupted
         from orchestrator.session import interrupting_signal
@@ -284,6 +322,15 @@ def _undo_claim(store: StageStore, existed: bool, previous: bytes | None) -> Non
         atomic_write_text(store.sweep_path, previous.decode("utf-8"))
     else:
         store.sweep_path.unlink(missing_ok=True)
+
+
+def report_owner(root: Path) -> None:
+    """One stderr line naming the launch that holds ``root``'s lock, if any (readers go on)."""
+    from orchestrator.lock import describe_owner, read_owner
+
+    owner = read_owner(root)
+    if owner is not None:
+        log(f"{PROG}: {root} is in use by a launch ({describe_owner(owner)})")
 
 
 def report_invalid(invalid: dict[str, str]) -> None:
@@ -404,6 +451,7 @@ def status(
         plan, store = recorded_plan(storage)
         store.verify_hashes = verify
         report_invalid(invalid_nodes(plan, store))
+    report_owner(store.root)
     counts = Counter(trial_status(trial, store)[0] for trial in plan.trials)
     typer.echo(f"sweep '{plan.spec.name}' (spec {plan.spec.spec_hash[:12]}) in {store.root}")
     typer.echo(_status_line(counts, len(plan.trials)))
@@ -633,6 +681,20 @@ def plot(
         log(f"{PROG}: {unfinished} (the figures show the finished ones)")
     for path in paths:
         typer.echo(str(path))
+
+
+# ---- schema --------------------------------------------------------------------------------
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema (draft 2020-12) of a spec file, for editors and validators.
+
+    Generated from the config classes and the spec loader's keys (orchestrator.schema).
+    """
+    from orchestrator.schema import spec_schema
+
+    typer.echo(json.dumps(spec_schema(), indent=2))
 
 
 # ---- data ----------------------------------------------------------------------------------

@@ -160,11 +160,18 @@ _DATA_SECTIONS: dict[str, type] = {
 }
 
 
-def _sections() -> dict[str, type]:
+def config_sections() -> dict[str, type]:
     """Spec section -> config class: dataset, split, model and ``stages.<kind>``."""
     stages = {f"stages.{name}": kind.config for name, kind in STAGE_KINDS.items()}
     return {**_DATA_SECTIONS, **stages}
 
+
+# A sweep's name (it names its default storage folder, results/<name>).
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._+-]*"
+
+# The named values' defaults when the spec leaves them out (split_index: every split, 0 ..
+# split.repeats - 1).
+NAMED_DEFAULTS: dict[str, Any] = {"method": "global+local_block", "label_fraction": 0.1, "seed": 0}
 
 # Named axes: the axis name used in trials/tables -> the top-level spec key holding its values.
 NAMED_AXES = {
@@ -412,7 +419,7 @@ def _build(
         raw = {**raw, "label_fraction": _map_list(parse_number, fractions)}
 
     name = raw.get("name")
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", name or ""):
+    if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name or ""):
         raise SpecError(
             f"{file}: name: must be a non-empty string of letters, digits, '.', '_', '+', '-', got {name!r}"
         )
@@ -462,9 +469,11 @@ def _build(
         stage_cfgs[stage] = _config(kind.config, value or {}, section, file)
     stages = StageConfigs(stage_cfgs)
 
-    method = _named_values(raw, "method", file, default="global+local_block")
-    label_fraction = _named_values(raw, "label_fraction", file, default=0.1)
-    seed = _named_values(raw, "seed", file, default=0)
+    method = _named_values(raw, "method", file, default=NAMED_DEFAULTS["method"])
+    label_fraction = _named_values(
+        raw, "label_fraction", file, default=NAMED_DEFAULTS["label_fraction"]
+    )
+    seed = _named_values(raw, "seed", file, default=NAMED_DEFAULTS["seed"])
     split_index = _named_values(raw, "split_index", file, default=list(range(split.repeats)))
 
     grid = raw.get("grid") or {}
@@ -558,7 +567,7 @@ def _check_grid_path(path: str, file: str) -> None:
     if path in NAMED_AXES:
         return
     section, _, leaf = path.rpartition(".")
-    sections = _sections()
+    sections = config_sections()
     if section in sections:
         known = {f.name for f in dataclasses.fields(sections[section])}
         if leaf in known:
@@ -649,7 +658,7 @@ def _apply(spec: Spec, params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[
 
     current: dict[str, Any] = {"dataset": spec.dataset, "split": spec.split, "model": spec.model}
     current.update({f"stages.{name}": cfg for name, cfg in spec.stages.items()})
-    classes = _sections()
+    classes = config_sections()
     for section, values in sections.items():
         try:
             base = to_dict(current[section])

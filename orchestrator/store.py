@@ -3,6 +3,7 @@
 Layout (``<storage>/``)::
 
     sweep.json                  name, spec hash, resolved spec (and the last launched plan)
+    launch.lock                 the running launch's host, pid and start time (orchestrator.lock)
     stages/<key>/node.json      the node: stage, configs, split, seed, label fraction, parent
     stages/<key>/epochs.jsonl   one JSON object per epoch, appended by rank 0
     stages/<key>/model.pt       final state_dict (torch.save; loaded with weights_only=True)

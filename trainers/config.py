@@ -16,7 +16,7 @@ import difflib
 import math
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -79,6 +79,28 @@ def check_non_negative(section: str, key: str, value: float) -> None:
 def _one_of(section: str, key: str, value: Any, choices: tuple[Any, ...]) -> None:
     if value not in choices:
         _fail(section, key, f"must be one of {list(choices)}, got {value!r}")
+
+
+def choice(default: Any, choices: tuple[Any, ...]) -> Any:
+    """A config field whose value must be one of ``choices``: the one place they are written.
+    ``check_choices`` validates them and the spec's JSON Schema (``orchestrator.schema``) lists
+    them as the field's ``enum``."""
+    if default not in choices:
+        raise ValueError(f"default {default!r} is not one of {list(choices)}")
+    return field(default=default, metadata={"choices": choices})
+
+
+def field_choices(fld: dataclasses.Field[Any]) -> tuple[Any, ...] | None:
+    """The choices a ``choice`` field allows; None for any other field."""
+    return fld.metadata.get("choices")
+
+
+def check_choices(section: str, cfg: Any) -> None:
+    """Raise ``ConfigError`` naming ``section.key`` when a ``choice`` field holds another value."""
+    for fld in fields(cfg):
+        choices = field_choices(fld)
+        if choices is not None:
+            _one_of(section, fld.name, getattr(cfg, fld.name), choices)
 
 
 def _unit_interval(section: str, key: str, value: float, *, closed_low: bool = False) -> None:
@@ -175,12 +197,12 @@ def _stage_settings(
     section: str, cfg: Any, default_augment: AugmentConfig, default_epochs: int
 ) -> None:
     """What every stage config shares: ``augment`` as written (bool, mapping or config) on top
-    of the stage's default, its budget (``_budget``) and its ``lr_schedule``."""
+    of the stage's default, its budget (``_budget``) and its choices (``lr_schedule``, ...)."""
     object.__setattr__(
         cfg, "augment", AugmentConfig.parse(cfg.augment, default_augment, f"{section}.augment")
     )
     _budget(section, cfg, default_epochs)
-    _one_of(section, "lr_schedule", cfg.lr_schedule, LR_SCHEDULES)
+    check_choices(section, cfg)
 
 
 def _budget(section: str, cfg: Any, default_epochs: int) -> None:
@@ -280,8 +302,17 @@ class AugmentConfig:
         return self if self.flip_axes is not None else dataclasses.replace(self, flip_axes=axes)
 
 
-# a stage's learning rate over its budget (``trainers.stages.lr_factor``)
-LR_SCHEDULES = ("constant", "poly", "cosine")
+# The choices of the configs' ``choice`` fields (validated by ``check_choices``).
+LR_SCHEDULES = ("constant", "poly", "cosine")  # a stage's lr over its budget (stages.lr_factor)
+DATA_KINDS = ("msd", "synthetic")
+SLICE_AXES = (-3, -2, -1, 0, 1, 2)
+NORMS = ("instance", "batch", "group", "none")
+DECODER_NORMS = ("same", "none")
+GLOBAL_LOSSES = ("ntxent", "partition")
+LOCAL_LOSSES = ("supervised", "self")
+LOCAL_STRATEGIES = ("full", "stride", "block")
+LOCAL_FORMS = ("out", "in")
+REGULARISERS = ("none", "mixup", "mean_teacher")
 
 NO_AUGMENT = AugmentConfig(flip_axes=(), p_flip=0.0)
 GLOBAL_AUGMENT = AugmentConfig(
@@ -320,24 +351,23 @@ class DataConfig:
     tube runs along axis 1 with its head/tail classes likewise, so its default is ``(0,)`` too.
     """
 
-    kind: str = "synthetic"
+    kind: str = choice("synthetic", DATA_KINDS)
     root: str = ""
     image_size: int = 64
-    axis: int = -1
+    axis: int = choice(-1, SLICE_AXES)
     label_remap: tuple[tuple[int, int], ...] = ()
     synthetic_cases: int = 24
     synthetic_seed: int = 0
     flip_axes: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        _one_of("dataset", "kind", self.kind, ("msd", "synthetic"))
+        check_choices("dataset", self)
         if self.flip_axes is None:
             object.__setattr__(self, "flip_axes", (0,) if self.kind == "synthetic" else ())
         object.__setattr__(self, "flip_axes", _axes("dataset", "flip_axes", self.flip_axes))
         check_positive_int("dataset", "image_size", self.image_size)
         if self.image_size < 8:
             _fail("dataset", "image_size", f"must be >= 8, got {self.image_size}")
-        _one_of("dataset", "axis", self.axis, (-3, -2, -1, 0, 1, 2))
         check_positive_int("dataset", "synthetic_cases", self.synthetic_cases)
         object.__setattr__(
             self, "label_remap", tuple(tuple(int(v) for v in pair) for pair in self.label_remap)
@@ -385,8 +415,8 @@ class ModelConfig:
 
     base_channels: int = 64
     depth: int = 4
-    norm: str = "instance"
-    decoder_norm: str = "same"
+    norm: str = choice("instance", NORMS)
+    decoder_norm: str = choice("same", DECODER_NORMS)
     embed_dim: int = 128
     global_hidden: int = 512
     local_hidden: int = 128
@@ -397,8 +427,7 @@ class ModelConfig:
         check_positive_int("model", "depth", self.depth)
         if self.depth > 6:
             _fail("model", "depth", f"must be <= 6, got {self.depth}")
-        _one_of("model", "norm", self.norm, ("instance", "batch", "group", "none"))
-        _one_of("model", "decoder_norm", self.decoder_norm, ("same", "none"))
+        check_choices("model", self)
         check_positive_int("model", "embed_dim", self.embed_dim)
         check_positive_int("model", "global_hidden", self.global_hidden)
         check_positive_int("model", "local_hidden", self.local_hidden)
@@ -412,19 +441,18 @@ class GlobalConfig:
     loss="ntxent": SimCLR NT-Xent. loss="partition": Chaitanya et al.'s G^D with ``n_parts``.
     """
 
-    loss: str = "ntxent"
+    loss: str = choice("ntxent", GLOBAL_LOSSES)
     temperature: float = 0.5
     n_parts: int = 4
     epochs: int | None = None
     steps: int | None = None
     batch_size: int = 120
     lr: float = 3e-4
-    lr_schedule: str = "constant"
+    lr_schedule: str = choice("constant", LR_SCHEDULES)
     weight_decay: float = 1e-5
     augment: AugmentConfig = GLOBAL_AUGMENT
 
     def __post_init__(self) -> None:
-        _one_of("global", "loss", self.loss, ("ntxent", "partition"))
         check_positive("global", "temperature", self.temperature)
         check_positive_int("global", "n_parts", self.n_parts)
         _stage_settings("global", self, GLOBAL_AUGMENT, 100)
@@ -448,28 +476,25 @@ class LocalConfig:
     ``self_regions`` x ``self_regions`` pooled regions at the same location of two views.
     """
 
-    loss: str = "supervised"
-    strategy: str = "block"
+    loss: str = choice("supervised", LOCAL_LOSSES)
+    strategy: str = choice("block", LOCAL_STRATEGIES)
     stride: int = 4
     block_size: int = 16
     temperature: float = 0.1
-    form: str = "out"
+    form: str = choice("out", LOCAL_FORMS)
     self_regions: int = 8
     epochs: int | None = None
     steps: int | None = None
     batch_size: int = 4
     lr: float = 1e-4
-    lr_schedule: str = "constant"
+    lr_schedule: str = choice("constant", LR_SCHEDULES)
     weight_decay: float = 1e-4
     augment: AugmentConfig = LOCAL_AUGMENT
 
     def __post_init__(self) -> None:
-        _one_of("local", "loss", self.loss, ("supervised", "self"))
-        _one_of("local", "strategy", self.strategy, ("full", "stride", "block"))
         check_positive_int("local", "stride", self.stride)
         check_positive_int("local", "block_size", self.block_size)
         check_positive("local", "temperature", self.temperature)
-        _one_of("local", "form", self.form, ("out", "in"))
         check_positive_int("local", "self_regions", self.self_regions)
         _stage_settings("local", self, LOCAL_AUGMENT, 60)
         if self.augment.spatial:
@@ -522,10 +547,10 @@ class FinetuneConfig:
     steps: int | None = None
     batch_size: int = 8
     lr: float = 5e-4
-    lr_schedule: str = "constant"
+    lr_schedule: str = choice("constant", LR_SCHEDULES)
     weight_decay: float = 0.0
     augment: AugmentConfig = FINETUNE_AUGMENT
-    regulariser: str = "none"
+    regulariser: str = choice("none", REGULARISERS)
     mixup_alpha: float = 1.0
     ema_decay: float = 0.99
     consistency_weight: float = 1.0
@@ -541,7 +566,6 @@ class FinetuneConfig:
         check_positive_int("finetune", "batch_size", self.batch_size)
         check_positive("finetune", "lr", self.lr)
         check_non_negative("finetune", "weight_decay", self.weight_decay)
-        _one_of("finetune", "regulariser", self.regulariser, ("none", "mixup", "mean_teacher"))
         check_positive("finetune", "mixup_alpha", self.mixup_alpha)
         if not (0 < self.ema_decay < 1):
             _fail("finetune", "ema_decay", f"must be in (0, 1), got {self.ema_decay!r}")
