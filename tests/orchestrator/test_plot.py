@@ -16,15 +16,9 @@ from typer.testing import CliRunner
 
 from orchestrator.cli import app
 from orchestrator.plan import Plan, Trial, build_plan
-from orchestrator.plot import (
-    PlotError,
-    axis_label,
-    fraction_curves,
-    heatmap_grids,
-    method_name,
-    metric_label,
-    plot_sweep,
-)
+from orchestrator.plot import PlotError, plot_sweep
+from orchestrator.plot.results import fraction_curves, heatmap_grids
+from orchestrator.plot.style import axis_label, method_name, metric_label
 from orchestrator.spec import load_spec
 from orchestrator.store import StageStore
 from orchestrator.tables import collect
