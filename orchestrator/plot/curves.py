@@ -5,7 +5,7 @@ a node's line is coloured by the methods whose trials use it (nodes are shared b
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,33 +52,72 @@ class _UserColours:
     def colour(self, key: str) -> tuple[float, float, float]:
         return self.colours[self.of_key[key]]
 
-    def legend(self, averaged: bool = False) -> tuple[list[Line2D], list[str]]:
-        """Handles and labels; with ``averaged``, two grey entries explain thin and thick lines."""
-        handles = [Line2D([], [], color=self.colours[t], linewidth=2) for t in self.labels]
+    def legend(self, drawn: Drawn) -> tuple[list[Line2D], list[str]]:
+        """Handles and labels in the style each group was drawn in (a line, a line with
+        markers, or markers alone for groups of lone points); when a group was averaged, two
+        grey entries explain thin and thick lines."""
+        handles = [
+            _handle(self.colours[t], t in drawn.lines, t in drawn.markers, 2.0, 5.0)
+            for t in self.labels
+        ]
         labels = list(self.labels)
-        if averaged:
+        if drawn.averaged:
+            lines = any(t in drawn.lines for t in drawn.averaged)
+            markers = any(t in drawn.markers for t in drawn.averaged)
             handles += [
-                Line2D([], [], color="0.45", linewidth=0.8, alpha=0.5),
-                Line2D([], [], color="0.45", linewidth=2.4),
+                _handle("0.45", lines, markers, 0.8, 3.0, alpha=0.5),
+                _handle("0.45", lines, markers, 2.4, 6.0),
             ]
             labels += ["one node", f"mean over nodes (groups of > {_AVERAGE_ABOVE})"]
         return handles, labels
 
 
+def _handle(
+    colour: Any, line: bool, marker: bool, width: float, size: float, alpha: float = 1.0
+) -> Line2D:
+    """A legend entry: a line, a line with a marker, or (no line) a marker alone."""
+    return Line2D(
+        [],
+        [],
+        color=colour,
+        alpha=alpha,
+        linewidth=width,
+        linestyle="-" if line else "none",
+        marker="o" if marker or not line else None,
+        markersize=size,
+    )
+
+
+@dataclass
+class Drawn:
+    """How each colour group (legend label) was drawn, gathered over a figure's panels:
+    ``lines`` had a curve of two or more points, ``markers`` had one drawn with markers (two
+    points or fewer), ``averaged`` also got a mean curve."""
+
+    lines: set[str] = field(default_factory=set)
+    markers: set[str] = field(default_factory=set)
+    averaged: set[str] = field(default_factory=set)
+
+
 _AVERAGE_ABOVE = 3  # a colour group with more nodes than this also gets its mean curve
 
 
-def _draw_curves(ax: Any, records: pd.DataFrame, column: str, colours: _UserColours) -> bool:
+def _draw_curves(
+    ax: Any, records: pd.DataFrame, column: str, colours: _UserColours, drawn: Drawn
+) -> None:
     """``column`` of every node in ``records`` (columns key, epoch, ``column``, and ``steps``
     where recorded) on ``ax`` against optimiser steps (epochs for nodes recorded before steps
-    were), coloured by users. A group of more than ``_AVERAGE_ABOVE`` nodes is drawn as thin
-    translucent lines plus a thick mean line (the nodes' curves interpolated onto the union of
-    their x values, averaged where all of them are defined); returns whether any group was."""
+    were), coloured by users; what was drawn is added to ``drawn`` (for the legend).
+
+    Curves of two points or fewer get markers (a node validated once is one marker); when all
+    points share one x value the axis runs from 0 to a little past it, not a sliver around it.
+    A group of more than ``_AVERAGE_ABOVE`` nodes is drawn as thin translucent lines plus a
+    thick mean line (the nodes' curves interpolated onto the union of their x values, averaged
+    where all of them are defined)."""
     x = "steps" if "steps" in records.columns and records["steps"].notna().all() else "epoch"
     groups: dict[str, list[str]] = {}
     for key in dict.fromkeys(records["key"]):
         groups.setdefault(colours.of_key[key], []).append(key)
-    averaged = False
     for label in colours.labels:
         keys = groups.get(label, [])
         many = len(keys) > _AVERAGE_ABOVE
@@ -86,15 +125,7 @@ def _draw_curves(ax: Any, records: pd.DataFrame, column: str, colours: _UserColo
         for key in keys:
             curve = records[records["key"] == key].sort_values(x)
             curves.append(curve)
-            ax.plot(
-                curve[x],
-                curve[column],
-                color=colours.colours[label],
-                alpha=0.3 if many else 0.9,
-                linewidth=0.8 if many else 1.5,
-                marker="o" if len(curve) <= 2 else None,
-                markersize=3,
-            )
+            _plot_curve(ax, curve[x], curve[column], colours.colours[label], label, drawn, many)
         if many:
             grid = np.unique(np.concatenate([c[x].to_numpy(dtype=float) for c in curves]))
             low = max(float(c[x].min()) for c in curves)
@@ -105,12 +136,46 @@ def _draw_curves(ax: Any, records: pd.DataFrame, column: str, colours: _UserColo
                     np.interp(grid, c[x].to_numpy(dtype=float), c[column].to_numpy(dtype=float))
                     for c in curves
                 ]
-                ax.plot(grid, np.mean(stacked, axis=0), color=colours.colours[label], linewidth=2.4)
-                averaged = True
+                mean = np.mean(stacked, axis=0)
+                _plot_curve(ax, grid, mean, colours.colours[label], label, drawn, mean=True)
+                drawn.averaged.add(label)
     ax.set_xlabel("optimiser steps" if x == "steps" else "epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    distinct = np.unique(records[x].to_numpy(dtype=float))
+    if distinct.size == 1:
+        only = float(distinct[0])
+        ax.set_xlim(min(0.0, only - 1.0), max(1.25 * only, only + 1.0))
     ax.grid(True, alpha=0.3, linewidth=0.6)
-    return averaged
+
+
+def _plot_curve(
+    ax: Any,
+    x: Any,
+    y: Any,
+    colour: Any,
+    label: str,
+    drawn: Drawn,
+    faint: bool = False,
+    mean: bool = False,
+) -> None:
+    """One node's curve (``faint`` in an averaged group) or a group's ``mean``; markers when it
+    has two points or fewer."""
+    points = len(x)
+    marked = points <= 2
+    width, size = (2.4, 6.0) if mean else (0.8, 3.0) if faint else (1.5, 3.0 if points > 1 else 5.0)
+    ax.plot(
+        x,
+        y,
+        color=colour,
+        alpha=1.0 if mean else 0.3 if faint else 0.9,
+        linewidth=width,
+        marker="o" if marked else None,
+        markersize=size,
+    )
+    if points > 1:
+        drawn.lines.add(label)
+    if marked:
+        drawn.markers.add(label)
 
 
 def _user_colours(keys: pd.Series, users: dict[str, list[str]]) -> _UserColours:
@@ -127,8 +192,14 @@ def _user_colours(keys: pd.Series, users: dict[str, list[str]]) -> _UserColours:
 
 
 def plot_loss_curves(epochs: pd.DataFrame, trials: pd.DataFrame, out_dir: Path) -> Path | None:
-    """``loss_curves.png``: each stage node's per-epoch loss, one panel per stage; lines
-    coloured by the methods whose trials use the node. None without any recorded epoch."""
+    """``loss_curves.png`` (``loss_figure``); None without any recorded epoch."""
+    figure = loss_figure(epochs, trials)
+    return None if figure is None else save_figure(figure, out_dir / "loss_curves.png")
+
+
+def loss_figure(epochs: pd.DataFrame, trials: pd.DataFrame) -> Figure | None:
+    """Each stage node's per-epoch loss, one panel per stage; lines coloured by the methods
+    whose trials use the node. None without any recorded epoch."""
     if epochs.empty or "loss" not in epochs.columns:
         return None
     records = epochs.assign(loss=pd.to_numeric(epochs["loss"], errors="coerce"))
@@ -140,16 +211,16 @@ def plot_loss_curves(epochs: pd.DataFrame, trials: pd.DataFrame, out_dir: Path) 
 
     figure = Figure(figsize=(3.9 * len(stages) + 0.4, 3.6), layout="constrained")
     axes = figure.subplots(1, len(stages), squeeze=False)[0]
-    averaged = False
+    drawn = Drawn()
     for ax, stage in zip(axes, stages, strict=True):
         nodes = records[records["stage"] == stage]
-        averaged |= _draw_curves(ax, nodes, "loss", colours)
+        _draw_curves(ax, nodes, "loss", colours, drawn)
         title, loss = STAGE_KINDS[stage].title, STAGE_KINDS[stage].loss_label
         count = nodes["key"].nunique()
         ax.set_title(f"{title} ({count} node{'s' if count != 1 else ''})", fontsize=10)
         ax.set_ylabel(f"{loss} (training)")
     figure.suptitle("training loss per epoch of every stage node", fontsize=11)
-    handles, labels = colours.legend(averaged)
+    handles, labels = colours.legend(drawn)
     figure.legend(
         handles,
         labels,
@@ -160,13 +231,20 @@ def plot_loss_curves(epochs: pd.DataFrame, trials: pd.DataFrame, out_dir: Path) 
         title="nodes used by",
         title_fontsize=9,
     )
-    return save_figure(figure, out_dir / "loss_curves.png")
+    return figure
 
 
 def plot_val_dice_curves(epochs: pd.DataFrame, trials: pd.DataFrame, out_dir: Path) -> Path | None:
-    """``val_dice_curves.png``: each fine-tuning node's validation Dice (per-volume mean) over
-    training, coloured by method: one panel for the mean of the classes and, where recorded,
-    one per class (``val_dice_c<k>``). None when no fine-tuning epoch recorded a validation."""
+    """``val_dice_curves.png`` (``val_dice_figure``); None when no fine-tuning epoch recorded a
+    validation."""
+    figure = val_dice_figure(epochs, trials)
+    return None if figure is None else save_figure(figure, out_dir / "val_dice_curves.png")
+
+
+def val_dice_figure(epochs: pd.DataFrame, trials: pd.DataFrame) -> Figure | None:
+    """Each fine-tuning node's validation Dice (per-volume mean) over training, coloured by
+    method: one panel for the mean of the classes and, where recorded, one per class
+    (``val_dice_c<k>``). None when no fine-tuning epoch recorded a validation."""
     if epochs.empty or "val_dice_mean" not in epochs.columns:
         return None
     finetune = epochs[epochs["stage"] == "finetune"]
@@ -183,15 +261,15 @@ def plot_val_dice_curves(epochs: pd.DataFrame, trials: pd.DataFrame, out_dir: Pa
     colours = _user_colours(records["key"], _node_methods(trials))
     figure = Figure(figsize=(3.6 * len(panels) + 2.0, 3.8), layout="constrained")
     axes = figure.subplots(1, len(panels), squeeze=False)[0]
-    averaged = False
+    drawn = Drawn()
     for ax, (column, title) in zip(axes, panels, strict=True):
-        averaged |= _draw_curves(ax, records[np.isfinite(records[column])], column, colours)
+        _draw_curves(ax, records[np.isfinite(records[column])], column, colours, drawn)
         ax.set_title(title, fontsize=10)
     axes[0].set_ylabel("validation Dice (per-volume mean)")
     count = records["key"].nunique()
     figure.suptitle(f"fine-tuning: validation Dice over training ({count} nodes)", fontsize=11)
     axes[-1].legend(
-        *colours.legend(averaged),
+        *colours.legend(drawn),
         loc="upper left",
         bbox_to_anchor=(1.02, 1.0),
         frameon=False,
@@ -200,4 +278,4 @@ def plot_val_dice_curves(epochs: pd.DataFrame, trials: pd.DataFrame, out_dir: Pa
         title_fontsize=9,
         alignment="left",
     )
-    return save_figure(figure, out_dir / "val_dice_curves.png")
+    return figure

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from orchestrator.cli import app
 from orchestrator.plan import Plan, Trial, build_plan
 from orchestrator.plot import PlotError, plot_sweep
+from orchestrator.plot.curves import val_dice_figure
 from orchestrator.plot.results import fraction_curves, heatmap_grids
 from orchestrator.plot.style import axis_label, method_name, metric_label
 from orchestrator.spec import load_spec
@@ -292,3 +293,57 @@ def test_plot_sweep_without_finished_trials_raises() -> None:
     epochs = pd.DataFrame(columns=["key", "stage", "epoch", "loss"])
     with pytest.raises(PlotError, match="no results to plot yet"):
         plot_sweep(trials, epochs, "unused")
+
+
+def test_a_node_validated_once_is_a_marker_on_a_sensible_axis() -> None:
+    """One fine-tuning node, one validation record (step 40): a visible marker, an x axis from
+    0 past 40 rather than a sliver around it, and a legend entry that is a marker, not a line."""
+    epochs = pd.DataFrame(
+        {
+            "sweep": ["s", "s"],
+            "key": ["k1", "k1"],
+            "stage": ["finetune", "finetune"],
+            "epoch": [4, 5],
+            "steps": [32, 40],
+            "loss": [0.6, 0.5],
+            "val_dice_mean": [math.nan, 0.61],  # validated on the last epoch only
+        }
+    )
+    trials = pd.DataFrame(
+        {"trial_id": ["t0"], "method": ["random"], "status": ["ok"], "key_finetune": ["k1"]}
+    )
+    figure = val_dice_figure(epochs, trials)
+    assert figure is not None
+    ax = figure.axes[0]
+    (line,) = ax.get_lines()
+    assert line.get_xdata().tolist() == [40] and line.get_ydata().tolist() == [0.61]
+    assert line.get_marker() == "o" and line.get_markersize() >= 4
+    low, high = ax.get_xlim()
+    assert low <= 0 and 45 <= high <= 60
+    assert ax.get_xlabel() == "optimiser steps"
+    assert ax.get_ylim()[0] < 0.61 < ax.get_ylim()[1]
+    (handle,) = ax.get_legend().legend_handles
+    assert handle.get_marker() == "o" and handle.get_linestyle() == "None"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [method_name("random")]
+
+
+def test_curves_with_many_points_keep_lines_in_the_legend() -> None:
+    epochs = pd.DataFrame(
+        {
+            "key": ["k1"] * 3,
+            "stage": ["finetune"] * 3,
+            "epoch": [1, 2, 3],
+            "steps": [8, 16, 24],
+            "loss": [0.7, 0.6, 0.5],
+            "val_dice_mean": [0.4, 0.5, 0.6],
+        }
+    )
+    trials = pd.DataFrame(
+        {"trial_id": ["t0"], "method": ["random"], "status": ["ok"], "key_finetune": ["k1"]}
+    )
+    ax = val_dice_figure(epochs, trials).axes[0]
+    (line,) = ax.get_lines()
+    assert line.get_marker() in (None, "None", "")
+    assert ax.get_xlim()[0] > 0  # autoscaled around 8..24, not stretched to 0
+    (handle,) = ax.get_legend().legend_handles
+    assert handle.get_linestyle() == "-" and handle.get_marker() in (None, "None", "")
