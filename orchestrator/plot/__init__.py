@@ -1,4 +1,4 @@
-"""Figures of a finished sweep, as PNG files a paper can use (``semicon-sweep plot``).
+"""Figures of a finished sweep, each a PNG and a vector PDF (``semicon-sweep plot``).
 
 From the sweep's result tables (``orchestrator.tables``; the external table of
 ``orchestrator.evaluate`` for ``ext_*`` metrics):
@@ -46,7 +46,8 @@ def plot_sweep(
     metric: str = "test_dice_pooled_mean",
     baseline: str | None = None,
 ) -> list[Path]:
-    """Write every figure the tables support into ``out_dir``; returns their paths.
+    """Write every figure the tables support into ``out_dir``, each as PNG and as vector PDF
+    next to it; returns their paths (each figure's PNG, then its PDF).
 
     With ``baseline``, also the paired differences of every method to it (``plot_paired``);
     ``ValueError`` when the baseline has no finished trial.
@@ -67,18 +68,11 @@ def plot_sweep(
         raise PlotError(
             f"--metric {metric!r}: not a column of the table (available: {available or 'none'})"
         )
-    paths = []
-    if (figure := plot_label_fraction(trials, metric, out)) is not None:
-        paths.append(figure)
-    paths += plot_heatmaps(trials, metric, out)
+    paths = plot_label_fraction(trials, metric, out) + plot_heatmaps(trials, metric, out)
     if baseline is not None:
         axes = varying_axes(ok_rows(trials, metric))
-        paired = paired_differences(trials, baseline, metric=metric, axes=axes)
-        if (figure := plot_paired(paired, out)) is not None:
-            paths.append(figure)
-    for draw in (plot_loss_curves, plot_val_dice_curves):
-        if (figure := draw(epochs, trials, out)) is not None:
-            paths.append(figure)
+        paths += plot_paired(paired_differences(trials, baseline, metric=metric, axes=axes), out)
+    paths += plot_loss_curves(epochs, trials, out) + plot_val_dice_curves(epochs, trials, out)
     if not paths:
         raise PlotError(f"--metric {metric!r}: no finished trial has a value to plot")
     return paths

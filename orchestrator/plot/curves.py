@@ -191,10 +191,10 @@ def _user_colours(keys: pd.Series, users: dict[str, list[str]]) -> _UserColours:
     return _UserColours(of_key, labels, dict(zip(labels, palette(len(labels)), strict=True)))
 
 
-def plot_loss_curves(epochs: pd.DataFrame, trials: pd.DataFrame, out_dir: Path) -> Path | None:
-    """``loss_curves.png`` (``loss_figure``); None without any recorded epoch."""
+def plot_loss_curves(epochs: pd.DataFrame, trials: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """``loss_curves.png`` and ``.pdf`` (``loss_figure``); [] without any recorded epoch."""
     figure = loss_figure(epochs, trials)
-    return None if figure is None else save_figure(figure, out_dir / "loss_curves.png")
+    return [] if figure is None else save_figure(figure, out_dir / "loss_curves.png")
 
 
 def loss_figure(epochs: pd.DataFrame, trials: pd.DataFrame) -> Figure | None:
@@ -234,11 +234,11 @@ def loss_figure(epochs: pd.DataFrame, trials: pd.DataFrame) -> Figure | None:
     return figure
 
 
-def plot_val_dice_curves(epochs: pd.DataFrame, trials: pd.DataFrame, out_dir: Path) -> Path | None:
-    """``val_dice_curves.png`` (``val_dice_figure``); None when no fine-tuning epoch recorded a
-    validation."""
+def plot_val_dice_curves(epochs: pd.DataFrame, trials: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """``val_dice_curves.png`` and ``.pdf`` (``val_dice_figure``); [] when no fine-tuning epoch
+    recorded a validation."""
     figure = val_dice_figure(epochs, trials)
-    return None if figure is None else save_figure(figure, out_dir / "val_dice_curves.png")
+    return [] if figure is None else save_figure(figure, out_dir / "val_dice_curves.png")
 
 
 def val_dice_figure(epochs: pd.DataFrame, trials: pd.DataFrame) -> Figure | None:

@@ -89,11 +89,11 @@ def fraction_curves(trials: pd.DataFrame, metric: str) -> list[Curve]:
     return curves
 
 
-def plot_label_fraction(trials: pd.DataFrame, metric: str, out_dir: Path) -> Path | None:
-    """``dice_vs_label_fraction__<metric>.png``; None when no ok trial has the metric."""
+def plot_label_fraction(trials: pd.DataFrame, metric: str, out_dir: Path) -> list[Path]:
+    """``dice_vs_label_fraction__<metric>.png`` and ``.pdf``; [] when no ok trial has the metric."""
     curves = fraction_curves(trials, metric)
     if not curves:
-        return None
+        return []
     percent = np.unique(np.concatenate([curve.percent for curve in curves]))
     log_x = len(percent) > 1 and percent.max() / percent.min() >= 3
 
@@ -216,12 +216,13 @@ def heatmap_grids(trials: pd.DataFrame, metric: str) -> list[Heatmap]:
 def plot_heatmaps(trials: pd.DataFrame, metric: str, out_dir: Path) -> list[Path]:
     """Draw every ``heatmap_grids`` heatmap into ``out_dir``; returns the paths."""
     return [
-        _draw_heatmap(grid, metric, out_dir / grid.file_name)
+        path
         for grid in heatmap_grids(trials, metric)
+        for path in _draw_heatmap(grid, metric, out_dir / grid.file_name)
     ]
 
 
-def _draw_heatmap(grid: Heatmap, metric: str, path: Path) -> Path:
+def _draw_heatmap(grid: Heatmap, metric: str, path: Path) -> list[Path]:
     """``grid`` as an annotated heatmap: mean and std in every cell, a labelled colour bar."""
     cells, context = grid.cells, grid.context
     rows_axis, row_values, cols_axis, col_values = (
@@ -288,12 +289,12 @@ def _draw_heatmap(grid: Heatmap, metric: str, path: Path) -> Path:
     return save_figure(figure, path)
 
 
-def plot_paired(paired: pd.DataFrame, out_dir: Path) -> Path | None:
+def plot_paired(paired: pd.DataFrame, out_dir: Path) -> list[Path]:
     """``paired_differences__<metric>.png``: a forest plot per label fraction of every method's
     mean paired difference to the baseline with its 95 % CI (``orchestrator.stats``), wins/n
-    written beside it, a line at zero. None for an empty table."""
+    written beside it, a line at zero (PNG and PDF). [] for an empty table."""
     if paired.empty:
-        return None
+        return []
     metric, baseline = str(paired["metric"].iloc[0]), str(paired["baseline"].iloc[0])
     fractions = display_order(list(dict.fromkeys(paired["label_fraction"])), "label_fraction")
     extra = [c for c in paired.columns if c not in PAIRED_COLUMNS]

@@ -3,7 +3,8 @@ ordering of table values, colours, and writing a figure to disk.
 
 Display names live in one place: ``METHOD_NAMES`` (registry name -> the paper's wording) and
 ``AXIS_NAMES`` (grid axis -> axis label). Figures are ``matplotlib.figure.Figure`` objects on
-the Agg canvas (no pyplot, no global state), written atomically by ``save_figure``.
+the Agg canvas (no pyplot, no global state), written atomically as PNG and PDF by
+``save_figure``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from matplotlib import rc_context
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
@@ -146,13 +148,26 @@ def runs_note(counts: np.ndarray, unit: str) -> str:
     return f"mean ± std over seeds and splits (n = {runs} runs per {unit})"
 
 
-def save_figure(figure: Figure, path: Path) -> Path:
-    """Render ``figure`` as PNG and write it atomically to ``path``."""
+def save_figure(figure: Figure, path: Path) -> list[Path]:
+    """Write ``figure`` atomically as PNG to ``path`` (``DPI``) and as vector PDF next to it
+    (``.pdf``: TrueType fonts, which journals accept, and no creation date, so the same figure
+    gives the same bytes); returns ``[png, pdf]``."""
     FigureCanvasAgg(figure)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight", pad_inches=0.08)
-    atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
-    return path
+    written = []
+    for target, fmt in ((path, "png"), (path.with_suffix(".pdf"), "pdf")):
+        buffer = io.BytesIO()
+        with rc_context({"pdf.fonttype": 42}):
+            figure.savefig(
+                buffer,
+                format=fmt,
+                dpi=DPI,
+                bbox_inches="tight",
+                pad_inches=0.08,
+                metadata={"CreationDate": None} if fmt == "pdf" else None,
+            )
+        atomic_write(target, lambda handle, data=buffer.getvalue(): handle.write(data))
+        written.append(target)
+    return written
 
 
 def palette(count: int) -> list[tuple[float, float, float]]:

@@ -114,6 +114,14 @@ def assert_png(path: Path) -> None:
     assert len(data) > 1000 and data.startswith(PNG_SIGNATURE), path
 
 
+def assert_pdf(path: Path) -> None:
+    """A PDF whose figure is vector: text as embedded TrueType fonts, no raster image of the
+    whole figure (a heatmap's cells would be one small image; the curves have none)."""
+    data = path.read_bytes()
+    assert data.startswith(b"%PDF-") and data.rstrip().endswith(b"%%EOF"), path
+    assert b"/FontFile2" in data and b"/Subtype /Image" not in data, path
+
+
 @pytest.fixture
 def runner() -> CliRunner:
     return CliRunner()
@@ -170,19 +178,13 @@ def test_plot_label_fraction_sweep(
     result = runner.invoke(app, ["plot", str(store.root)])
     assert result.exit_code == 0, result.stderr
     plots = store.root / "plots"
-    names = {
-        "dice_vs_label_fraction__test_dice_pooled_mean.png",
-        "loss_curves.png",
-        "val_dice_curves.png",
-    }
-    assert {p.name for p in plots.iterdir()} == names  # no heatmap: no second axis varies
-    assert result.stdout.split() == [  # printed in the order written
-        str(plots / "dice_vs_label_fraction__test_dice_pooled_mean.png"),
-        str(plots / "loss_curves.png"),
-        str(plots / "val_dice_curves.png"),
-    ]
-    for name in names:
-        assert_png(plots / name)
+    stems = ["dice_vs_label_fraction__test_dice_pooled_mean", "loss_curves", "val_dice_curves"]
+    names = [f"{stem}.{kind}" for stem in stems for kind in ("png", "pdf")]
+    assert sorted(p.name for p in plots.iterdir()) == sorted(names)  # no heatmap: one axis varies
+    assert result.stdout.split() == [str(plots / n) for n in names]  # in the order written
+    for stem in stems:
+        assert_png(plots / f"{stem}.png")
+        assert_pdf(plots / f"{stem}.pdf")
     assert (store.root / "tables" / "trials.parquet").is_file()  # collected on the way
 
     other = tmp_path / "figures"
@@ -223,13 +225,13 @@ def test_plot_writes_heatmaps_for_an_ablation(
     assert result.exit_code == 0, result.stderr
     written = [Path(line) for line in result.stdout.split()]
     heatmaps = sorted(p.name for p in written if p.name.startswith("heatmap__"))
-    assert heatmaps == [
-        "heatmap__stages.local.temperature_x_stages.local.block_size__label_fraction_0.1.png",
-        "heatmap__stages.local.temperature_x_stages.local.block_size__label_fraction_0.2.png",
-    ]
-    for path in written:
-        assert path.parent == store.root / "plots"
-        assert_png(path)
+    stem = "heatmap__stages.local.temperature_x_stages.local.block_size__label_fraction_"
+    assert heatmaps == [f"{stem}{f}.{kind}" for f in ("0.1", "0.2") for kind in ("pdf", "png")]
+    assert [p.suffix for p in written] == [".png", ".pdf"] * (len(written) // 2)
+    for png, pdf in zip(written[::2], written[1::2], strict=True):
+        assert png.parent == store.root / "plots" and pdf == png.with_suffix(".pdf")
+        assert_png(png)
+        assert pdf.read_bytes().startswith(b"%PDF-")
 
 
 def test_failed_trials_stay_out_of_the_figures(fractions: tuple[Plan, StageStore]) -> None:
