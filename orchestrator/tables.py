@@ -45,6 +45,7 @@ from orchestrator.plan import Plan, Trial
 from orchestrator.spec import NAMED_AXES
 from orchestrator.stats import PAIRED_COLUMNS, collapsed, converged
 from orchestrator.store import StageStore, atomic_write, environment_info
+from trainers.methods import display_name
 from trainers.registry import stage_names
 
 TABLE_NAMES = ("trials", "epochs", "summary")
@@ -316,8 +317,8 @@ def paper_table(
 
     Rows are ``rows`` (methods in the paper's order) plus every other grid axis that varies
     among the ok trials (never seed or split, which are what the mean is taken over), so no
-    two different configurations are pooled into one cell. Columns are the values of ``cols``.
-    Cells with one trial read ``"mean (1)"``; missing cells are empty. An empty frame when no
+    two different configurations are pooled into one cell. Columns are the values of ``cols``
+    (``cols="method"``: rows by label fraction instead). Cells with one trial read ``"mean (1)"``; missing cells are empty. An empty frame when no
     trial is ok yet.
     """
     finished = "status" in trials.columns and (trials["status"] == "ok").any()
@@ -331,6 +332,8 @@ def paper_table(
             f"--by {cols!r}: not a column of the trials table (axes: {', '.join(_axes(trials))})"
         )
     row_keys = [rows] if isinstance(rows, str) else list(rows)
+    # --by method: the methods become the columns and the label fractions the rows
+    row_keys = [k for k in row_keys if k != cols] or ["label_fraction"]
     for key in row_keys:
         if key not in trials.columns:
             raise ValueError(f"rows {key!r}: not a column of the trials table")
@@ -362,7 +365,7 @@ def paper_table(
         cells = cells.where(~flagged.reindex(cells.index, fill_value=False), cells + " " + mark)
     table = cells.unstack(cols).fillna("")
     table.attrs["notes"] = [CELL_NOTES[m] for m, f in flags.items() if f.any()]
-    table = table.reindex(columns=sorted(table.columns, key=_sort_key))
+    table = table.reindex(columns=sorted(table.columns, key=lambda c: _row_key(c, [cols])))
     table = table.reindex(index=sorted(table.index, key=lambda idx: _row_key(idx, row_keys)))
     notes = table.attrs.get("notes", [])
     table.columns = [_label(c) for c in table.columns]
@@ -396,17 +399,22 @@ def _paired_cell(row: pd.Series) -> str:
 
 
 def format_table(table: pd.DataFrame, fmt: str = "text") -> str:
-    """Render a ``paper_table`` as plain text, Markdown, LaTeX (tabular) or CSV."""
+    """Render a ``paper_table`` as plain text, Markdown, LaTeX (tabular) or CSV.
+
+    Methods (the ``method`` row level, or the columns with ``--by method``) are shown by their
+    display names (``trainers.methods.display_name``); the table itself keeps registry names.
+    """
     if fmt not in TABLE_FORMATS:
         raise ValueError(f"format {fmt!r}: must be one of {', '.join(TABLE_FORMATS)}")
     index_names = [n if n is not None else "" for n in table.index.names]
-    header = [*index_names, *[str(c) for c in table.columns]]
+    header = [*index_names, *[_shown(c, table.columns.name) for c in table.columns]]
     if table.columns.name and header:
         header[len(index_names) - 1] = f"{header[len(index_names) - 1]} \\ {table.columns.name}"
     body = []
     for idx, values in table.iterrows():
         idx_values = idx if isinstance(idx, tuple) else (idx,)
-        body.append([_label(v) for v in idx_values] + [str(v) for v in values])
+        labels = [_shown(v, n) for v, n in zip(idx_values, index_names, strict=True)]
+        body.append(labels + [str(v) for v in values])
     if fmt == "csv":
         buffer = io.StringIO()
         pd.DataFrame(body, columns=header).to_csv(buffer, index=False)
@@ -517,6 +525,11 @@ def _label(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)
+
+
+def _shown(value: Any, axis: str | None) -> str:
+    """A row or column label as rendered: a method's display name, any other value as text."""
+    return display_name(value) if axis == "method" and isinstance(value, str) else _label(value)
 
 
 _LATEX = {

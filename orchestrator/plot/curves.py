@@ -15,8 +15,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from orchestrator.plot.style import display_order, method_name, palette, save_figure
+from orchestrator.plot.style import display_order, palette, save_figure
 from orchestrator.tables import METHOD_ORDER
+from trainers.methods import display_name
 from trainers.registry import STAGE_KINDS, stage_names
 
 
@@ -38,7 +39,7 @@ def _users_label(methods: list[str]) -> str:
         return "(no trial)"
     if len(methods) > 3:
         return f"shared by {len(methods)} methods"
-    return ", ".join(method_name(m) for m in methods)
+    return ", ".join(display_name(m) for m in methods)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,6 @@ from orchestrator.plot.style import (
     display_order,
     file_part,
     mean_std_n,
-    method_name,
     metric_label,
     ok_rows,
     palette,
@@ -34,6 +33,7 @@ from orchestrator.plot.style import (
 )
 from orchestrator.stats import PAIRED_COLUMNS
 from orchestrator.tables import METHOD_ORDER
+from trainers.methods import display_name
 
 # ---- (1) Dice vs label fraction -----------------------------------------------------------
 
@@ -83,7 +83,7 @@ def fraction_curves(trials: pd.DataFrame, metric: str) -> list[Curve]:
             f"{axis_short(a)}={value_text(v)}" for a, v in zip(extra, config[1:], strict=True)
         ]
         if len(orders["method"]) > 1 or not settings:
-            settings.insert(0, method_name(config[0]))
+            settings.insert(0, display_name(config[0]))
         label = ", ".join(settings)
         curves.append(Curve(label, config, percent, mean, std, n.astype(int)))
     return curves
@@ -136,7 +136,7 @@ def plot_label_fraction(trials: pd.DataFrame, metric: str, out_dir: Path) -> lis
         bbox_to_anchor=(1.02, 1.0),
         frameon=False,
         fontsize=9,
-        title=method_name(curves[0].config[0]) if one_method and extra else "method",
+        title=display_name(curves[0].config[0]) if one_method and extra else "method",
         title_fontsize=9,
         alignment="left",
     )
@@ -264,9 +264,9 @@ def _draw_heatmap(grid: Heatmap, metric: str, path: Path) -> list[Path]:
             color="black" if luminance > 0.5 else "white",
             linespacing=1.15,
         )
-    label = method_name if cols_axis == "method" else value_text
+    label = display_name if cols_axis == "method" else value_text
     ax.set_xticks(range(n_cols), [label(v) for v in col_values], fontsize=9)
-    label = method_name if rows_axis == "method" else value_text
+    label = display_name if rows_axis == "method" else value_text
     ax.set_yticks(range(n_rows), [label(v) for v in row_values], fontsize=9)
     if cols_axis == "method":
         ax.tick_params(axis="x", labelrotation=20)
@@ -277,11 +277,11 @@ def _draw_heatmap(grid: Heatmap, metric: str, path: Path) -> list[Path]:
     where = (
         []
         if "method" in (rows_axis, cols_axis, *context)
-        else [", ".join(map(method_name, grid.methods))]
+        else [", ".join(map(display_name, grid.methods))]
     )
     where += [f"{100 * context['label_fraction']:g}% labelled volumes"]
     where += [
-        method_name(v) if a == "method" else f"{axis_label(a)} = {value_text(v)}"
+        display_name(v) if a == "method" else f"{axis_label(a)} = {value_text(v)}"
         for a, v in context.items()
         if a != "label_fraction"
     ]
@@ -330,11 +330,11 @@ def plot_paired(paired: pd.DataFrame, out_dir: Path) -> list[Path]:
         ax.set_title(f"{value_text(fraction * 100)} % labelled", fontsize=10)
         ax.set_xlabel(f"Δ {metric_label(metric)}", fontsize=8)
         ax.grid(True, axis="x", alpha=0.3, linewidth=0.6)
-    labels = [" ".join([method_name(r[0]), *(value_text(v) for v in r[1:])]) for r in rows]
+    labels = [" ".join([display_name(r[0]), *(value_text(v) for v in r[1:])]) for r in rows]
     axes[0].set_yticks(range(len(rows)), labels, fontsize=8)
     axes[0].invert_yaxis()
     figure.suptitle(
-        f"paired difference to {method_name(baseline)} (mean, 95 % CI; wins/n at right)",
+        f"paired difference to {display_name(baseline)} (mean, 95 % CI; wins/n at right)",
         fontsize=10,
     )
     return save_figure(figure, out_dir / f"paired_differences__{file_part(metric)}.png")

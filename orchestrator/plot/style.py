@@ -1,8 +1,8 @@
 """What every figure of ``orchestrator.plot`` shares: display names, the ok-trial selection and
 ordering of table values, colours, and writing a figure to disk.
 
-Display names live in one place: ``METHOD_NAMES`` (registry name -> the paper's wording) and
-``AXIS_NAMES`` (grid axis -> axis label). Figures are ``matplotlib.figure.Figure`` objects on
+Methods are shown by ``trainers.methods.display_name`` (the one source that rendered tables use
+too); grid axes by ``AXIS_NAMES`` (grid axis -> axis label). Figures are ``matplotlib.figure.Figure`` objects on
 the Agg canvas (no pyplot, no global state), written atomically as PNG and PDF by
 ``save_figure``.
 """
@@ -27,20 +27,6 @@ from orchestrator.store import atomic_write
 from orchestrator.tables import METHOD_ORDER
 
 DPI = 200
-# registry name -> the paper's name for the method (Table 1 of Hu et al.) or ours
-METHOD_NAMES: dict[str, str] = {
-    "random": "random init",
-    "global": "global (SimCLR)",
-    "global+local_self": "global+local(self)",
-    "local_stride": "local(stride)",
-    "local_block": "local(block)",
-    "local_full": "local(full)",
-    "global+local_stride": "global+local(stride)",
-    "global+local_block": "global+local(block)",
-    "global+local_full": "global+local(full)",
-    "mixup": "Mixup",
-    "mean_teacher": "Mean Teacher",
-}
 # grid axis -> (axis label, short name for legends)
 AXIS_NAMES: dict[str, tuple[str, str]] = {
     "method": ("method", "method"),
@@ -58,11 +44,6 @@ MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 
 
 # ---- names -------------------------------------------------------------------------------
-
-
-def method_name(method: str) -> str:
-    """The paper's name of a registered method (the registry name when it has none)."""
-    return METHOD_NAMES.get(method, method)
 
 
 def axis_label(axis: str) -> str:

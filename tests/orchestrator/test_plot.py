@@ -19,10 +19,11 @@ from orchestrator.plan import Plan, Trial, build_plan
 from orchestrator.plot import PlotError, plot_sweep
 from orchestrator.plot.curves import val_dice_figure
 from orchestrator.plot.results import fraction_curves, heatmap_grids
-from orchestrator.plot.style import axis_label, method_name, metric_label
+from orchestrator.plot.style import axis_label, metric_label
 from orchestrator.spec import load_spec
 from orchestrator.store import StageStore
 from orchestrator.tables import collect
+from trainers.methods import display_name
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -141,10 +142,10 @@ def ablation(tmp_path_factory: pytest.TempPathFactory) -> tuple[Plan, StageStore
 
 
 def test_names_live_in_one_place() -> None:
-    assert method_name("random") == "random init"
-    assert method_name("global") == "global (SimCLR)"
-    assert method_name("global+local_block") == "global+local(block)"
-    assert method_name("not_registered") == "not_registered"
+    assert display_name("random") == "random init"
+    assert display_name("global") == "global (SimCLR)"
+    assert display_name("global+local_block") == "global + local (block)"
+    assert display_name("not_registered") == "not_registered"
     assert axis_label("stages.local.block_size") == "block size (pixels)"
     assert axis_label("stages.finetune.epochs") == "finetune epochs"
     assert metric_label("test_dice_pooled_mean") == (
@@ -157,7 +158,7 @@ def test_fraction_curves_are_mean_and_std_over_seeds(fractions: tuple[Plan, Stag
     plan, store = fractions
     trials = collect(plan, store).trials
     curves = fraction_curves(trials, "test_dice_pooled_mean")
-    assert [c.label for c in curves] == ["random init", "global (SimCLR)", "global+local(block)"]
+    assert [c.label for c in curves] == ["random init", "global (SimCLR)", "global + local (block)"]
     for curve in curves:
         np.testing.assert_allclose(curve.percent, [5, 10, 20])
         assert curve.n.tolist() == [3, 3, 3]
@@ -326,7 +327,7 @@ def test_a_node_validated_once_is_a_marker_on_a_sensible_axis() -> None:
     assert ax.get_ylim()[0] < 0.61 < ax.get_ylim()[1]
     (handle,) = ax.get_legend().legend_handles
     assert handle.get_marker() == "o" and handle.get_linestyle() == "None"
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == [method_name("random")]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["random init"]
 
 
 def test_curves_with_many_points_keep_lines_in_the_legend() -> None:
