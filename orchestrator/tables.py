@@ -364,14 +364,27 @@ def paper_table(
     for mark, flagged in flags.items():
         cells = cells.where(~flagged.reindex(cells.index, fill_value=False), cells + " " + mark)
     table = cells.unstack(cols).fillna("")
-    table.attrs["notes"] = [CELL_NOTES[m] for m, f in flags.items() if f.any()]
     table = table.reindex(columns=sorted(table.columns, key=lambda c: _row_key(c, [cols])))
     table = table.reindex(index=sorted(table.index, key=lambda idx: _row_key(idx, row_keys)))
-    notes = table.attrs.get("notes", [])
+    means = stats["mean"].unstack(cols).reindex(index=table.index, columns=table.columns)
     table.columns = [_label(c) for c in table.columns]
     table.columns.name = cols
-    table.attrs["notes"] = notes
+    table.attrs["notes"] = [CELL_NOTES[m] for m, f in flags.items() if f.any()]
+    table.attrs["best"] = _best_cells(means) if "dice" in metric else []
     return table
+
+
+def _best_cells(means: pd.DataFrame) -> list[tuple[int, int]]:
+    """(row, column) positions of the highest mean of each column, as shown (3 decimals), so
+    cells that read the same are all best; none in a column with a single value."""
+    best = []
+    for j, column in enumerate(means.columns):
+        shown = means[column].round(3).to_numpy()
+        if (~pd.isna(shown)).sum() < 2:
+            continue
+        top = pd.Series(shown).max()
+        best += [(i, j) for i, value in enumerate(shown) if value == top]
+    return best
 
 
 def paired_table(paired: pd.DataFrame, cols: str = "label_fraction") -> pd.DataFrame:
@@ -399,7 +412,9 @@ def _paired_cell(row: pd.Series) -> str:
 
 
 def format_table(table: pd.DataFrame, fmt: str = "text") -> str:
-    """Render a ``paper_table`` as plain text, Markdown, LaTeX (tabular) or CSV.
+    """Render a ``paper_table`` as plain text, Markdown, LaTeX (a booktabs tabular: needs
+    ``\\usepackage{booktabs}``) or CSV. The cells of ``table.attrs["best"]`` (each column's best
+    mean) are bold in Markdown (``**...**``) and LaTeX (``\\textbf{...}``).
 
     Methods (the ``method`` row level, or the columns with ``--by method``) are shown by their
     display names (``trainers.methods.display_name``); the table itself keeps registry names.
@@ -419,17 +434,28 @@ def format_table(table: pd.DataFrame, fmt: str = "text") -> str:
         buffer = io.StringIO()
         pd.DataFrame(body, columns=header).to_csv(buffer, index=False)
         return buffer.getvalue()
+    best = {(i, len(index_names) + j) for i, j in table.attrs.get("best", [])}
     if fmt == "md":
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
-        lines += ["| " + " | ".join(row) + " |" for row in body]
+        lines += [
+            "| " + " | ".join(f"**{c}**" if (i, k) in best else c for k, c in enumerate(row)) + " |"
+            for i, row in enumerate(body)
+        ]
         return "\n".join(lines) + "\n"
-    if fmt == "latex":
+    if fmt == "latex":  # booktabs rules (\\usepackage{booktabs})
         spec = "l" * len(index_names) + "c" * len(table.columns)
-        lines = [f"\\begin{{tabular}}{{{spec}}}", "\\hline"]
+        lines = [f"\\begin{{tabular}}{{{spec}}}", "\\toprule"]
         lines.append(" & ".join(_latex(h) for h in header) + " \\\\")
-        lines.append("\\hline")
-        lines += [" & ".join(_latex(c) for c in row) + " \\\\" for row in body]
-        lines += ["\\hline", "\\end{tabular}"]
+        lines.append("\\midrule")
+        lines += [
+            " & ".join(
+                f"\\textbf{{{_latex(c)}}}" if (i, k) in best else _latex(c)
+                for k, c in enumerate(row)
+            )
+            + " \\\\"
+            for i, row in enumerate(body)
+        ]
+        lines += ["\\bottomrule", "\\end{tabular}"]
         return "\n".join(lines) + "\n"
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths, strict=True)).rstrip()]
