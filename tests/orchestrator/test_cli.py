@@ -312,7 +312,7 @@ def test_tabulate_formats_and_out(runner: CliRunner, finished: Path, tmp_path: P
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == "| method \\ label_fraction | 0.2 | 0.5 |"
-    assert lines[2].startswith("| global (SimCLR) | 0.600 (1) |")  # display names
+    assert lines[2].startswith("| global (SimCLR) | **0.600 (1)** |")  # display name; best: bold
     assert (finished / "tables" / "trials.parquet").is_file()
     out = tmp_path / "table.tex"
     result = runner.invoke(app, ["tabulate", str(finished), "--format", "latex", "--out", str(out)])
