@@ -655,14 +655,17 @@ def plot(
         typer.Option(help="Trials-table column to plot (ext_* columns: the external table)."),
     ] = "test_dice_pooled_mean",
     out: Annotated[
-        Path | None, typer.Option(help="Folder for the PNG files (default: STORAGE/plots).")
+        Path | None, typer.Option(help="Folder for the figures (default: STORAGE/plots).")
     ] = None,
     baseline: Annotated[
         str | None,
         typer.Option(help="Also plot every method's paired difference to this method (95 % CI)."),
     ] = None,
 ) -> None:
-    """Write PNG figures: Dice vs label fraction, ablation heatmaps, per-epoch loss curves."""
+    """Write figures (PNG, and PDF beside each): Dice vs label fraction, ablation heatmaps, curves.
+
+    Prints the path of every file written.
+    """
     from orchestrator.evaluate import ExternalEvalError, read_external
     from orchestrator.plot import PlotError, plot_sweep
     from orchestrator.store import check_storage, storage_writable

@@ -45,6 +45,7 @@ from orchestrator.plan import Plan, Trial
 from orchestrator.spec import NAMED_AXES
 from orchestrator.stats import PAIRED_COLUMNS, collapsed, converged
 from orchestrator.store import StageStore, atomic_write, environment_info
+from trainers.methods import display_name
 from trainers.registry import stage_names
 
 TABLE_NAMES = ("trials", "epochs", "summary")
@@ -346,8 +347,8 @@ def paper_table(
 
     Rows are ``rows`` (methods in the paper's order) plus every other grid axis that varies
     among the ok trials (never seed or split, which are what the mean is taken over), so no
-    two different configurations are pooled into one cell. Columns are the values of ``cols``.
-    Cells with one trial read ``"mean (1)"``; missing cells are empty. An empty frame when no
+    two different configurations are pooled into one cell. Columns are the values of ``cols``
+    (``cols="method"``: rows by label fraction instead). Cells with one trial read ``"mean (1)"``; missing cells are empty. An empty frame when no
     trial is ok yet.
     """
     finished = "status" in trials.columns and (trials["status"] == "ok").any()
@@ -361,6 +362,8 @@ def paper_table(
             f"--by {cols!r}: not a column of the trials table (axes: {', '.join(_axes(trials))})"
         )
     row_keys = [rows] if isinstance(rows, str) else list(rows)
+    # --by method: the methods become the columns and the label fractions the rows
+    row_keys = [k for k in row_keys if k != cols] or ["label_fraction"]
     for key in row_keys:
         if key not in trials.columns:
             raise ValueError(f"rows {key!r}: not a column of the trials table")
@@ -391,14 +394,27 @@ def paper_table(
     for mark, flagged in flags.items():
         cells = cells.where(~flagged.reindex(cells.index, fill_value=False), cells + " " + mark)
     table = cells.unstack(cols).fillna("")
-    table.attrs["notes"] = [CELL_NOTES[m] for m, f in flags.items() if f.any()]
-    table = table.reindex(columns=sorted(table.columns, key=_sort_key))
+    table = table.reindex(columns=sorted(table.columns, key=lambda c: _row_key(c, [cols])))
     table = table.reindex(index=sorted(table.index, key=lambda idx: _row_key(idx, row_keys)))
-    notes = table.attrs.get("notes", [])
+    means = stats["mean"].unstack(cols).reindex(index=table.index, columns=table.columns)
     table.columns = [_label(c) for c in table.columns]
     table.columns.name = cols
-    table.attrs["notes"] = notes
+    table.attrs["notes"] = [CELL_NOTES[m] for m, f in flags.items() if f.any()]
+    table.attrs["best"] = _best_cells(means) if "dice" in metric else []
     return table
+
+
+def _best_cells(means: pd.DataFrame) -> list[tuple[int, int]]:
+    """(row, column) positions of the highest mean of each column, as shown (3 decimals), so
+    cells that read the same are all best; none in a column with a single value."""
+    best = []
+    for j, column in enumerate(means.columns):
+        shown = means[column].round(3).to_numpy()
+        if (~pd.isna(shown)).sum() < 2:
+            continue
+        top = pd.Series(shown).max()
+        best += [(i, j) for i, value in enumerate(shown) if value == top]
+    return best
 
 
 def paired_table(paired: pd.DataFrame, cols: str = "label_fraction") -> pd.DataFrame:
@@ -426,32 +442,50 @@ def _paired_cell(row: pd.Series) -> str:
 
 
 def format_table(table: pd.DataFrame, fmt: str = "text") -> str:
-    """Render a ``paper_table`` as plain text, Markdown, LaTeX (tabular) or CSV."""
+    """Render a ``paper_table`` as plain text, Markdown, LaTeX (a booktabs tabular: needs
+    ``\\usepackage{booktabs}``) or CSV. The cells of ``table.attrs["best"]`` (each column's best
+    mean) are bold in Markdown (``**...**``) and LaTeX (``\\textbf{...}``).
+
+    Methods (the ``method`` row level, or the columns with ``--by method``) are shown by their
+    display names (``trainers.methods.display_name``); the table itself keeps registry names.
+    """
     if fmt not in TABLE_FORMATS:
         raise ValueError(f"format {fmt!r}: must be one of {', '.join(TABLE_FORMATS)}")
     index_names = [n if n is not None else "" for n in table.index.names]
-    header = [*index_names, *[str(c) for c in table.columns]]
+    header = [*index_names, *[_shown(c, table.columns.name) for c in table.columns]]
     if table.columns.name and header:
         header[len(index_names) - 1] = f"{header[len(index_names) - 1]} \\ {table.columns.name}"
     body = []
     for idx, values in table.iterrows():
         idx_values = idx if isinstance(idx, tuple) else (idx,)
-        body.append([_label(v) for v in idx_values] + [str(v) for v in values])
+        labels = [_shown(v, n) for v, n in zip(idx_values, index_names, strict=True)]
+        body.append(labels + [str(v) for v in values])
     if fmt == "csv":
         buffer = io.StringIO()
         pd.DataFrame(body, columns=header).to_csv(buffer, index=False)
         return buffer.getvalue()
+    best = {(i, len(index_names) + j) for i, j in table.attrs.get("best", [])}
     if fmt == "md":
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
-        lines += ["| " + " | ".join(row) + " |" for row in body]
+        lines += [
+            "| " + " | ".join(f"**{c}**" if (i, k) in best else c for k, c in enumerate(row)) + " |"
+            for i, row in enumerate(body)
+        ]
         return "\n".join(lines) + "\n"
-    if fmt == "latex":
+    if fmt == "latex":  # booktabs rules (\\usepackage{booktabs})
         spec = "l" * len(index_names) + "c" * len(table.columns)
-        lines = [f"\\begin{{tabular}}{{{spec}}}", "\\hline"]
+        lines = [f"\\begin{{tabular}}{{{spec}}}", "\\toprule"]
         lines.append(" & ".join(_latex(h) for h in header) + " \\\\")
-        lines.append("\\hline")
-        lines += [" & ".join(_latex(c) for c in row) + " \\\\" for row in body]
-        lines += ["\\hline", "\\end{tabular}"]
+        lines.append("\\midrule")
+        lines += [
+            " & ".join(
+                f"\\textbf{{{_latex(c)}}}" if (i, k) in best else _latex(c)
+                for k, c in enumerate(row)
+            )
+            + " \\\\"
+            for i, row in enumerate(body)
+        ]
+        lines += ["\\bottomrule", "\\end{tabular}"]
         return "\n".join(lines) + "\n"
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths, strict=True)).rstrip()]
@@ -547,6 +581,11 @@ def _label(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)
+
+
+def _shown(value: Any, axis: str | None) -> str:
+    """A row or column label as rendered: a method's display name, any other value as text."""
+    return display_name(value) if axis == "method" and isinstance(value, str) else _label(value)
 
 
 _LATEX = {

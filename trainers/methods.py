@@ -11,8 +11,9 @@ Weights flow from each stage to the next (``StageKind.parents`` in ``trainers.re
 encoder from global pretraining, encoder and decoder from local pretraining. Projection heads
 are never passed to fine-tuning.
 
-Adding a method is one entry in ``METHODS``; adding a stage kind is one declaration in
-``trainers.registry`` plus its function (see that module).
+Adding a method is one entry in ``METHODS`` (with the name tables and figures show it by);
+adding a stage kind is one declaration in ``trainers.registry`` plus its function (see that
+module).
 """
 
 from __future__ import annotations
@@ -37,14 +38,18 @@ def _frozen(overrides: Mapping[str, Mapping[str, Any]]) -> Mapping[str, Mapping[
 class Method:
     """One method: ``stages`` run in order, each with ``overrides`` applied to its config.
 
-    ``overrides`` maps a stage name to {config field: value}; a stage absent from it keeps the
-    user's settings. Construction checks stage names, order and override fields.
+    ``name`` is the registry name (specs, node keys, the tables' ``method`` column);
+    ``display`` the name rendered tables and figures show (the paper's wording where it has
+    one; the registry name when empty). ``overrides`` maps a stage name to {config field:
+    value}; a stage absent from it keeps the user's settings. Construction checks stage names,
+    order and override fields.
     """
 
     name: str
     stages: tuple[str, ...]
     overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     description: str = ""
+    display: str = ""  # the name rendered tables and figures show (``display_name``)
 
     def __post_init__(self) -> None:
         stages = tuple(self.stages)
@@ -91,66 +96,82 @@ def _local_supervised(strategy: str) -> dict[str, Any]:
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("random", ("finetune",), _NO_REGULARISER, "fine-tuning from random initialisation"),
+        Method(
+            "random",
+            ("finetune",),
+            _NO_REGULARISER,
+            "fine-tuning from random initialisation",
+            display="random init",
+        ),
         Method(
             "global",
             ("global", "finetune"),
             {"global": _SIMCLR, **_NO_REGULARISER},
             "SimCLR NT-Xent pretraining of the encoder, then fine-tuning",
+            display="global (SimCLR)",
         ),
         Method(
             "global+local_self",
             ("global", "local", "finetune"),
             {"global": {"loss": "partition"}, "local": {"loss": "self"}, **_NO_REGULARISER},
             "Chaitanya et al. 2020: partition-based global, self-supervised local, fine-tuning",
+            display="global + local (self)",
         ),
         Method(
             "local_stride",
             ("local", "finetune"),
             {"local": _local_supervised("stride"), **_NO_REGULARISER},
             "supervised local contrastive on every stride-th pixel, then fine-tuning",
+            display="local (stride)",
         ),
         Method(
             "local_block",
             ("local", "finetune"),
             {"local": _local_supervised("block"), **_NO_REGULARISER},
             "supervised local contrastive within blocks, then fine-tuning",
+            display="local (block)",
         ),
         Method(
             "local_full",
             ("local", "finetune"),
             {"local": _local_supervised("full"), **_NO_REGULARISER},
             "supervised local contrastive exactly at full resolution (beyond the paper)",
+            display="local (full)",
         ),
         Method(
             "global+local_stride",
             ("global", "local", "finetune"),
             {"global": _SIMCLR, "local": _local_supervised("stride"), **_NO_REGULARISER},
             "SimCLR global, supervised local on every stride-th pixel, fine-tuning",
+            display="global + local (stride)",
         ),
         Method(
             "global+local_block",
             ("global", "local", "finetune"),
             {"global": _SIMCLR, "local": _local_supervised("block"), **_NO_REGULARISER},
             "SimCLR global, supervised local within blocks, fine-tuning (the paper's best)",
+            display="global + local (block)",
         ),
         Method(
             "global+local_full",
             ("global", "local", "finetune"),
             {"global": _SIMCLR, "local": _local_supervised("full"), **_NO_REGULARISER},
             "SimCLR global, supervised local exactly at full resolution (beyond the paper)",
+            display="global + local (full)",
         ),
         Method(
             "mixup",
             ("finetune",),
             {"finetune": {"regulariser": "mixup"}},
             "fine-tuning from random initialisation with Mixup of images and losses",
+            display="Mixup",
         ),
         Method(
             "mean_teacher",
             ("finetune",),
             {"finetune": {"regulariser": "mean_teacher"}},
             "fine-tuning from random initialisation with a Mean Teacher on unlabelled slices",
+            display="Mean Teacher",
         ),
     )
 }
@@ -161,6 +182,13 @@ def get_method(name: str) -> Method:
     if name not in METHODS:
         raise ValueError(f"method: unknown method {name!r} (known: {', '.join(METHODS)})")
     return METHODS[name]
+
+
+def display_name(method: str) -> str:
+    """The name rendered tables and figures show for ``method`` (``Method.display``); an
+    unregistered name (e.g. from an old results table) is shown as it is."""
+    registered = METHODS.get(method)
+    return registered.display or method if registered is not None else method
 
 
 def resolve_stages(method: str, stages: StageConfigs) -> dict[str, StageConfig]:

@@ -206,7 +206,7 @@ def test_launch_runs_collects_and_exits_0(
     assert "fake sweep done" in result.stderr
     header = result.stdout.splitlines()[0].split()
     assert header == ["method", "\\", "label_fraction", "0.2", "0.5"]
-    assert "global+local_block" in result.stdout and "± " in result.stdout
+    assert "global + local (block)" in result.stdout and "± " in result.stdout  # display names
     assert {p.name for p in (storage / "tables").iterdir()} == {
         "trials.parquet",
         "epochs.parquet",
@@ -339,7 +339,7 @@ def test_tabulate_formats_and_out(runner: CliRunner, finished: Path, tmp_path: P
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == "| method \\ label_fraction | 0.2 | 0.5 |"
-    assert lines[2].startswith("| global | 0.600 (1) |")
+    assert lines[2].startswith("| global (SimCLR) | **0.600 (1)** |")  # display name; best: bold
     assert (finished / "tables" / "trials.parquet").is_file()
     out = tmp_path / "table.tex"
     result = runner.invoke(app, ["tabulate", str(finished), "--format", "latex", "--out", str(out)])
@@ -505,7 +505,7 @@ def test_tabulate_a_running_sweep_shows_the_finished_trials(
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == "method \\ label_fraction,0.2,0.5"
-    assert lines[1].startswith("global,0.600 (1),")  # seed 0 only
+    assert lines[1].startswith("global (SimCLR),0.600 (1),")  # seed 0 only
     assert lines[-1] == "# 4 of 8 trials finished; not shown: pending 4"
 
 
@@ -553,4 +553,4 @@ def test_committed_reproduction_tables_re_render(runner: CliRunner, tmp_path: Pa
     result = runner.invoke(app, ["tabulate", str(copy.parent), "--format", "md"])
     assert result.exit_code == 0, result.stderr
     assert result.stdout.startswith("| method \\ label_fraction | 0.05 | 0.1 | 0.2 |")
-    assert "| global+local_block |" in result.stdout
+    assert "| global + local (block) |" in result.stdout

@@ -587,7 +587,7 @@ def test_quickstart_spec_end_to_end(ray_cluster: str, tmp_path: Path) -> None:
 
     result = launch([str(spec_path), "--storage", str(storage)])
     assert result.exit_code == 0, result.output
-    assert "global+local(block)" in result.stdout or "global+local_block" in result.stdout
+    assert "global + local (block)" in result.stdout  # the table, by display name
 
     store = StageStore(storage)
     assert sorted(p.name for p in store.stages_dir.iterdir()) == sorted(plan.nodes)

@@ -16,18 +16,14 @@ from typer.testing import CliRunner
 
 from orchestrator.cli import app
 from orchestrator.plan import Plan, Trial, build_plan
-from orchestrator.plot import (
-    PlotError,
-    axis_label,
-    fraction_curves,
-    heatmap_grids,
-    method_name,
-    metric_label,
-    plot_sweep,
-)
+from orchestrator.plot import PlotError, plot_sweep
+from orchestrator.plot.curves import val_dice_figure
+from orchestrator.plot.results import fraction_curves, heatmap_grids
+from orchestrator.plot.style import axis_label, metric_label
 from orchestrator.spec import load_spec
 from orchestrator.store import StageStore
 from orchestrator.tables import collect
+from trainers.methods import display_name
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -119,6 +115,14 @@ def assert_png(path: Path) -> None:
     assert len(data) > 1000 and data.startswith(PNG_SIGNATURE), path
 
 
+def assert_pdf(path: Path) -> None:
+    """A PDF whose figure is vector: text as embedded TrueType fonts, no raster image of the
+    whole figure (a heatmap's cells would be one small image; the curves have none)."""
+    data = path.read_bytes()
+    assert data.startswith(b"%PDF-") and data.rstrip().endswith(b"%%EOF"), path
+    assert b"/FontFile2" in data and b"/Subtype /Image" not in data, path
+
+
 @pytest.fixture
 def runner() -> CliRunner:
     return CliRunner()
@@ -138,10 +142,10 @@ def ablation(tmp_path_factory: pytest.TempPathFactory) -> tuple[Plan, StageStore
 
 
 def test_names_live_in_one_place() -> None:
-    assert method_name("random") == "random init"
-    assert method_name("global") == "global (SimCLR)"
-    assert method_name("global+local_block") == "global+local(block)"
-    assert method_name("not_registered") == "not_registered"
+    assert display_name("random") == "random init"
+    assert display_name("global") == "global (SimCLR)"
+    assert display_name("global+local_block") == "global + local (block)"
+    assert display_name("not_registered") == "not_registered"
     assert axis_label("stages.local.block_size") == "block size (pixels)"
     assert axis_label("stages.finetune.epochs") == "finetune epochs"
     assert metric_label("test_dice_pooled_mean") == (
@@ -154,7 +158,7 @@ def test_fraction_curves_are_mean_and_std_over_seeds(fractions: tuple[Plan, Stag
     plan, store = fractions
     trials = collect(plan, store).trials
     curves = fraction_curves(trials, "test_dice_pooled_mean")
-    assert [c.label for c in curves] == ["random init", "global (SimCLR)", "global+local(block)"]
+    assert [c.label for c in curves] == ["random init", "global (SimCLR)", "global + local (block)"]
     for curve in curves:
         np.testing.assert_allclose(curve.percent, [5, 10, 20])
         assert curve.n.tolist() == [3, 3, 3]
@@ -175,19 +179,13 @@ def test_plot_label_fraction_sweep(
     result = runner.invoke(app, ["plot", str(store.root)])
     assert result.exit_code == 0, result.stderr
     plots = store.root / "plots"
-    names = {
-        "dice_vs_label_fraction__test_dice_pooled_mean.png",
-        "loss_curves.png",
-        "val_dice_curves.png",
-    }
-    assert {p.name for p in plots.iterdir()} == names  # no heatmap: no second axis varies
-    assert result.stdout.split() == [  # printed in the order written
-        str(plots / "dice_vs_label_fraction__test_dice_pooled_mean.png"),
-        str(plots / "loss_curves.png"),
-        str(plots / "val_dice_curves.png"),
-    ]
-    for name in names:
-        assert_png(plots / name)
+    stems = ["dice_vs_label_fraction__test_dice_pooled_mean", "loss_curves", "val_dice_curves"]
+    names = [f"{stem}.{kind}" for stem in stems for kind in ("png", "pdf")]
+    assert sorted(p.name for p in plots.iterdir()) == sorted(names)  # no heatmap: one axis varies
+    assert result.stdout.split() == [str(plots / n) for n in names]  # in the order written
+    for stem in stems:
+        assert_png(plots / f"{stem}.png")
+        assert_pdf(plots / f"{stem}.pdf")
     assert (store.root / "tables" / "trials.parquet").is_file()  # collected on the way
 
     other = tmp_path / "figures"
@@ -228,13 +226,13 @@ def test_plot_writes_heatmaps_for_an_ablation(
     assert result.exit_code == 0, result.stderr
     written = [Path(line) for line in result.stdout.split()]
     heatmaps = sorted(p.name for p in written if p.name.startswith("heatmap__"))
-    assert heatmaps == [
-        "heatmap__stages.local.temperature_x_stages.local.block_size__label_fraction_0.1.png",
-        "heatmap__stages.local.temperature_x_stages.local.block_size__label_fraction_0.2.png",
-    ]
-    for path in written:
-        assert path.parent == store.root / "plots"
-        assert_png(path)
+    stem = "heatmap__stages.local.temperature_x_stages.local.block_size__label_fraction_"
+    assert heatmaps == [f"{stem}{f}.{kind}" for f in ("0.1", "0.2") for kind in ("pdf", "png")]
+    assert [p.suffix for p in written] == [".png", ".pdf"] * (len(written) // 2)
+    for png, pdf in zip(written[::2], written[1::2], strict=True):
+        assert png.parent == store.root / "plots" and pdf == png.with_suffix(".pdf")
+        assert_png(png)
+        assert pdf.read_bytes().startswith(b"%PDF-")
 
 
 def test_failed_trials_stay_out_of_the_figures(fractions: tuple[Plan, StageStore]) -> None:
@@ -298,3 +296,57 @@ def test_plot_sweep_without_finished_trials_raises() -> None:
     epochs = pd.DataFrame(columns=["key", "stage", "epoch", "loss"])
     with pytest.raises(PlotError, match="no results to plot yet"):
         plot_sweep(trials, epochs, "unused")
+
+
+def test_a_node_validated_once_is_a_marker_on_a_sensible_axis() -> None:
+    """One fine-tuning node, one validation record (step 40): a visible marker, an x axis from
+    0 past 40 rather than a sliver around it, and a legend entry that is a marker, not a line."""
+    epochs = pd.DataFrame(
+        {
+            "sweep": ["s", "s"],
+            "key": ["k1", "k1"],
+            "stage": ["finetune", "finetune"],
+            "epoch": [4, 5],
+            "steps": [32, 40],
+            "loss": [0.6, 0.5],
+            "val_dice_mean": [math.nan, 0.61],  # validated on the last epoch only
+        }
+    )
+    trials = pd.DataFrame(
+        {"trial_id": ["t0"], "method": ["random"], "status": ["ok"], "key_finetune": ["k1"]}
+    )
+    figure = val_dice_figure(epochs, trials)
+    assert figure is not None
+    ax = figure.axes[0]
+    (line,) = ax.get_lines()
+    assert line.get_xdata().tolist() == [40] and line.get_ydata().tolist() == [0.61]
+    assert line.get_marker() == "o" and line.get_markersize() >= 4
+    low, high = ax.get_xlim()
+    assert low <= 0 and 45 <= high <= 60
+    assert ax.get_xlabel() == "optimiser steps"
+    assert ax.get_ylim()[0] < 0.61 < ax.get_ylim()[1]
+    (handle,) = ax.get_legend().legend_handles
+    assert handle.get_marker() == "o" and handle.get_linestyle() == "None"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["random init"]
+
+
+def test_curves_with_many_points_keep_lines_in_the_legend() -> None:
+    epochs = pd.DataFrame(
+        {
+            "key": ["k1"] * 3,
+            "stage": ["finetune"] * 3,
+            "epoch": [1, 2, 3],
+            "steps": [8, 16, 24],
+            "loss": [0.7, 0.6, 0.5],
+            "val_dice_mean": [0.4, 0.5, 0.6],
+        }
+    )
+    trials = pd.DataFrame(
+        {"trial_id": ["t0"], "method": ["random"], "status": ["ok"], "key_finetune": ["k1"]}
+    )
+    ax = val_dice_figure(epochs, trials).axes[0]
+    (line,) = ax.get_lines()
+    assert line.get_marker() in (None, "None", "")
+    assert ax.get_xlim()[0] > 0  # autoscaled around 8..24, not stretched to 0
+    (handle,) = ax.get_legend().legend_handles
+    assert handle.get_linestyle() == "-" and handle.get_marker() in (None, "None", "")

@@ -218,17 +218,20 @@ def test_paper_table_and_formats(swept: tuple[Plan, StageStore]) -> None:
 
     text = format_table(table, "text")
     assert text.splitlines()[0].split() == ["method", "\\", "label_fraction", "0.2", "0.5"]
-    assert "global+local_block" in text and "±" in text
+    assert "global + local (block)" in text and "±" in text  # rendered by display name
+    assert "global+local_block" not in text
     md = format_table(table, "md").splitlines()
     assert md[0] == "| method \\ label_fraction | 0.2 | 0.5 |" and md[1] == "|---|---|---|"
+    assert md[2].startswith("| global (SimCLR) |")
     latex = format_table(table, "latex")
     assert (
         latex.startswith("\\begin{tabular}{lcc}")
         and "$\\pm$" in latex
-        and "global+local\\_block" in latex
+        and "global + local (block)" in latex
     )
     csv = format_table(table, "csv").splitlines()
     assert csv[0] == "method \\ label_fraction,0.2,0.5" and len(csv) == 3
+    assert csv[1].startswith("global (SimCLR),")
     with pytest.raises(ValueError, match="format"):
         format_table(table, "html")
 
@@ -310,3 +313,69 @@ def test_paired_table_cells() -> None:
     )
     table = paired_table(paired_differences(trials, "random"))
     assert table.loc["global", "0.05"] == "+0.030 [-0.020, +0.080] 3/3"
+
+
+def test_display_names_come_from_the_method_registry() -> None:
+    """Every registered method has a display name; rendered tables use it for rows and (with
+    ``--by method``) columns, while the tables themselves keep the registry names."""
+    from trainers.methods import METHODS, display_name
+
+    assert all(method.display for method in METHODS.values())
+    assert display_name("global+local_block") == "global + local (block)"
+    assert display_name("tcsm") == "tcsm"  # not registered (an old table): shown as it is
+    trials = pd.DataFrame(
+        {
+            "method": ["random", "global+local_block", "tcsm"],
+            "label_fraction": 0.1,
+            "seed": 0,
+            "split": 0,
+            "status": "ok",
+            "test_dice_pooled_mean": [0.7, 0.8, 0.75],
+        }
+    )
+    by_method = paper_table(trials, cols="method")
+    assert list(by_method.columns) == ["random", "global+local_block", "tcsm"]
+    header = format_table(by_method, "csv").splitlines()[0]
+    assert header == "label_fraction \\ method,random init,global + local (block),tcsm"
+
+
+def test_best_mean_per_column_is_bold_in_md_and_latex() -> None:
+    """Hand-made trials: global+local_block is best at 10 %, random and global tie (as shown,
+    3 decimals) at 20 %; a column with one value has no best. LaTeX uses booktabs rules."""
+    rows = [
+        ("random", 0.1, [0.70, 0.72]),
+        ("global", 0.1, [0.74, 0.76]),
+        ("global+local_block", 0.1, [0.80, 0.82]),
+        ("random", 0.2, [0.8001, 0.8003]),
+        ("global", 0.2, [0.8002]),
+        ("global+local_block", 0.2, [0.79]),
+        ("random", 0.5, [0.85]),
+    ]
+    trials = pd.DataFrame(
+        [
+            {"method": m, "label_fraction": f, "seed": s, "split": 0, "status": "ok", "d": v}
+            for m, f, values in rows
+            for s, v in enumerate(values)
+        ]
+    ).rename(columns={"d": "test_dice_pooled_mean"})
+    table = paper_table(trials)
+    assert list(table.index) == ["random", "global", "global+local_block"]
+    assert sorted(table.attrs["best"]) == [(0, 1), (1, 1), (2, 0)]
+
+    md = format_table(table, "md").splitlines()
+    assert md[2] == "| random init | 0.710 ± 0.014 (2) | **0.800 ± 0.000 (2)** | 0.850 (1) |"
+    assert md[3] == "| global (SimCLR) | 0.750 ± 0.014 (2) | **0.800 (1)** |  |"
+    assert md[4] == "| global + local (block) | **0.810 ± 0.014 (2)** | 0.790 (1) |  |"
+
+    latex = format_table(table, "latex").splitlines()
+    assert latex[:2] == ["\\begin{tabular}{lccc}", "\\toprule"]
+    assert latex[3] == "\\midrule" and latex[-2:] == ["\\bottomrule", "\\end{tabular}"]
+    assert "\\hline" not in "\n".join(latex)
+    assert latex[6] == (
+        "global + local (block) & \\textbf{0.810 $\\pm$ 0.014 (2)} & 0.790 (1) &  \\\\"
+    )
+    assert latex[4].count("\\textbf{") == 1 and latex[5].count("\\textbf{") == 1
+
+    assert "**" not in format_table(table, "text") and "**" not in format_table(table, "csv")
+    seconds = paper_table(trials.assign(wall_s=trials["test_dice_pooled_mean"]), "wall_s")
+    assert seconds.attrs["best"] == []  # "best" is only defined where higher is better (Dice)
