@@ -42,6 +42,7 @@ from typing import Any, NamedTuple
 import pandas as pd
 
 from orchestrator.plan import Plan, Trial
+from orchestrator.progress import clock
 from orchestrator.spec import NAMED_AXES
 from orchestrator.stats import PAIRED_COLUMNS, collapsed, converged
 from orchestrator.store import StageStore, atomic_write, environment_info
@@ -132,9 +133,7 @@ def node_progress(plan: Plan, store: StageStore, key: str) -> str:
         done, total = int(last.get("epoch", 0)), int(config.get("epochs") or 0)
         budget = f"epoch {done}/{total}"
         left = (total - done) * per_epoch
-    minutes, seconds = divmod(int(left), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{budget}, {per_epoch:.1f} s/epoch, about {hours}:{minutes:02d}:{seconds:02d} left"
+    return f"{budget}, {per_epoch:.1f} s/epoch, about {clock(left)} left"
 
 
 def trial_status(trial: Trial, store: StageStore) -> tuple[str, str | None]:
