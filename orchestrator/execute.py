@@ -286,8 +286,13 @@ def run_sweep(
     check_tracking(spec)  # the CLI checks it earlier too; the address is checked on connecting
     started = time.monotonic()
     outcome = SweepOutcome(completed=[], failed={}, skipped={}, wall_s=0.0)
-    with ray_session(address):
-        _run_nodes(plan, store, progress, placement_strategy, outcome, started)
+    parents = _pending_nodes(plan, store, progress, outcome)
+    if parents:  # a complete sweep's relaunch does not start (or join) Ray
+        # the data is read, checked and cached before Ray starts: a bad file costs no start-up
+        caches: dict[str, str] = {}
+        _prepare_caches([plan.nodes[key] for key in parents], store, caches)
+        with ray_session(address):
+            _run_nodes(plan, store, parents, caches, progress, placement_strategy, outcome, started)
     outcome.wall_s = time.monotonic() - started
     progress(
         f"[{clock(outcome.wall_s)}] sweep {spec.name}: {len(outcome.completed)} nodes completed, "
@@ -350,21 +355,17 @@ def grid_order(plan: Plan) -> list[str]:
     return list(dict.fromkeys(key for trial in plan.trials for key in trial.nodes.values()))
 
 
-def _run_nodes(
-    plan: Plan,
-    store: StageStore,
-    progress: Callable[[str], None],
-    placement_strategy: str,
-    outcome: SweepOutcome,
-    started: float,
-) -> None:
-    """Every node not yet complete, in one Tune run; a node starts once its parent completes.
+def _pending_nodes(
+    plan: Plan, store: StageStore, progress: Callable[[str], None], outcome: SweepOutcome
+) -> dict[str, str | None]:
+    """The nodes still to run, each with its parent if that is still to run too (else None).
 
     Nodes are listed in grid order (trial by trial, each trial's chain parent first), which is
     the scheduler's tie-break after "most descendants first": the fine-tunings run in the
     order of the spec's trials, so a sweep stopped part-way holds whole slices of its grid.
     First, nodes whose ``COMPLETE`` no longer matches their files (and their complete
     descendants) are reported and invalidated (``orchestrator.store.invalidate_nodes``).
+    Needs no Ray.
     """
     invalidate_nodes(plan, store, progress)
     parents: dict[str, str | None] = {}
@@ -374,11 +375,27 @@ def _run_nodes(
         else:
             parent = plan.nodes[key].parent
             parents[key] = parent if parent is not None and not store.is_complete(parent) else None
-    if not parents:
-        return
+    return parents
+
+
+def _run_nodes(
+    plan: Plan,
+    store: StageStore,
+    parents: dict[str, str | None],
+    caches: dict[str, str],
+    progress: Callable[[str], None],
+    placement_strategy: str,
+    outcome: SweepOutcome,
+    started: float,
+) -> None:
+    """The ``parents`` nodes in one Tune run (their data in ``caches``: data JSON -> slice
+    cache folder); a node starts once its parent completes.
+
+    If the Tune run itself dies (e.g. the cluster loses the node holding its actors), every
+    node it left incomplete is recorded as failed with that error, so the sweep still ends
+    with tables that say what happened to each trial.
+    """
     nodes = [plan.nodes[key] for key in parents]
-    caches: dict[str, str] = {}
-    _prepare_caches(nodes, store, caches)
     for node in nodes:
         store.write_node(node)
     failures = injected_failures(plan.nodes)
@@ -403,7 +420,16 @@ def _run_nodes(
         train_env=env,
     )
     scheduler = DagScheduler(parents, {key: plan.nodes[key].stage for key in parents})
-    errors = _run_tune(plan, store, scheduler, payload, progress, started)
+    try:
+        errors = _run_tune(plan, store, scheduler, payload, progress, started)
+    except Exception as err:  # the run as a whole died: Ray lost a node, an actor, the GCS
+        lost = f"sweep interrupted by a Ray error: {one_line_error(err)}"
+        progress(f"[{clock(time.monotonic() - started)}] {lost}")
+        errors = {}
+        for key in parents:
+            if key not in scheduler.skipped and not store.is_complete(key):
+                errors[key] = lost
+                store.write_error(key, lost, traceback.format_exc())
     outcome.skipped.update(scheduler.skipped)
     for key in parents:
         if key in scheduler.skipped:
