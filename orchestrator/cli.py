@@ -204,6 +204,7 @@ def launch(
     """
     from orchestrator.plan import build_plan
     from orchestrator.resources import check_local_resources
+    from orchestrator.session import check_address, resolve_address
     from orchestrator.spec import MAX_TRIALS, GridTooLarge, SpecError, load_spec
     from orchestrator.store import StageStore, check_storage, invalid_nodes
     from orchestrator.tracking import check_tracking
@@ -229,6 +230,8 @@ def launch(
         check_storage(spec.storage, writable=True)
         check_tracking(spec)
         check_local_resources(spec.resources, spec.ray.address)
+        if spec.ray.address is not None:  # a quick probe, not a connection
+            check_address(resolve_address(spec.ray.address))
         plan = build_plan(spec, reuse=not no_reuse)
     store = StageStore(spec.storage, verify_hashes=verify)
     if dry_run:
@@ -285,7 +288,12 @@ def _run_locked(
     try:
         # SIGTERM as KeyboardInterrupt from here on (not only while Ray runs), so the lock is
         # released whenever the launch is stopped
-        with sigterm_as_interrupt(), bad_input(ClusterError):
+        # stdout is for the table alone: whatever Ray prints while the sweep runs goes to stderr
+        with (
+            sigterm_as_interrupt(),
+            bad_input(ClusterError),
+            contextlib.redirect_stdout(sys.stderr),
+        ):
             run_sweep(plan, store, address=spec.ray.address, progress=progress, reuse=not no_reuse)
     except KeyboardInterrupt:  # SIGINT, or SIGTERM as session.SweepInterrupted
         from orchestrator.session import interrupting_signal

@@ -229,7 +229,7 @@ def test_launch_released_by_sigterm_in_a_real_process(tmp_path: Path) -> None:
         module = types.ModuleType("orchestrator.execute")
         module.ClusterError = type("ClusterError", (ValueError,), {{}})
         def run_sweep(plan, store, **kwargs):
-            print("running", flush=True)
+            print("running", flush=True)  # the launch sends the sweep's stdout to stderr
             time.sleep(60)
         module.run_sweep = run_sweep
         sys.modules["orchestrator.execute"] = module
@@ -246,7 +246,7 @@ def test_launch_released_by_sigterm_in_a_real_process(tmp_path: Path) -> None:
         env=env,
     )
     try:
-        assert proc.stdout is not None and proc.stdout.readline() == "running\n"
+        assert proc.stderr is not None and proc.stderr.readline() == "running\n"
         assert read_owner(storage) is not None and read_owner(storage).pid == proc.pid
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=30)
