@@ -1,0 +1,360 @@
+"""Every bad input the CLI answers with one line and exit 2, in one catalogue.
+
+Each case builds its input in a fresh folder, runs one CLI command in-process and must get:
+exit code 2, one stderr line ``semicon-sweep: error: ...`` containing the expected fragment
+(the key or file it names), nothing on stdout, and every file that existed before untouched.
+Ray is never reached (``orchestrator.execute.ray_session`` raises if it is).
+
+docs/BAD_INPUTS.md is generated from this catalogue with the messages the CLI really prints
+(``python -m tests.orchestrator.test_bad_inputs`` rewrites it; a test checks that it is
+current)::
+
+    SEMICON_DATA= python -m tests.orchestrator.test_bad_inputs
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+import textwrap
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from orchestrator import execute
+from orchestrator.cli import app
+from trainers.synthetic import write_synthetic_msd
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "BAD_INPUTS.md"
+
+SPEC = """
+name: bad-inputs
+dataset: {kind: synthetic, image_size: 32, synthetic_cases: 8}
+model: {base_channels: 4, depth: 2}
+method: [global, global+local_block]
+label_fraction: [0.2, 0.5]
+seed: 0
+stages:
+  local: {block_size: 8}
+"""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One bad input: ``build(folder)`` writes it and returns the command's arguments."""
+
+    group: str
+    what: str
+    build: Callable[[Path], list[str]]
+    names: str  # a fragment the one error line must contain (with ``{tmp}`` for the folder)
+
+
+def _spec(folder: Path, text: str = SPEC, *, storage: bool = True) -> list[str]:
+    path = folder / "spec.yaml"
+    path.write_text(textwrap.dedent(text))
+    return ["launch", str(path)] + (["--storage", str(folder / "storage")] if storage else [])
+
+
+def _spec_with(extra: str) -> Callable[[Path], list[str]]:
+    return lambda folder: _spec(folder, SPEC + extra)
+
+
+def _spec_replacing(old: str, new: str) -> Callable[[Path], list[str]]:
+    assert old in SPEC
+    return lambda folder: _spec(folder, SPEC.replace(old, new))
+
+
+def _msd_spec(damage: Callable[[Path], None]) -> Callable[[Path], list[str]]:
+    """A spec over a small synthetic MSD folder at ``folder/data`` damaged by ``damage``."""
+
+    def build(folder: Path) -> list[str]:
+        root = write_synthetic_msd(folder / "data", num_cases=6, shape=(16, 18, 12))
+        damage(root)
+        text = SPEC.replace("{kind: synthetic, image_size: 32, synthetic_cases: 8}", "{}")
+        return _spec(folder, text.replace("dataset: {}", f"dataset: {{kind: msd, root: {root}}}"))
+
+    return build
+
+
+def _truncate(root: Path) -> None:
+    path = root / "imagesTr" / "synth_003.nii.gz"
+    path.write_bytes(path.read_bytes()[:200])
+
+
+def _swap_label(root: Path) -> None:
+    """The label map of case 2 replaced by case 2's label map cut to fewer slices."""
+    import nibabel as nib
+    import numpy as np
+
+    path = root / "labelsTr" / "synth_002.nii.gz"
+    image = nib.load(str(path))
+    cut = np.asarray(image.dataobj)[..., :-2]
+    nib.save(nib.Nifti1Image(cut, image.affine), str(path))
+
+
+def _label_out_of_range(root: Path) -> None:
+    import nibabel as nib
+    import numpy as np
+
+    path = root / "labelsTr" / "synth_001.nii.gz"
+    image = nib.load(str(path))
+    data = np.asarray(image.dataobj).copy()
+    data[0, 0, 0] = 7
+    nib.save(nib.Nifti1Image(data, image.affine), str(path))
+
+
+def _not_gzip(root: Path) -> None:
+    (root / "labelsTr" / "synth_004.nii.gz").write_bytes(gzip.compress(b"not a nifti file"))
+
+
+def _storage_file(folder: Path) -> list[str]:
+    (folder / "results").write_text("not a folder")
+    return [*_spec(folder, storage=False), "--storage", str(folder / "results")]
+
+
+def _storage_under_file(folder: Path) -> list[str]:
+    (folder / "results").write_text("not a folder")
+    return [*_spec(folder, storage=False), "--storage", str(folder / "results" / "sweep")]
+
+
+def _other_sweep(folder: Path) -> list[str]:
+    (folder / "storage").mkdir()
+    (folder / "storage" / "sweep.json").write_text(
+        json.dumps({"name": "another", "spec_hash": "0" * 16})
+    )
+    return _spec(folder)
+
+
+def _locked(folder: Path) -> list[str]:
+    from orchestrator.lock import acquire_lock
+
+    (folder / "storage").mkdir()
+    lock = acquire_lock(folder / "storage")  # held by this (live) process
+    _HELD.append(lock)
+    return _spec(folder)
+
+
+_HELD: list = []
+
+
+def _no_sweep(command: str) -> Callable[[Path], list[str]]:
+    def build(folder: Path) -> list[str]:
+        (folder / "empty").mkdir()
+        return [command, str(folder / "empty")]
+
+    return build
+
+
+CASES: dict[str, Case] = {
+    case.what: case
+    for case in [
+        # the spec
+        Case("spec", "spec file missing", lambda f: ["launch", str(f / "nope.yaml")], "nope.yaml"),
+        Case("spec", "malformed YAML", lambda f: _spec(f, "name: x\nmodel: [1, 2\n"), "malformed"),
+        Case("spec", "unknown top-level key", _spec_with("epoch: 3\n"), "epoch: unknown key"),
+        Case(
+            "spec",
+            "unknown stage setting (with a suggestion)",
+            _spec_replacing("local: {block_size: 8}", "local: {blok_size: 8}"),
+            "stages.local.blok_size",
+        ),
+        Case(
+            "spec",
+            "a key written twice",
+            _spec_with("seed: 1\n"),
+            "seed",
+        ),
+        Case(
+            "spec",
+            "wrong type",
+            _spec_replacing("base_channels: 4", "base_channels: four"),
+            "model.base_channels",
+        ),
+        Case(
+            "spec",
+            "impossible temperature",
+            _spec_with("grid:\n  stages.local.temperature: [-1]\n"),
+            "grid.stages.local.temperature",
+        ),
+        Case(
+            "spec",
+            "label fraction outside (0, 1]",
+            _spec_replacing("label_fraction: [0.2, 0.5]", "label_fraction: [0.2, 1.5]"),
+            "label_fraction",
+        ),
+        Case(
+            "spec",
+            "unknown method",
+            _spec_replacing("method: [global, global+local_block]", "method: simclr"),
+            "method",
+        ),
+        Case(
+            "spec",
+            "undefined ${VAR}",
+            _spec_replacing("name: bad-inputs", "name: ${SEMICON_UNSET_VARIABLE}"),
+            "SEMICON_UNSET_VARIABLE",
+        ),
+        Case(
+            "spec",
+            "grid beyond the trial limit",
+            _spec_replacing(
+                "seed: 0",
+                "seed: [" + ", ".join(str(i) for i in range(100)) + "]\n"
+                "grid:\n  stages.finetune.lr: ["
+                + ", ".join(f"0.00{i + 1}" for i in range(9))
+                + "]\n  stages.finetune.batch_size: ["
+                + ", ".join(str(i + 1) for i in range(10))
+                + "]",
+            ),
+            "--allow-large-grid",
+        ),
+        Case(
+            "spec",
+            "a node larger than this machine (local Ray)",
+            _spec_with("resources: {cpus_per_worker: 4096}\n"),
+            "resources.cpus_per_worker",
+        ),
+        Case(
+            "spec",
+            "--json without --dry-run",
+            lambda f: [*_spec(f), "--json"],
+            "--json",
+        ),
+        # the data
+        Case(
+            "data",
+            "dataset folder missing",
+            _spec_replacing(
+                "{kind: synthetic, image_size: 32, synthetic_cases: 8}",
+                "{kind: msd, root: /nonexistent/Task04}",
+            ),
+            "/nonexistent/Task04",
+        ),
+        Case("data", "truncated NIfTI", _msd_spec(_truncate), "synth_003.nii.gz"),
+        Case("data", "not a NIfTI file", _msd_spec(_not_gzip), "synth_004.nii.gz"),
+        Case(
+            "data",
+            "label map that does not match its image",
+            _msd_spec(_swap_label),
+            "synth_002.nii.gz",
+        ),
+        Case(
+            "data",
+            "label value outside the declared classes",
+            _msd_spec(_label_out_of_range),
+            "synth_001.nii.gz",
+        ),
+        Case(
+            "data",
+            "label file missing",
+            _msd_spec(lambda root: (root / "labelsTr" / "synth_005.nii.gz").unlink()),
+            "synth_005",
+        ),
+        # the storage folder
+        Case("storage", "storage is a file", _storage_file, "results: not a folder"),
+        Case("storage", "storage under a file", _storage_under_file, "results/sweep: not a folder"),
+        Case("storage", "storage holds another sweep", _other_sweep, "storage"),
+        Case("storage", "storage held by a running launch", _locked, "in use by a running launch"),
+        Case("storage", "status of a folder without a sweep", _no_sweep("status"), "empty"),
+        Case("storage", "plot of a folder without a sweep", _no_sweep("plot"), "empty"),
+        # the cluster
+        Case(
+            "cluster",
+            "unreachable --address",
+            lambda f: [*_spec(f), "--address", "127.0.0.1:1"],
+            "127.0.0.1:1",
+        ),
+    ]
+}
+
+
+@contextlib.contextmanager
+def _isolated() -> Iterator[None]:
+    """No Ray, no inherited ${VAR}, no lock left held after the case."""
+    saved = execute.ray_session
+
+    @contextlib.contextmanager
+    def no_ray(address: str | None) -> Iterator[None]:
+        raise AssertionError("a bad input reached Ray")
+        yield  # pragma: no cover
+
+    execute.ray_session = no_ray
+    os.environ.pop("SEMICON_UNSET_VARIABLE", None)
+    try:
+        yield
+    finally:
+        execute.ray_session = saved
+        while _HELD:
+            _HELD.pop().release()
+
+
+def _snapshot(folder: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def run_case(case: Case, folder: Path) -> tuple[int, str, str, dict, dict]:
+    """Build the case in ``folder``, run its command; (exit code, stdout, stderr, files before,
+    files after)."""
+    with _isolated():
+        args = case.build(folder)
+        before = _snapshot(folder)
+        result = CliRunner().invoke(app, args)
+        after = _snapshot(folder)
+    return result.exit_code, result.stdout, result.stderr, before, after
+
+
+@pytest.mark.parametrize("what", list(CASES))
+def test_bad_input_exits_2_with_one_line_and_touches_nothing(what: str, tmp_path: Path) -> None:
+    case = CASES[what]
+    code, stdout, stderr, before, after = run_case(case, tmp_path)
+    assert code == 2, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("semicon-sweep: error: "), stderr
+    assert case.names in lines[0], lines[0]
+    assert stdout == ""
+    assert after.keys() >= before.keys() and all(after[p] == before[p] for p in before)
+    assert not (tmp_path / "storage" / "sweep.json").exists() or case.group == "storage"
+
+
+_OWNER = "host <host>, pid <pid>, started <time>"
+
+
+def render() -> str:
+    """docs/BAD_INPUTS.md: every case of the catalogue with the message the CLI prints now."""
+    rows = []
+    for case in CASES.values():
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp).resolve()
+            code, _, stderr, _, _ = run_case(case, folder)
+        message = stderr.strip().replace(str(folder), "<tmp>")
+        message = re.sub(r"host \S+, pid \d+, started [\d-]+ [\d:]+", _OWNER, message)
+        message = re.sub(r"kill \d+", "kill <pid>", message)
+        message = message.removeprefix("semicon-sweep: error: ").replace("|", "\\|")
+        rows.append(f"| {case.group} | {case.what} | {code} | `{message}` |")
+    return (
+        "# Bad input: what the CLI says\n\n"
+        "Generated by `python -m tests.orchestrator.test_bad_inputs` from the catalogue in\n"
+        "`tests/orchestrator/test_bad_inputs.py`, which checks each case: exit code 2, this one\n"
+        "line on stderr (`semicon-sweep: error: ` omitted below), nothing on stdout, no file\n"
+        "that existed before changed, and Ray never started. `<tmp>` is the case's folder.\n\n"
+        "| input | case | exit | message |\n|---|---|---|---|\n" + "\n".join(rows) + "\n"
+    )
+
+
+def test_docs_table_is_current() -> None:
+    assert DOC.read_text() == render(), (
+        "docs/BAD_INPUTS.md is stale: python -m tests.orchestrator.test_bad_inputs"
+    )
+
+
+if __name__ == "__main__":
+    DOC.write_text(render())
+    print(f"wrote {DOC}", file=sys.stderr)
