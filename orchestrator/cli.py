@@ -241,7 +241,13 @@ def launch(
             report_invalid(invalid)
             summary = plan.summary(lambda key: key not in invalid and store.is_complete(key))
         if as_json:
-            summary.update(storage=spec.storage, spec_hash=spec.spec_hash, invalid=invalid)
+            summary.update(
+                storage=spec.storage,
+                spec_hash=spec.spec_hash,
+                invalid=invalid,
+                axes=dict(spec.axis_counts),
+                points={trial.trial_id: trial.params for trial in plan.trials},
+            )
             typer.echo(json.dumps(summary))
         else:
             typer.echo(describe_plan(plan, store, invalid))
@@ -379,7 +385,7 @@ def describe_plan(plan: Plan, store: StageStore, invalid: dict[str, str] | None 
     lines = [
         f"sweep '{spec.name}' (spec {spec.spec_hash[:12]}): {summary['trials']} trials",
         f"storage: {spec.storage}",
-        f"axes: {', '.join(f'{name} ({len(values)})' for name, values in spec.axes) or 'none'}",
+        f"axes: {', '.join(f'{name} ({count})' for name, count in spec.axis_counts) or 'none'}",
         "",
         f"{'stage':<10}{'nodes':>7}{'done':>7}{'to run':>8}",
     ]

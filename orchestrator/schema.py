@@ -6,13 +6,15 @@ sections are the config dataclasses (``config_sections``: dataset, split, model 
 ``stages.<kind>`` for every registered kind, plus ``Resources``, ``RayConfig``,
 ``TrackingConfig``) with each field's type from its annotation, its default, and the ``enum`` of
 a ``trainers.config.choice`` field; the methods come from ``trainers.methods.METHODS`` and the
-``grid`` keys from the named axes and every ``<section>.<field>``. Every mapping the loader
-checks for unknown keys has ``additionalProperties: false``.
+``grid`` keys (those of a ``linked`` case too) from the named axes and every
+``<section>.<field>``. Wherever a list makes an axis, Ray Tune's ``{grid_search: [...]}`` is
+described as the same list. Every mapping the loader checks for unknown keys has
+``additionalProperties: false``.
 
 The schema describes the file as YAML 1.2 editors read it (``1e-4`` is a number there; the loader
 also accepts it where PyYAML, a YAML 1.1 parser, leaves it as text). Checks between values (split
-fractions summing to 1, a block size dividing the image size, ...) stay the loader's:
-``launch --dry-run`` runs them all.
+fractions summing to 1, a block size dividing the image size, every case of a linked group
+naming the same keys, ...) stay the loader's: ``launch --dry-run`` runs them all.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ def spec_schema() -> dict[str, Any]:
         ),
         "stages": _stages,
         "grid": _grid,
+        "linked": _linked,
         "resources": lambda: _config_object(Resources),
         "storage": lambda: {
             "type": "string",
@@ -170,16 +173,34 @@ def _method() -> dict[str, Any]:
 def _one_or_list(key: str, item: dict[str, Any], description: str | None = None) -> dict[str, Any]:
     """A named value: one value, or a non-empty list of them (a grid axis)."""
     schema: dict[str, Any] = {
-        "anyOf": [item, {"type": "array", "items": item, "minItems": 1}],
-        "description": description or f"one {key}, or a list of them: a grid axis",
+        "anyOf": [item, *_axis_values(item)["anyOf"]],
+        "description": description
+        or f"one {key}, or a list of them (or {{grid_search: [...]}}): a grid axis",
     }
     if key in NAMED_DEFAULTS:
         schema["default"] = NAMED_DEFAULTS[key]
     return schema
 
 
-def _grid() -> dict[str, Any]:
-    """``grid``: a named axis or ``<section>.<field>`` -> a non-empty list of its values."""
+def _axis_values(item: dict[str, Any]) -> dict[str, Any]:
+    """The values of an axis: a non-empty list of ``item``, or Ray Tune's spelling of it."""
+    values = {"type": "array", "items": item, "minItems": 1}
+    return {
+        "anyOf": [
+            values,
+            {
+                "type": "object",
+                "description": "Ray Tune's spelling of the same list",
+                "properties": {"grid_search": values},
+                "required": ["grid_search"],
+                "additionalProperties": False,
+            },
+        ]
+    }
+
+
+def _axis_items() -> dict[str, dict[str, Any]]:
+    """Every key an axis may vary (a named axis or ``<section>.<field>``) -> one value's schema."""
     items: dict[str, dict[str, Any]] = {
         "method": {"enum": list(METHODS)},
         "label_fraction": {"type": "number"},
@@ -193,14 +214,42 @@ def _grid() -> dict[str, Any]:
             schema = field_schema(cls, fld.name)
             schema.pop("default", None)
             items[f"{section}.{fld.name}"] = schema
+    return items
+
+
+def _grid() -> dict[str, Any]:
+    """``grid``: a named axis or ``<section>.<field>`` -> a non-empty list of its values."""
     return {
         "type": ["object", "null"],
         "description": "grid axes: a named axis or a dotted <section>.<key> -> its values; "
         "the trials are the product of all axes",
-        "properties": {
-            path: {"type": "array", "items": item, "minItems": 1} for path, item in items.items()
-        },
+        "properties": {path: _axis_values(item) for path, item in _axis_items().items()},
         "additionalProperties": False,
+    }
+
+
+def _linked() -> dict[str, Any]:
+    """``linked``: groups of cases, each case a mapping of grid keys to one value each."""
+    case = {
+        "type": "object",
+        "description": "one case: the values its keys take together",
+        "properties": _axis_items(),
+        "minProperties": 1,
+        "additionalProperties": False,
+    }
+    group = {
+        "type": "array",
+        "description": "one axis of the product whose values are its cases; every case names "
+        "the same keys",
+        "items": case,
+        "minItems": 1,
+    }
+    return {
+        "type": ["array", "null"],
+        "description": "settings that vary together: a list of groups, each a list of cases; "
+        "a key is in one group and is neither a grid axis nor a top-level value",
+        "items": group,
+        "minItems": 1,
     }
 
 

@@ -18,6 +18,9 @@ Layout of a spec (every section optional except ``name``)::
     stages: {global: {...}, local: {...}, finetune: {...}}
     grid:                                  # dotted paths (or the names method, label_fraction,
       stages.local.temperature: [0.05, 0.1]  #  seed, split) -> non-empty lists
+    linked:                                # settings that vary together: a list of groups,
+      - - {label_fraction: 0.05, stages.finetune.steps: 1200}  # each a list of cases naming
+        - {label_fraction: 0.2, stages.finetune.steps: 2400}   # the same keys
     resources: {workers_per_trial: 1, cpus_per_worker: 1, gpus_per_worker: 0,
                 max_concurrent_trials: null, checkpoint_every: 1, max_failures: 1}
     storage: results/<name>                # default; relative paths are taken from the CWD
@@ -26,8 +29,12 @@ Layout of a spec (every section optional except ``name``)::
 
 Grid axes: the top-level ``method`` / ``label_fraction`` / ``seed`` / ``split_index`` written as
 lists come first (axes named ``method``, ``label_fraction``, ``seed``, ``split``), in the order
-they appear in the file, then the ``grid`` entries in the order written. The trials are their
-cartesian product.
+they appear in the file, then the ``grid`` entries in the order written, then the ``linked``
+groups in the order written: each group is one axis whose values are its cases (a case sets all
+its keys at once; the keys are the ones ``grid`` accepts, and a key lives in one place: one group,
+or a grid axis, or the top level). The trials are their cartesian product. Wherever a list of
+values makes an axis, Ray Tune's spelling ``{grid_search: [...]}`` means the same list; Tune's
+random samplers (``{uniform: [0, 1]}``, ...) are refused: a sweep here is a grid.
 
 Synthetic data: with ``dataset.kind: synthetic`` and no ``root``, the data is generated on
 demand (deterministically from ``synthetic_cases`` and ``synthetic_seed``) into
@@ -146,6 +153,7 @@ TOP_LEVEL_KEYS = (
     "split_index",
     "stages",
     "grid",
+    "linked",
     "resources",
     "storage",
     "ray",
@@ -180,6 +188,26 @@ NAMED_AXES = {
     "seed": "seed",
     "split": "split_index",
 }
+
+# Ray Tune's search-space functions as a YAML mapping would spell them ({uniform: [0, 1]}): all but
+# grid_search sample at random, which a grid cannot express.
+TUNE_SAMPLERS = (
+    "choice",
+    "uniform",
+    "quniform",
+    "loguniform",
+    "qloguniform",
+    "randn",
+    "qrandn",
+    "randint",
+    "qrandint",
+    "lograndint",
+    "qlograndint",
+    "sample_from",
+)
+
+# One linked group: its keys (as the first case writes them) and its cases, each one value per key.
+LinkedGroup = tuple[tuple[str, ...], tuple[tuple[Any, ...], ...]]
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -259,8 +287,10 @@ class Spec:
     """A validated sweep specification (see the module docstring for the YAML layout).
 
     ``method``, ``label_fraction``, ``seed`` and ``split_index`` hold the base values (one value
-    each unless written as a list); ``axes`` is the ordered list of grid axes ``(name, values)``
-    whose cartesian product gives the trials. ``spec_hash`` identifies *what* is computed:
+    each unless written as a list; a named value set by a linked group holds that group's
+    values); ``axes`` is the ordered list of grid axes ``(name, values)`` and ``linked`` the
+    linked groups ``(keys, cases)``, each one more axis after ``axes`` whose values are its
+    cases; the trials are their cartesian product. ``spec_hash`` identifies *what* is computed:
     sha256 of the canonical resolved spec without storage / ray / resources / tracking, so the
     same sweep relaunched with other resources or on another cluster has the same hash.
     """
@@ -276,6 +306,7 @@ class Spec:
     seed: tuple[int, ...]
     split_index: tuple[int, ...]
     axes: tuple[tuple[str, tuple[Any, ...]], ...]
+    linked: tuple[LinkedGroup, ...]
     resources: Resources
     storage: str
     ray: RayConfig
@@ -286,14 +317,33 @@ class Spec:
 
     @property
     def num_trials(self) -> int:
-        """Number of grid points: the product of the axes' lengths (1 without axes)."""
-        return math.prod(len(values) for _, values in self.axes)
+        """Number of grid points: the product of the axes' lengths and the linked groups' case
+        counts (1 without axes); counted, no point built."""
+        return math.prod(count for _, count in self.axis_counts)
+
+    @property
+    def axis_counts(self) -> tuple[tuple[str, int], ...]:
+        """Each axis of the product and its number of values, in grid order: the ``axes`` by
+        name, then each linked group named by its keys joined with ``+``."""
+        counts = [(name, len(values)) for name, values in self.axes]
+        counts += [("+".join(keys), len(cases)) for keys, cases in self.linked]
+        return tuple(counts)
+
+    @property
+    def axis_keys(self) -> tuple[str, ...]:
+        """Every key a grid point sets, in grid order: the axes' names, then the linked keys."""
+        return (*(name for name, _ in self.axes), *(k for keys, _ in self.linked for k in keys))
 
     def points(self) -> Iterator[dict[str, Any]]:
-        """Every grid point as ``{axis name: value}``, in grid order (last axis fastest)."""
+        """Every grid point as ``{key: value}`` (each axis by name, then each linked group's
+        keys with one case's values), in grid order (last axis fastest)."""
         names = [name for name, _ in self.axes]
-        for combo in itertools.product(*(values for _, values in self.axes)):
-            yield dict(zip(names, combo, strict=True))
+        dimensions = [values for _, values in self.axes] + [cases for _, cases in self.linked]
+        for combo in itertools.product(*dimensions):
+            point = dict(zip(names, combo[: len(names)], strict=True))
+            for (keys, _), case in zip(self.linked, combo[len(names) :], strict=True):
+                point.update(zip(keys, case, strict=True))
+            yield point
 
     def configure(self, params: Mapping[str, Any]) -> TrialPoint:
         """The configs of the grid point ``params`` (axis name -> value), validated.
@@ -386,6 +436,7 @@ def _section(raw: Mapping[str, Any], key: str, file: str) -> dict[str, Any]:
 
 
 def _config(cls: type, data: Mapping[str, Any], spec_section: str, file: str) -> Any:
+    _refuse_search_spaces(data, spec_section, file)
     try:
         return from_dict(cls, data, spec_section)
     except ConfigError as err:
@@ -414,6 +465,11 @@ def _build(
     if unknown:
         raise SpecError(f"{file}: {unknown[0]}: {unknown_key(unknown[0], TOP_LEVEL_KEYS)}")
 
+    # Ray Tune's {grid_search: [...]} is the list it holds (grid values likewise below)
+    raw = {
+        **raw,
+        **{key: _axis_values(raw[key], key, file) for key in NAMED_AXES.values() if key in raw},
+    }
     if "label_fraction" in raw:  # 5e-2 (text to PyYAML) is a number; grid values likewise below
         fractions = raw["label_fraction"]
         raw = {**raw, "label_fraction": _map_list(parse_number, fractions)}
@@ -479,16 +535,24 @@ def _build(
     grid = raw.get("grid") or {}
     if not isinstance(grid, dict):
         raise SpecError(f"{file}: grid: must be a mapping of dotted paths to lists, got {grid!r}")
+    linked = _linked_groups(raw, grid, file)
+    linked_keys = {key for keys, _ in linked for key in keys}
     axes: list[tuple[str, tuple[Any, ...]]] = []
     for key in raw:  # top-level lists become axes, in file order
         axis = next((a for a, k in NAMED_AXES.items() if k == key), None)
         if axis is not None and isinstance(raw[key], list):
             axes.append((axis, tuple(raw[key])))
-    if "split_index" not in raw and "split" not in grid and len(split_index) > 1:
+    if (
+        "split_index" not in raw
+        and "split" not in grid
+        and "split" not in linked_keys
+        and len(split_index) > 1
+    ):
         axes.append(("split", tuple(split_index)))  # default: every split is an axis
     for path, values in grid.items():
         path = str(path)
         _check_grid_path(path, file)
+        values = _axis_values(values, f"grid.{path}", file)
         if not isinstance(values, list) or not values:
             raise SpecError(f"{file}: grid.{path}: must be a non-empty list, got {values!r}")
         if path in NAMED_AXES and NAMED_AXES[path] in raw:
@@ -510,6 +574,22 @@ def _build(
                 f"grid.{axis_name}" if axis_name in grid else NAMED_AXES.get(axis_name, axis_name)
             )
             raise SpecError(f"{file}: {label}: repeated values in {list(values)!r}")
+    # a named value that a linked group sets takes that group's values
+    for keys, cases in linked:
+        for index, key in enumerate(keys):
+            if key in NAMED_AXES:
+                distinct: dict[str, Any] = {}
+                for case in cases:
+                    distinct.setdefault(_canonical(case[index]), case[index])
+                chosen = list(distinct.values())
+                if key == "method":
+                    method = chosen
+                elif key == "label_fraction":
+                    label_fraction = chosen
+                elif key == "seed":
+                    seed = chosen
+                else:
+                    split_index = chosen
 
     try:
         resources = from_dict(Resources, _section(raw, "resources", file), "resources")
@@ -533,6 +613,7 @@ def _build(
         seed=tuple(seed),
         split_index=tuple(split_index),
         axes=tuple(axes),
+        linked=linked,
         resources=resources,
         storage=storage,
         ray=ray,
@@ -547,7 +628,7 @@ def _build(
             f"{file}: grid: {spec.num_trials:,} trials, more than the limit of {max_trials:,}; "
             "pass --allow-large-grid to plan it anyway",
             spec.num_trials,
-            tuple((name, len(values)) for name, values in spec.axes),
+            spec.axis_counts,
         )
     _check_points(spec, file)
     digest = hashlib.sha256(_canonical(_resolved(spec, for_hash=True)).encode()).hexdigest()
@@ -562,8 +643,10 @@ def _named_values(raw: Mapping[str, Any], key: str, file: str, default: Any) -> 
     return values
 
 
-def _check_grid_path(path: str, file: str) -> None:
-    """Raise unless ``path`` is a named axis or ``<section>.<field>`` of a known config."""
+def _check_grid_path(path: str, file: str, label: str | None = None) -> None:
+    """Raise unless ``path`` is a named axis or ``<section>.<field>`` of a known config; the
+    error names ``label`` (default ``grid.<path>``)."""
+    label = label or f"grid.{path}"
     if path in NAMED_AXES:
         return
     section, _, leaf = path.rpartition(".")
@@ -572,11 +655,150 @@ def _check_grid_path(path: str, file: str) -> None:
         known = {f.name for f in dataclasses.fields(sections[section])}
         if leaf in known:
             return
-        raise SpecError(f"{file}: grid.{path}: {section}: {unknown_key(leaf, sorted(known))}")
+        raise SpecError(f"{file}: {label}: {section}: {unknown_key(leaf, sorted(known))}")
     raise SpecError(
-        f"{file}: grid.{path}: unknown path (use method, label_fraction, seed, split, or "
+        f"{file}: {label}: unknown path (use method, label_fraction, seed, split, or "
         f"<section>.<key> with section one of {', '.join(sections)})"
     )
+
+
+def _tune_form(value: Any) -> str | None:
+    """The Ray Tune search-space function a mapping spells (``grid_search`` for
+    ``{grid_search: [...]}``, ``uniform`` for ``{uniform: [0, 1]}``, ...), else None."""
+    if isinstance(value, dict):
+        if "grid_search" in value:
+            return "grid_search"
+        if len(value) == 1 and (name := str(next(iter(value)))) in TUNE_SAMPLERS:
+            return name
+    return None
+
+
+def _axis_values(value: Any, key: str, file: str) -> Any:
+    """``value`` as written where a list makes an axis, with Ray Tune's ``{grid_search: [...]}``
+    read as the list it holds; Tune's random samplers refused (a sweep here is a grid)."""
+    form = _tune_form(value)
+    if form is None:
+        return value
+    if form != "grid_search":
+        raise SpecError(
+            f"{file}: {key}: {form} samples at random (a Ray Tune search space); semicon-sweep "
+            "runs grids: write a list of values or {grid_search: [...]}"
+        )
+    if len(value) > 1:
+        others = ", ".join(str(k) for k in value if k != "grid_search")
+        raise SpecError(f"{file}: {key}: grid_search: must be the mapping's only key, got {others}")
+    values = value["grid_search"]
+    if not isinstance(values, list) or not values:
+        raise SpecError(f"{file}: {key}: grid_search: must be a non-empty list, got {values!r}")
+    return values
+
+
+def _refuse_search_spaces(data: Mapping[str, Any], section: str, file: str) -> None:
+    """A setting of a section written as a Ray Tune search space: one line saying where axes go
+    (instead of the type error its config would give)."""
+    for name, value in data.items():
+        key = f"{section}.{name}"
+        if (form := _tune_form(value)) is not None:
+            raise SpecError(
+                f"{file}: {key}: {form} here: a section holds one value per setting; vary it "
+                "under grid (a list or {grid_search: [...]}) or linked"
+            )
+        if isinstance(value, dict):
+            _refuse_search_spaces(value, key, file)
+
+
+def _linked_groups(
+    raw: Mapping[str, Any], grid: Mapping[Any, Any], file: str
+) -> tuple[LinkedGroup, ...]:
+    """The ``linked`` section: a non-empty list of groups, each a non-empty list of cases, each
+    a mapping of keys ``grid`` accepts to one value. Every case of a group names the same keys;
+    a key is in one group only, and neither a ``grid`` axis nor a top-level value. Values are
+    validated later, with the grid's (``_check_points``)."""
+    value = raw.get("linked")
+    if value is None:
+        return ()
+    cases_are = "cases (mappings of dotted keys to one value each)"
+    if not isinstance(value, list) or not value:
+        raise SpecError(
+            f"{file}: linked: must be a non-empty list of groups, each a list of {cases_are}, "
+            f"got {value!r}"
+        )
+    owner: dict[str, int] = {}  # key -> the group that varies it
+    groups: list[LinkedGroup] = []
+    for i, group in enumerate(value):
+        where = f"linked[{i}]"
+        if not isinstance(group, list) or not group:
+            raise SpecError(
+                f"{file}: {where}: must be a non-empty list of {cases_are}, got {group!r}"
+            )
+        keys: tuple[str, ...] = ()
+        cases: list[tuple[Any, ...]] = []
+        for j, case in enumerate(group):
+            at = f"{where}[{j}]"
+            if not isinstance(case, dict) or not case:
+                raise SpecError(
+                    f"{file}: {at}: must be a non-empty mapping of dotted keys to values, "
+                    f"got {case!r}"
+                )
+            case = {str(k): v for k, v in case.items()}
+            for key in case:
+                if key not in keys:
+                    _check_linked_key(key, f"{where}.{key}", raw, grid, owner, file)
+            if j == 0:
+                keys = tuple(case)
+            elif set(case) != set(keys):
+                missing = [k for k in keys if k not in case]
+                extra = [k for k in case if k not in keys]
+                detail = "; ".join(
+                    part
+                    for part in (
+                        f"missing {', '.join(missing)}" if missing else "",
+                        f"{', '.join(extra)} not in the first" if extra else "",
+                    )
+                    if part
+                )
+                raise SpecError(
+                    f"{file}: {at}: every case of a group names the keys of its first "
+                    f"({', '.join(keys)}); {detail}"
+                )
+            cases.append(tuple(_case_value(case[k], f"{at}.{k}", file) for k in keys))
+        if len({_canonical(c) for c in cases}) != len(cases):
+            written = [dict(zip(keys, c, strict=True)) for c in cases]
+            raise SpecError(f"{file}: {where}: repeated cases in {written!r}")
+        owner.update(dict.fromkeys(keys, i))
+        groups.append((keys, tuple(cases)))
+    return tuple(groups)
+
+
+def _check_linked_key(
+    key: str,
+    label: str,
+    raw: Mapping[str, Any],
+    grid: Mapping[Any, Any],
+    owner: Mapping[str, int],
+    file: str,
+) -> None:
+    """Raise unless ``key`` is a grid key that no other group, grid axis or top-level value
+    sets; the error names ``label`` (``linked[i].<key>``)."""
+    _check_grid_path(key, file, label)
+    if key in owner:
+        raise SpecError(f"{file}: {label}: also in linked[{owner[key]}]; a key varies in one group")
+    if key in {str(path) for path in grid}:
+        raise SpecError(f"{file}: {label}: also a grid axis (grid.{key}); give it in one place")
+    if key in NAMED_AXES and NAMED_AXES[key] in raw:
+        raise SpecError(
+            f"{file}: {label}: also given at the top level as {NAMED_AXES[key]}; give it in one place"
+        )
+
+
+def _case_value(value: Any, key: str, file: str) -> Any:
+    """One value of a linked case (``1e-4`` as a number); a search space refused."""
+    if (form := _tune_form(value)) is not None:
+        raise SpecError(
+            f"{file}: {key}: {form} here: a case gives one value per key; write each value "
+            "as a case of its own"
+        )
+    return parse_number(value)
 
 
 def _check_value(axis: str, value: Any) -> None:
@@ -585,33 +807,53 @@ def _check_value(axis: str, value: Any) -> None:
 
 
 def _check_values(spec: Spec, file: str) -> None:
-    """Validate the base values of the named axes, naming the top-level key."""
+    """Validate the base values of the named axes, naming the top-level key (those a linked
+    group sets, naming their case)."""
+    linked = {key for keys, _ in spec.linked for key in keys}
     for axis, values in (
         ("method", spec.method),
         ("label_fraction", spec.label_fraction),
         ("seed", spec.seed),
         ("split", spec.split_index),
     ):
+        if axis in linked:
+            continue
         for value in values:
             try:
                 _check_value(axis, value)
             except ConfigError as err:
                 raise SpecError(f"{file}: {err}") from None
+    for i, (keys, cases) in enumerate(spec.linked):
+        for j, case in enumerate(cases):
+            for key, value in zip(keys, case, strict=True):
+                if key in NAMED_AXES:
+                    _check_alone(spec, key, value, f"linked[{i}][{j}].{key}", file)
+
+
+def _check_alone(spec: Spec, key: str, value: Any, label: str, file: str) -> None:
+    """Validate the value of one grid key alone (its config section, or ``NAMED_CHECKS``);
+    the error names ``label``, where the value is written."""
+    try:
+        _apply(spec, {key: value})
+    except ConfigError as err:
+        inner = str(err).removeprefix(f"{NAMED_AXES.get(key, key)}: ")
+        raise SpecError(f"{file}: {label}: value {value!r}: {inner}") from None
 
 
 def _check_points(spec: Spec, file: str) -> None:
-    """Validate every grid axis value alone, then every grid point's combination."""
+    """Validate every grid axis value and linked case value alone, then every grid point's
+    combination."""
     from_grid = set(spec.raw.get("grid") or {})
     for name, values in spec.axes:
         label = f"grid.{name}" if name in from_grid else NAMED_AXES.get(name, name)
         for value in values:
-            try:
-                _apply(spec, {name: value})
-            except ConfigError as err:
-                inner = str(err)
-                own = f"{NAMED_AXES.get(name, name)}: "
-                inner = inner.removeprefix(own)
-                raise SpecError(f"{file}: {label}: value {value!r}: {inner}") from None
+            _check_alone(spec, name, value, label, file)
+    group_of: dict[str, int] = {}  # linked key -> its group
+    for i, (keys, cases) in enumerate(spec.linked):
+        group_of.update(dict.fromkeys(keys, i))
+        for j, case in enumerate(cases):
+            for key, value in zip(keys, case, strict=True):
+                _check_alone(spec, key, value, f"linked[{i}][{j}].{key}", file)
     for params in spec.points():
         try:
             _configure(spec, params)
@@ -619,7 +861,13 @@ def _check_points(spec: Spec, file: str) -> None:
             where = ", ".join(f"{k}={v!r}" for k, v in params.items())
             context = f" (grid point {where})" if params else ""
             key = str(err).partition(": ")[0]
-            prefix = "grid." if key in from_grid else ""  # the offending value came from the grid
+            # where the offending value is written: the grid, a linked group, or the top level
+            if key in from_grid:
+                prefix = "grid."
+            elif key in group_of:
+                prefix = f"linked[{group_of[key]}]."
+            else:
+                prefix = ""
             raise SpecError(f"{file}: {prefix}{err}{context}") from None
 
 
@@ -698,17 +946,22 @@ def _resolved(spec: Spec, for_hash: bool) -> dict[str, Any]:
     # top-level axes are written in axis order so that a rebuilt spec has the same axis order
     from_grid = set(spec.raw.get("grid") or {})
     axis_names = [name for name, _ in spec.axes]
+    linked_keys = {key for keys, _ in spec.linked for key in keys}
     for name in axis_names:
         if name in NAMED_AXES and name not in from_grid:
             out[NAMED_AXES[name]] = list(getattr(spec, NAMED_AXES[name]))
     for axis, key in NAMED_AXES.items():
-        if axis not in axis_names:
+        if axis not in axis_names and axis not in linked_keys:
             out[key] = getattr(spec, key)[0]
     out["grid"] = {
         name: list(values)
         for name, values in spec.axes
         if name in from_grid or name not in NAMED_AXES
     }
+    if spec.linked:  # only when present: the hashes of specs without it stay as they were
+        out["linked"] = [
+            [dict(zip(keys, case, strict=True)) for case in cases] for keys, cases in spec.linked
+        ]
     if for_hash:
         out["axes"] = axis_names  # the order fixes the trial ids
         return out

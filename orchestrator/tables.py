@@ -171,8 +171,9 @@ def trial_columns(plan: Plan, trial: Trial, store: StageStore) -> dict[str, Any]
 
 
 def path_axes(plan: Plan) -> list[str]:
-    """The grid axes that are dotted paths (e.g. ``stages.local.temperature``), in grid order."""
-    return [name for name, _ in plan.spec.axes if name not in NAMED_AXES]
+    """The grid keys that are dotted paths (e.g. ``stages.local.temperature``), in grid order:
+    the axes', then the linked groups'."""
+    return [name for name in plan.spec.axis_keys if name not in NAMED_AXES]
 
 
 def collect(plan: Plan, store: StageStore) -> Tables:

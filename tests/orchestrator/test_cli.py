@@ -62,8 +62,10 @@ def test_dry_run_json_is_one_object_and_writes_nothing(runner: CliRunner, tmp_pa
     )
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert set(summary) == {"trials", "stages", "storage", "spec_hash", "invalid"}
+    assert set(summary) == {"trials", "stages", "storage", "spec_hash", "invalid", "axes", "points"}
     assert summary["trials"] == 8
+    assert summary["axes"] == {"method": 2, "label_fraction": 2, "seed": 2}
+    assert summary["points"]["t0001"] == {"method": "global", "label_fraction": 0.2, "seed": 1}
     assert summary["invalid"] == {}
     assert summary["stages"] == {
         "global": {"nodes": 2, "to_run": 2},
@@ -116,6 +118,38 @@ def test_dry_run_counts_done_nodes(runner: CliRunner, tmp_path: Path) -> None:
     assert sorted(p.relative_to(storage) for p in storage.rglob("*")) == before
 
 
+def test_dry_run_shows_linked_values(runner: CliRunner, tmp_path: Path) -> None:
+    """The shipped example: each linked group is one axis, its keys' values in every trial."""
+    spec_path = REPO / "search_spaces" / "linked_example.yaml"
+    args = ["launch", str(spec_path), "--dry-run", "--storage", str(tmp_path / "storage")]
+    text = runner.invoke(app, args)
+    assert text.exit_code == 0, text.stderr
+    lines = text.stdout.splitlines()
+    assert lines[2] == (
+        "axes: stages.local.temperature (2), "
+        "label_fraction+stages.finetune.steps+stages.finetune.val_every_steps (2), "
+        "stages.local.block_size+stages.local.batch_size (2)"
+    )
+    first = next(line for line in lines if line.startswith("t0000 "))
+    assert (
+        "stages.local.temperature=0.1, label_fraction=0.2, stages.finetune.steps=120, "
+        "stages.finetune.val_every_steps=30, stages.local.block_size=4, stages.local.batch_size=2"
+    ) in first
+    summary = json.loads(runner.invoke(app, [*args, "--json"]).stdout)
+    assert summary["trials"] == 8 and len(summary["points"]) == 8
+    assert summary["axes"]["stages.local.block_size+stages.local.batch_size"] == 2
+    assert summary["points"]["t0007"] == {
+        "stages.local.temperature": 0.5,
+        "label_fraction": 0.5,
+        "stages.finetune.steps": 240,
+        "stages.finetune.val_every_steps": 60,
+        "stages.local.block_size": 8,
+        "stages.local.batch_size": 8,
+    }
+    assert summary["stages"]["global"]["nodes"] == 1
+    assert not (tmp_path / "storage").exists()
+
+
 BAD = {
     "unknown key": (SPEC + "epoch: 3\n", "epoch: unknown key"),
     "bad temperature": (
@@ -127,6 +161,15 @@ BAD = {
         "method",
     ),
     "malformed": ("name: x\nmodel: [1, 2\n", "malformed YAML at line"),
+    "linked cases naming other keys": (
+        SPEC + "linked:\n  - - {stages.local.stride: 2, model.depth: 2}\n"
+        "    - {stages.local.stride: 4}\n",
+        "linked[0][1]: every case of a group names the keys of its first",
+    ),
+    "tune sampler": (
+        SPEC + "grid:\n  stages.local.temperature: {loguniform: [0.01, 1]}\n",
+        "grid.stages.local.temperature: loguniform samples at random",
+    ),
 }
 
 

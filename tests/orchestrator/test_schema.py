@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from orchestrator.cli import app
 from orchestrator.schema import spec_schema
-from orchestrator.spec import TOP_LEVEL_KEYS, UniqueKeyLoader, config_sections
+from orchestrator.spec import TOP_LEVEL_KEYS, UniqueKeyLoader, config_sections, spec_from_mapping
 from trainers.config import field_choices
 from trainers.methods import METHODS
 from trainers.registry import STAGE_KINDS
@@ -46,7 +46,7 @@ _TYPES = {
 
 def _minimal_errors(schema: dict[str, Any], value: Any, where: str = "") -> list[str]:
     """The subset of JSON Schema this schema uses: type, enum, anyOf, properties,
-    additionalProperties, items, prefixItems, min/maxItems, required."""
+    additionalProperties, items, prefixItems, min/maxItems, required, minProperties."""
     if "anyOf" in schema:
         if all(_minimal_errors(option, value, where) for option in schema["anyOf"]):
             return [f"{where or '<top>'}: {value!r} matches no option"]
@@ -68,6 +68,8 @@ def _minimal_errors(schema: dict[str, Any], value: Any, where: str = "") -> list
         errors += [
             f"{where}: {key} required" for key in schema.get("required", ()) if key not in value
         ]
+        if len(value) < schema.get("minProperties", 0):
+            errors.append(f"{where}: {len(value)} keys")
         for key, item in value.items():
             if key in props:
                 errors += _minimal_errors(props[key], item, f"{where}.{key}".lstrip("."))
@@ -133,6 +135,15 @@ BROKEN = {
     "choice": (lambda s: s.setdefault("model", {}).update(norm="layer"), "layer"),
     "method": (lambda s: s.update(method=["global", "simclr"]), "simclr"),
     "type": (lambda s: s.setdefault("split", {}).update(repeats="four"), "four"),
+    "linked key": (
+        lambda s: s.update(linked=[[{"stages.local.temprature": 0.1}]]),
+        "temprature",
+    ),
+    "linked value": (lambda s: s.update(linked=[[{"model.norm": "layer"}]]), "layer"),
+    "tune sampler": (
+        lambda s: s.update(grid={"stages.local.temperature": {"uniform": [0.1, 1]}}),
+        "uniform",
+    ),
 }
 
 
@@ -145,6 +156,29 @@ def test_a_spec_with_an_unknown_key_or_value_does_not_validate(case: str, valida
     change(spec)
     errors = validation_errors(spec, validator)
     assert any(named in error for error in errors), errors
+
+
+@pytest.mark.parametrize("validator", VALIDATORS)
+def test_linked_groups_and_grid_search_validate(validator: str) -> None:
+    """A spec written with ``linked`` groups and Ray Tune's ``grid_search`` (which the loader
+    accepts) validates; an empty group or case, or a list in a case, does not."""
+    spec = copy.deepcopy(load(REPO / "search_spaces" / "quickstart.yaml"))
+    spec["method"] = {"grid_search": ["global", "global+local_block"]}
+    del spec["label_fraction"], spec["seed"]  # varied below: a key lives in one place
+    spec["grid"] = {"stages.local.temperature": {"grid_search": [0.1, 0.5]}, "seed": [0, 1]}
+    spec["linked"] = [
+        [
+            {"label_fraction": 0.2, "stages.finetune.steps": 40},
+            {"label_fraction": 0.5, "stages.finetune.steps": 80},
+        ],
+        [{"stages.local.block_size": 4}, {"stages.local.block_size": 8}],
+    ]
+    assert validation_errors(spec, validator) == []
+    assert spec_from_mapping(spec).num_trials == 2 * 2 * 2 * 2 * 2  # and the loader takes it
+    for broken in ([[]], [[{}]], [[{"stages.local.block_size": [4, 8]}]], []):
+        errors = validation_errors({**spec, "linked": broken}, validator)
+        assert errors, broken
+    assert validation_errors({**spec, "seed": {"grid_search": []}}, validator)
 
 
 def test_schema_lists_every_stage_kind_top_level_key_and_choice() -> None:

@@ -172,6 +172,114 @@ BAD_SPECS = {
         good_with(model="model: {base_channels: 4, depth: 2, decoder_norm: batch}"),
         "model.decoder_norm",
     ),
+    # linked groups
+    "linked not a list": (GOOD + "linked: {stages.local.stride: [2, 4]}\n", "linked: must be"),
+    "linked empty": (GOOD + "linked: []\n", "linked: must be a non-empty list of groups"),
+    "linked group empty": (
+        GOOD + "linked:\n  - []\n",
+        "linked[0]: must be a non-empty list of cases",
+    ),
+    "linked group not a list": (
+        GOOD + "linked:\n  - {stages.local.stride: 2}\n",
+        "linked[0]: must be a non-empty list of cases",
+    ),
+    "linked case not a mapping": (
+        GOOD + "linked:\n  - [2, 4]\n",
+        "linked[0][0]: must be a non-empty mapping of dotted keys to values",
+    ),
+    "linked case empty": (
+        GOOD + "linked:\n  - [{}]\n",
+        "linked[0][0]: must be a non-empty mapping",
+    ),
+    "linked unknown key": (
+        GOOD + "linked:\n  - - {stages.local.blocksize: 8}\n",
+        "linked[0].stages.local.blocksize: stages.local: unknown key; did you mean 'block_size'?",
+    ),
+    "linked unknown section": (
+        GOOD + "linked:\n  - - {optimizer.lr: 1}\n",
+        "linked[0].optimizer.lr: unknown path",
+    ),
+    "linked cases name other keys": (
+        GOOD
+        + "linked:\n  - - {stages.local.stride: 2, model.depth: 2}\n"
+        + "    - {stages.local.stride: 4}\n",
+        "linked[0][1]: every case of a group names the keys of its first "
+        "(stages.local.stride, model.depth); missing model.depth",
+    ),
+    "linked case with an extra key": (
+        GOOD
+        + "linked:\n  - - {stages.local.stride: 2}\n"
+        + "    - {stages.local.stride: 4, model.depth: 2}\n",
+        "linked[0][1]: every case of a group names the keys of its first (stages.local.stride); "
+        "model.depth not in the first",
+    ),
+    "linked key also a grid axis": (
+        GOOD + "linked:\n  - - {stages.local.temperature: 0.2, stages.local.stride: 2}\n",
+        "linked[0].stages.local.temperature: also a grid axis (grid.stages.local.temperature)",
+    ),
+    "linked key also at the top level": (
+        GOOD + "linked:\n  - - {seed: 1, stages.local.stride: 2}\n",
+        "linked[0].seed: also given at the top level as seed",
+    ),
+    "linked key in two groups": (
+        GOOD
+        + "linked:\n  - - {stages.local.stride: 2, model.depth: 2}\n"
+        + "  - - {stages.local.stride: 4}\n",
+        "linked[1].stages.local.stride: also in linked[0]",
+    ),
+    "linked repeated cases": (
+        GOOD + "linked:\n  - - {stages.local.stride: 2}\n    - {stages.local.stride: 2}\n",
+        "linked[0]: repeated cases",
+    ),
+    "linked value invalid": (
+        GOOD + "linked:\n  - - {stages.global.temperature: 0.5}\n"
+        "    - {stages.global.temperature: -1}\n",
+        "linked[0][1].stages.global.temperature: value -1: ",
+    ),
+    "linked value wrong type": (
+        GOOD + "linked:\n  - - {model.base_channels: wide}\n",
+        "linked[0][0].model.base_channels: value 'wide'",
+    ),
+    "linked named value invalid": (
+        GOOD.replace("method: [global, global+local_block]\n", "")
+        + "linked:\n  - - {method: simclr, stages.local.stride: 2}\n",
+        "linked[0][0].method: value 'simclr': unknown method 'simclr'",
+    ),
+    "linked combination": (
+        GOOD + "linked:\n  - - {stages.local.block_size: 12, stages.local.stride: 2}\n",
+        "linked[0].stages.local.block_size: ",
+    ),
+    "linked search space in a case": (
+        GOOD + "linked:\n  - - {stages.local.stride: {grid_search: [2, 4]}}\n",
+        "linked[0][0].stages.local.stride: grid_search here: a case gives one value per key",
+    ),
+    # Ray Tune's spellings
+    "tune sampler in the grid": (
+        GOOD + "  stages.global.temperature: {uniform: [0.1, 1.0]}\n",
+        "grid.stages.global.temperature: uniform samples at random (a Ray Tune search space); "
+        "semicon-sweep runs grids: write a list of values or {grid_search: [...]}",
+    ),
+    "tune sampler at the top level": (
+        good_with(label_fraction="label_fraction: {choice: [0.2, 0.5]}"),
+        "label_fraction: choice samples at random",
+    ),
+    "empty grid_search": (
+        GOOD + "  model.depth: {grid_search: []}\n",
+        "grid.model.depth: grid_search: must be a non-empty list, got []",
+    ),
+    "grid_search beside other keys": (
+        good_with(seed="seed: {grid_search: [0, 1], seed: 2}"),
+        "seed: grid_search: must be the mapping's only key, got seed",
+    ),
+    "grid_search in a section": (
+        good_with(**{"  local:": "  local: {block_size: 8, lr: {grid_search: [0.1, 0.2]}}"}),
+        "stages.local.lr: grid_search here: a section holds one value per setting; vary it "
+        "under grid",
+    ),
+    "tune sampler in an augment mapping": (
+        with_stage("finetune: {augment: {rotate_deg: {loguniform: [1, 30]}}}"),
+        "stages.finetune.augment.rotate_deg: loguniform here",
+    ),
 }
 
 
@@ -392,3 +500,147 @@ def test_numbers_pyyaml_reads_as_text_are_numbers(tmp_path: Path) -> None:
     bad = short.replace("lr: 1e-4", "lr: 1e-4x")
     with pytest.raises(SpecError, match=r"stages\.local\.lr: must be of type float, got '1e-4x'"):
         load_spec(write(tmp_path, bad, "bad.yaml"))
+
+
+# ---- linked groups and Ray Tune's grid_search ------------------------------------------------
+
+LINKED = """
+linked:
+  - - {label_fraction: 0.2, stages.finetune.steps: 40}
+    - {label_fraction: 0.5, stages.finetune.steps: 80}
+    - {label_fraction: 1.0, stages.finetune.steps: 80}
+  - - {stages.local.block_size: 4, stages.local.batch_size: 8}
+    - {stages.local.block_size: 8, stages.local.batch_size: 2}
+"""
+
+
+def test_linked_groups_vary_together_and_cross_the_grid(tmp_path: Path) -> None:
+    text = GOOD.replace("label_fraction: [0.2, 0.5]\n", "") + LINKED
+    text = text.replace(
+        "  local: {block_size: 8}", "  local: {block_size: 8}\n  finetune: {epochs: 3}"
+    )
+    spec = load_spec(write(tmp_path, text))
+    # each group is one axis: 2 methods x 2 temperatures x 3 budget cases x 2 block cases
+    assert spec.num_trials == 24 == len(list(spec.points()))
+    assert spec.axis_counts == (
+        ("method", 2),
+        ("stages.local.temperature", 2),
+        ("label_fraction+stages.finetune.steps", 3),
+        ("stages.local.block_size+stages.local.batch_size", 2),
+    )
+    assert spec.axis_keys == (
+        "method",
+        "stages.local.temperature",
+        "label_fraction",
+        "stages.finetune.steps",
+        "stages.local.block_size",
+        "stages.local.batch_size",
+    )
+    points = list(spec.points())
+    assert points[0] == {
+        "method": "global",
+        "stages.local.temperature": 0.1,
+        "label_fraction": 0.2,
+        "stages.finetune.steps": 40,
+        "stages.local.block_size": 4,
+        "stages.local.batch_size": 8,
+    }
+    assert points[1]["stages.local.block_size"] == 8  # the last group varies fastest
+    pairs = {(p["label_fraction"], p["stages.finetune.steps"]) for p in points}
+    assert pairs == {(0.2, 40), (0.5, 80), (1.0, 80)}  # never 0.2 with 80: linked, not crossed
+    assert {(p["stages.local.block_size"], p["stages.local.batch_size"]) for p in points} == {
+        (4, 8),
+        (8, 2),
+    }
+    assert spec.label_fraction == (0.2, 0.5, 1.0)  # the named value takes the group's values
+    point = spec.configure(points[-1])
+    assert point.label_fraction == 1.0
+    assert point.stages.finetune.steps == 80 and point.stages.finetune.epochs is None
+    assert point.stages.local.block_size == 8 and point.stages.local.batch_size == 2
+    rebuilt = spec_from_mapping(spec.to_dict())
+    assert rebuilt.spec_hash == spec.spec_hash
+    assert rebuilt.linked == spec.linked
+    assert list(rebuilt.points()) == list(spec.points())
+
+
+def test_linked_values_enter_the_hash_the_plan_and_the_tables(tmp_path: Path) -> None:
+    from orchestrator.plan import build_plan
+    from orchestrator.tables import path_axes
+
+    base = GOOD.replace("label_fraction: [0.2, 0.5]\n", "label_fraction: 0.2\n")
+    plain = load_spec(write(tmp_path, base, "plain.yaml"))
+    assert "linked" not in plain.to_dict()  # absent: specs without it keep their hash
+    linked = load_spec(
+        write(
+            tmp_path, base + "linked:\n  - - {stages.local.stride: 2, model.depth: 2}\n", "l.yaml"
+        )
+    )
+    assert linked.spec_hash != plain.spec_hash
+    other = load_spec(
+        write(
+            tmp_path, base + "linked:\n  - - {stages.local.stride: 4, model.depth: 2}\n", "o.yaml"
+        )
+    )
+    assert other.spec_hash != linked.spec_hash
+    plan = build_plan(linked)
+    assert path_axes(plan) == ["stages.local.temperature", "stages.local.stride", "model.depth"]
+    assert plan.trials[0].params["stages.local.stride"] == 2
+
+
+def test_linked_split_replaces_the_default_split_axis(tmp_path: Path) -> None:
+    text = (
+        GOOD
+        + "split: {repeats: 3}\nlinked:\n  - - {split: 0, seed: 5}\n    - {split: 2, seed: 6}\n"
+    )
+    spec = load_spec(write(tmp_path, text.replace("seed: 0\n", "")))
+    assert "split" not in dict(spec.axes)
+    assert spec.split_index == (0, 2) and spec.seed == (5, 6)
+    assert spec.num_trials == 2 * 2 * 2 * 2
+    assert {(p["split"], p["seed"]) for p in spec.points()} == {(0, 5), (2, 6)}
+    assert spec_from_mapping(spec.to_dict()).spec_hash == spec.spec_hash
+
+
+def test_a_linked_group_multiplies_the_count_before_any_point_is_built(tmp_path: Path) -> None:
+    import time
+
+    from orchestrator.spec import GridTooLarge
+
+    cases = "".join(
+        f"    - {{stages.finetune.steps: {n + 1}, stages.finetune.lr: 0.001}}\n"
+        for n in range(1000)
+    )
+    text = (
+        good_with(seed="seed: [" + ", ".join(map(str, range(1000))) + "]")
+        + "linked:\n  - \n"
+        + cases
+    )
+    started = time.process_time()
+    with pytest.raises(GridTooLarge) as info:
+        load_spec(write(tmp_path, text))
+    assert time.process_time() - started < 5
+    assert info.value.trials == 2 * 2 * 1000 * 2 * 1000
+    assert ("stages.finetune.steps+stages.finetune.lr", 1000) in info.value.axes
+    assert "grid: 8,000,000 trials" in str(info.value)
+
+
+def test_grid_search_is_the_list(tmp_path: Path) -> None:
+    """Ray Tune's ``{grid_search: [...]}`` gives the same points, hash and node keys as the list
+    it holds, at the top level and in the grid."""
+    from orchestrator.plan import build_plan
+
+    tune = GOOD.replace(
+        "method: [global, global+local_block]",
+        "method: {grid_search: [global, global+local_block]}",
+    ).replace("temperature: [0.1, 0.5]", "temperature: {grid_search: [1e-1, 0.5]}")
+    lists = load_spec(
+        write(tmp_path, GOOD, "lists.yaml"), overrides={"storage": str(tmp_path / "s")}
+    )
+    grid_search = load_spec(
+        write(tmp_path, tune, "tune.yaml"), overrides={"storage": str(tmp_path / "s")}
+    )
+    assert grid_search.axes == lists.axes
+    assert list(grid_search.points()) == list(lists.points())
+    assert grid_search.spec_hash == lists.spec_hash
+    assert [t.nodes for t in build_plan(grid_search).trials] == [
+        t.nodes for t in build_plan(lists).trials
+    ]
