@@ -218,6 +218,21 @@ CASES: dict[str, Case] = {
         ),
         Case(
             "spec",
+            "a Ray Tune sampler instead of a grid",
+            _spec_with("grid:\n  stages.local.temperature: {loguniform: [0.01, 1]}\n"),
+            "grid.stages.local.temperature",
+        ),
+        Case(
+            "spec",
+            "linked cases naming different keys",
+            _spec_with(
+                "linked:\n  - - {stages.finetune.lr: 0.01, stages.finetune.steps: 10}\n"
+                "    - {stages.finetune.lr: 0.02}\n"
+            ),
+            "linked[0]",
+        ),
+        Case(
+            "spec",
             "a node larger than this machine (local Ray)",
             _spec_with("resources: {cpus_per_worker: 4096}\n"),
             "resources.cpus_per_worker",
