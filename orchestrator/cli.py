@@ -237,6 +237,8 @@ def launch(
     if dry_run:
         report_owner(store.root)
         with bad_input():
+            store.check_claim(spec, force=force)
+            check_datasets(plan, store)  # what the launch reads before Ray starts
             invalid = invalid_nodes(plan, store)
             report_invalid(invalid)
             summary = plan.summary(lambda key: key not in invalid and store.is_complete(key))
@@ -260,6 +262,15 @@ def launch(
         lock = acquire_lock(store.root, force_unlock=force_unlock)  # before anything is written
     with lock:
         _run_locked(spec_path, spec, plan, store, existed, force, no_reuse)
+
+
+def check_datasets(plan: Plan, store: Any) -> None:
+    """Read and check each distinct dataset of ``plan`` not yet cached in ``store``."""
+    from trainers.config import DataConfig, from_dict
+    from trainers.data import check_dataset
+
+    for data in {json.dumps(node.data, sort_keys=True) for node in plan.nodes.values()}:
+        check_dataset(from_dict(DataConfig, json.loads(data), "dataset"), store.cache_dir)
 
 
 def _run_locked(

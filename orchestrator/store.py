@@ -396,6 +396,17 @@ class StageStore:
             raise StorageConflict(f"{self.sweep_path}: not a sweep record")
         return record
 
+    def check_claim(self, spec: Spec, force: bool = False) -> None:
+        """``StorageConflict`` if this storage holds another spec (different ``spec_hash``) and
+        not ``force``; writes nothing (``launch --dry-run`` asks it too)."""
+        current = self.read_sweep()
+        if current is not None and current.get("spec_hash") != spec.spec_hash and not force:
+            raise StorageConflict(
+                f"{self.root} holds sweep '{current.get('name', '?')}' "
+                f"(spec {str(current.get('spec_hash', '?'))[:12]}); "
+                "use --force to launch a different spec into it"
+            )
+
     def claim_sweep(self, spec: Spec, force: bool = False, plan: Plan | None = None) -> None:
         """Make ``spec`` the sweep this storage holds, writing ``sweep.json``.
 
@@ -404,13 +415,7 @@ class StageStore:
         content-addressed, so a node from the old sweep is reused only where it is identical).
         ``plan``: recorded too, so ``status``/``tabulate`` work without the data.
         """
-        current = self.read_sweep()
-        if current is not None and current.get("spec_hash") != spec.spec_hash and not force:
-            raise StorageConflict(
-                f"{self.root} holds sweep '{current.get('name', '?')}' "
-                f"(spec {str(current.get('spec_hash', '?'))[:12]}); "
-                "use --force to launch a different spec into it"
-            )
+        self.check_claim(spec, force)
         record: dict[str, Any] = {
             "name": spec.name,
             "spec_hash": spec.spec_hash,

@@ -295,6 +295,15 @@ def _data_root(cfg: DataConfig) -> Path:
     return Path(cfg.root)
 
 
+def check_dataset(cfg: DataConfig, cache_dir: str | os.PathLike[str]) -> None:
+    """Read and check every case of ``cfg``'s dataset as ``prepare_slices`` would, writing
+    nothing (``DatasetError`` naming the file). A dataset already cached under ``cache_dir`` was
+    checked when it was cached, and a synthetic one is generated: neither is read."""
+    if cfg.kind == "synthetic" or (Path(cache_dir) / data_fingerprint(cfg) / "meta.json").is_file():
+        return
+    load_checked(scan_layout(_data_root(cfg)), cfg.label_remap)
+
+
 def prepare_slices(cfg: DataConfig, cache_dir: str | os.PathLike[str]) -> SliceData:
     """The preprocessed slices of ``cfg``'s dataset, from ``cache_dir/<fingerprint>/`` when cached.
 
