@@ -50,6 +50,7 @@ LIVE_ROWS = 20  # running nodes listed in the live table; the rest are counted
 LIVE_COLUMNS = ("stage", "node", "grid point", "progress", "loss", "s/epoch", "elapsed", "left")
 LIVE_KEY_WIDTH = 110  # terminals narrower than this get no node key column
 EPOCH_KEYS = ("epoch", "steps", "loss", "seconds")  # what SweepState keeps of a Tune result
+PACE_WINDOW = 20  # epoch records a node's wall-clock pace is measured over
 
 
 def print_progress(line: str) -> None:
@@ -82,8 +83,8 @@ def node_label(plan: Plan, key: str) -> str:
 
 @dataclass(frozen=True)
 class Budget:
-    """How far a node is: ``done`` of ``total`` epochs or steps (``unit``), the mean seconds
-    per epoch of its records and the time left at that pace."""
+    """How far a node is: ``done`` of ``total`` epochs or steps (``unit``), its pace in seconds
+    per epoch and the time left at that pace."""
 
     unit: Literal["epoch", "step"]
     done: int
@@ -97,18 +98,43 @@ class Budget:
         return f"{self.unit} {self.done}/{self.total}"
 
 
+def wall_pace(records: Sequence[Mapping[str, Any]], unit: str) -> float | None:
+    """Wall seconds per ``unit`` (``"epoch"`` or ``"steps"``) over the last ``PACE_WINDOW``
+    records of the node's current run (same ``resumed_from``) that carry a ``time``; None with
+    fewer than two of them. Wall time counts what an epoch's ``seconds`` leaves out (reporting,
+    checkpoints, validation), which can be most of a short epoch."""
+    last = records[-1]
+    run = [
+        r
+        for r in records[-PACE_WINDOW:]
+        if "time" in r and unit in r and r.get("resumed_from") == last.get("resumed_from")
+    ]
+    if len(run) < 2:
+        return None
+    units = float(run[-1][unit]) - float(run[0][unit])
+    seconds = float(run[-1]["time"]) - float(run[0]["time"])
+    return seconds / units if units > 0 and seconds >= 0 else None
+
+
 def node_budget(config: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> Budget | None:
-    """A node's ``Budget`` from its epoch records (``epochs.jsonl`` lines or the per-epoch
+    """A node's ``Budget`` from its epoch records (``epochs.jsonl`` lines, or the per-epoch
     results Tune received, which may skip epochs: ``orchestrator.worker.ReportThrottle``) and
-    its stage config (a budget in ``epochs`` or in ``steps``); None without records."""
+    its stage config (a budget in ``epochs`` or in ``steps``); None without records.
+
+    The pace is the wall clock's between records (``wall_pace``) where they carry a ``time``,
+    else the mean of their ``seconds`` (training time per epoch)."""
     if not records:
         return None
     last = records[-1]
-    per_epoch = sum(float(r.get("seconds", 0.0)) for r in records) / len(records)
+    per_epoch = wall_pace(records, "epoch")
+    if per_epoch is None:
+        per_epoch = sum(float(r.get("seconds", 0.0)) for r in records) / len(records)
     if config.get("steps") is not None:
         done, total = int(last.get("steps", 0)), int(config["steps"])
-        epochs = int(last.get("epoch", len(records)))
-        per_step = per_epoch * epochs / max(done, 1)
+        per_step = wall_pace(records, "steps")
+        if per_step is None:
+            epochs = int(last.get("epoch", len(records)))
+            per_step = per_epoch * epochs / max(done, 1)
         return Budget("step", done, total, per_epoch, max(total - done, 0) * per_step)
     done, total = int(last.get("epoch", 0)), int(config.get("epochs") or 0)
     return Budget("epoch", done, total, per_epoch, max(total - done, 0) * per_epoch)
@@ -246,6 +272,7 @@ class SweepState:
         if "loss" not in result or "node_status" in result:
             return None
         record = {name: result[name] for name in EPOCH_KEYS if name in result}
+        record["time"] = self.now()  # when the driver heard of it: the node's wall-clock pace
         self.records.setdefault(key, []).append(record)
         return self._event("epoch", key, self.loss_text(key))
 

@@ -313,3 +313,23 @@ def test_node_budget_from_throttled_results() -> None:
     epochs = node_budget({"epochs": 10}, records)
     assert epochs is not None and epochs.text == "epoch 5/10" and epochs.left_s == 25.0
     assert node_budget({"epochs": 10}, []) is None
+
+
+def test_node_budget_paces_by_the_wall_clock_of_the_current_run() -> None:
+    """Short epochs spend most of their time reporting and checkpointing: the wall clock
+    between records is the pace, measured over the run since the last resume only."""
+    before = [  # an earlier launch, stopped at epoch 3 (checkpoint at 2), hours ago
+        {"epoch": e, "steps": 10 * e, "seconds": 0.1, "time": 100.0 + e, "resumed_from": 0}
+        for e in (1, 2, 3)
+    ]
+    resumed = [
+        {"epoch": e, "steps": 10 * e, "seconds": 0.1, "time": 9000.0 + 2 * e, "resumed_from": 2}
+        for e in (3, 4, 5)
+    ]
+    budget = node_budget({"epochs": 10}, before + resumed)
+    assert budget is not None and budget.per_epoch_s == 2.0 and budget.left_s == 5 * 2.0
+    steps = node_budget({"steps": 200, "epochs": None}, before + resumed)
+    assert steps is not None and steps.text == "step 50/200" and steps.left_s == 150 * 0.2
+    # one record of the current run: no pace yet, the epochs' own seconds stand in
+    single = node_budget({"epochs": 10}, [*before, resumed[0]])
+    assert single is not None and single.per_epoch_s == 0.1
