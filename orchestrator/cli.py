@@ -4,7 +4,7 @@ Commands::
 
     semicon-sweep --version
     semicon-sweep launch SPEC [--address A] [--storage DIR] [--dry-run [--json]] [--force] [--no-reuse]
-                              [--verify] [--allow-large-grid] [--force-unlock]
+                              [--verify] [--allow-large-grid] [--force-unlock] [--plain]
     semicon-sweep status STORAGE [--verify]
     semicon-sweep tabulate STORAGE [--metric M] [--by AXIS] [--format text|md|latex|csv] [--out FILE] [--baseline METHOD]
     semicon-sweep evaluate STORAGE --data ROOT [--batch-size N] [--device cpu|cuda]
@@ -196,11 +196,20 @@ def launch(
             "whose heartbeat is still fresh (only when you know that launch is gone).",
         ),
     ] = False,
+    plain: Annotated[
+        bool,
+        typer.Option(
+            "--plain",
+            help="Progress as plain lines even when stderr is a terminal (also "
+            "SEMICON_SWEEP_PLAIN=1 or TERM=dumb); a terminal otherwise gets a live table.",
+        ),
+    ] = False,
 ) -> None:
     """Plan a sweep and run it on Ray (or only print the plan with --dry-run).
 
     One launch at a time runs into a storage folder: it holds STORAGE/launch.lock while it runs,
-    and a second launch exits 2 naming the owner (orchestrator.lock).
+    and a second launch exits 2 naming the owner (orchestrator.lock). Progress goes to stderr:
+    a live table of the running nodes on a terminal, plain lines otherwise (orchestrator.progress).
     """
     from orchestrator.plan import build_plan
     from orchestrator.resources import check_local_resources
@@ -261,7 +270,7 @@ def launch(
     with bad_input():
         lock = acquire_lock(store.root, force_unlock=force_unlock)  # before anything is written
     with lock:
-        _run_locked(spec_path, spec, plan, store, existed, force, no_reuse)
+        _run_locked(spec_path, spec, plan, store, existed, force, no_reuse, plain)
 
 
 def check_datasets(plan: Plan, store: Any) -> None:
@@ -281,26 +290,25 @@ def _run_locked(
     existed: bool,
     force: bool,
     no_reuse: bool,
+    plain: bool = False,
 ) -> None:
     """``launch`` once it holds the storage's lock: claim, run, collect, exit."""
     # Ray itself is imported only inside run_sweep; execute's module level is Ray-free
     from orchestrator.execute import ClusterError, run_sweep
+    from orchestrator.progress import progress_view
     from orchestrator.session import sigterm_as_interrupt
     from orchestrator.tables import collect, format_table, paper_table, write_tables
 
     previous = store.sweep_path.read_bytes() if store.sweep_path.is_file() else None
     with bad_input():
         store.claim_sweep(spec, force=force, plan=plan)
-    launching = [
+    # a live table when stderr is a terminal, else plain lines (orchestrator.progress); the
+    # launch line waits for run_sweep's first line (Ray is up then), so that bad input found by
+    # run_sweep's checks is the only line printed
+    progress = progress_view(plain=plain, sink=log)
+    progress.hold(
         f"{PROG}: launching sweep '{spec.name}' ({len(plan.trials)} trials) into {spec.storage}"
-    ]
-
-    def progress(line: str) -> None:
-        # the launch line waits for run_sweep's first line (Ray is up then), so that bad input
-        # found by run_sweep's checks is the only line printed
-        while launching:
-            log(launching.pop())
-        log(line)
+    )
 
     try:
         # SIGTERM as KeyboardInterrupt from here on (not only while Ray runs), so the lock is

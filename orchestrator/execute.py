@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.progress import clock, print_progress, progress_callback
+from orchestrator.progress import ProgressView, as_view, clock, print_progress, progress_callback
 from orchestrator.resources import NODE_DRIVER_RESOURCES, node_concurrency, scaling_options
 from orchestrator.scheduler import DagScheduler
 from orchestrator.session import TRAIN_POLL_ENV, ClusterError, ray_session, train_env
@@ -254,7 +254,7 @@ def run_sweep(
     plan: Plan,
     store: StageStore,
     address: str | None = None,
-    progress: Callable[[str], None] = print_progress,
+    progress: Callable[[str], None] | ProgressView = print_progress,
     reuse: bool = True,
     placement_strategy: str = "PACK",
 ) -> SweepOutcome:
@@ -267,7 +267,9 @@ def run_sweep(
     node serves several trials is refused (``ValueError``). Either way a node already
     ``COMPLETE`` in the store is not run again: that is what makes a relaunch resume.
     ``placement_strategy``: of each node's Train workers (``PACK``, ``SPREAD``,
-    ``STRICT_PACK``, ``STRICT_SPREAD``). Progress lines go to ``progress``.
+    ``STRICT_PACK``, ``STRICT_SPREAD``). Progress goes to ``progress``: a view
+    (``orchestrator.progress.progress_view``: plain lines or a live table), entered once Ray is
+    up and left before Ray shuts down, or a line sink (plain lines).
     """
     strategies = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
     if placement_strategy not in strategies:
@@ -284,17 +286,20 @@ def run_sweep(
     spec = plan.spec
     address = address if address is not None else spec.ray.address
     check_tracking(spec)  # the CLI checks it earlier too; the address is checked on connecting
+    view = as_view(progress)
     started = time.monotonic()
     outcome = SweepOutcome(completed=[], failed={}, skipped={}, wall_s=0.0)
-    parents = _pending_nodes(plan, store, progress, outcome)
+    parents = _pending_nodes(plan, store, view, outcome)
     if parents:  # a complete sweep's relaunch does not start (or join) Ray
         # the data is read, checked and cached before Ray starts: a bad file costs no start-up
         caches: dict[str, str] = {}
         _prepare_caches([plan.nodes[key] for key in parents], store, caches)
-        with ray_session(address):
-            _run_nodes(plan, store, parents, caches, progress, placement_strategy, outcome, started)
+        # the view (a live table on a terminal) goes first on the way out: an interruption's
+        # lines and the summary below print as plain lines
+        with ray_session(address), view:
+            _run_nodes(plan, store, parents, caches, view, placement_strategy, outcome, started)
     outcome.wall_s = time.monotonic() - started
-    progress(
+    view(
         f"[{clock(outcome.wall_s)}] sweep {spec.name}: {len(outcome.completed)} nodes completed, "
         f"{len(outcome.already_complete)} already complete, {len(outcome.failed)} failed, "
         f"{len(outcome.skipped)} skipped"

@@ -4,11 +4,11 @@
 level is ``orchestrator.spec.TOP_LEVEL_KEYS`` (a key without a builder here fails loudly); the
 sections are the config dataclasses (``config_sections``: dataset, split, model and
 ``stages.<kind>`` for every registered kind, plus ``Resources``, ``RayConfig``,
-``TrackingConfig``) with each field's type from its annotation, its default, and the ``enum`` of
-a ``trainers.config.choice`` field; the methods come from ``trainers.methods.METHODS`` and the
-``grid`` keys (those of a ``linked`` case too) from the named axes and every
-``<section>.<field>``. Wherever a list makes an axis, Ray Tune's ``{grid_search: [...]}`` is
-described as the same list. Every mapping the loader checks for unknown keys has
+``TrackingConfig`` with its nested ``WandbConfig``) with each field's type from its annotation,
+its default, and the ``enum`` of a ``trainers.config.choice`` field; the methods come from
+``trainers.methods.METHODS`` and the ``grid`` keys (those of a ``linked`` case too) from the
+named axes and every ``<section>.<field>``. Wherever a list makes an axis, Ray Tune's
+``{grid_search: [...]}`` is described as the same list. Every mapping the loader checks for unknown keys has
 ``additionalProperties: false``.
 
 The schema describes the file as YAML 1.2 editors read it (``1e-4`` is a number there; the loader
@@ -100,7 +100,8 @@ def field_schema(cls: type, name: str) -> dict[str, Any]:
 
 
 def type_schema(annotation: Any) -> dict[str, Any]:
-    """The JSON Schema of a config field's annotation (scalars, ``X | None``, tuples, augment)."""
+    """The JSON Schema of a config field's annotation (scalars, ``X | None``, tuples, augment, a
+    nested config dataclass)."""
     if annotation in _SCALARS:
         return {"type": _SCALARS[annotation]}
     if annotation is AugmentConfig:
@@ -109,6 +110,8 @@ def type_schema(annotation: Any) -> dict[str, Any]:
             "description": "false: no augmentation; true or null: the stage's defaults; a "
             "mapping changes only the keys it names",
         }
+    if dataclasses.is_dataclass(annotation):  # a nested section, e.g. tracking.wandb
+        return _config_object(annotation)
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
         inner = [type_schema(a) for a in args if a is not type(None)]

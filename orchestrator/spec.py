@@ -25,7 +25,7 @@ Layout of a spec (every section optional except ``name``)::
                 max_concurrent_trials: null, checkpoint_every: 1, max_failures: 1}
     storage: results/<name>                # default; relative paths are taken from the CWD
     ray: {address: null}
-    tracking: {mlflow_uri: null, tensorboard: false}
+    tracking: {mlflow_uri: null, tensorboard: false, wandb: null}  # wandb: {project: ...}
 
 Grid axes: the top-level ``method`` / ``label_fraction`` / ``seed`` / ``split_index`` written as
 lists come first (axes named ``method``, ``label_fraction``, ``seed``, ``split``), in the order
@@ -66,10 +66,12 @@ from trainers.config import (
     ModelConfig,
     SplitConfig,
     StageConfigs,
+    check_choices,
     check_non_negative,
     check_non_negative_int,
     check_positive,
     check_positive_int,
+    choice,
     from_dict,
     hash_form,
     parse_number,
@@ -262,12 +264,40 @@ class RayConfig:
             )
 
 
+WANDB_MODES = (None, "online", "offline", "disabled")
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    """Weights & Biases through Ray Tune's ``WandbLoggerCallback``: one W&B run per stage node.
+
+    ``project`` and ``group`` default to the sweep's name, ``entity`` to the W&B account's
+    default; ``mode`` null leaves it to W&B (``WANDB_MODE``, else online), ``offline`` writes the
+    runs beside each node's Tune trial for a later ``wandb sync``."""
+
+    project: str | None = None
+    entity: str | None = None
+    group: str | None = None
+    mode: str | None = choice(None, WANDB_MODES)
+
+    def __post_init__(self) -> None:
+        for name in ("project", "entity", "group"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(
+                    f"tracking.wandb.{name}: must be a non-empty string or null, got {value!r}"
+                )
+        check_choices("tracking.wandb", self)
+
+
 @dataclass(frozen=True)
 class TrackingConfig:
-    """Optional experiment trackers fed by the executor (MLflow URI, TensorBoard event files)."""
+    """Optional experiment trackers fed by the executor (MLflow URI, TensorBoard event files,
+    Weights & Biases)."""
 
     mlflow_uri: str | None = None
     tensorboard: bool = False
+    wandb: WandbConfig | None = None
 
     def __post_init__(self) -> None:
         if self.mlflow_uri is not None and (
@@ -279,6 +309,13 @@ class TrackingConfig:
         if not isinstance(self.tensorboard, bool):
             raise ConfigError(
                 f"tracking.tensorboard: must be true or false, got {self.tensorboard!r}"
+            )
+        if isinstance(self.wandb, Mapping):  # as written in the spec (or sweep.json)
+            object.__setattr__(self, "wandb", from_dict(WandbConfig, self.wandb, "tracking.wandb"))
+        elif self.wandb is not None and not isinstance(self.wandb, WandbConfig):
+            raise ConfigError(
+                "tracking.wandb: must be a mapping (project, entity, group, mode; {} for the "
+                f"defaults) or null, got {self.wandb!r}"
             )
 
 

@@ -42,7 +42,7 @@ from typing import Any, NamedTuple
 import pandas as pd
 
 from orchestrator.plan import Plan, Trial
-from orchestrator.progress import clock
+from orchestrator.progress import clock, node_budget
 from orchestrator.spec import NAMED_AXES
 from orchestrator.stats import PAIRED_COLUMNS, collapsed, converged
 from orchestrator.store import StageStore, atomic_write, environment_info
@@ -117,23 +117,12 @@ def node_state(plan: Plan, store: StageStore, key: str) -> str:
 
 def node_progress(plan: Plan, store: StageStore, key: str) -> str:
     """A started node's progress in words: budget done, time per epoch and an estimate of the
-    time left (from its own epoch records), e.g. "step 648/1200, 4.1 s/epoch, about 0:01:40
-    left"."""
-    records = store.read_epochs(key)
-    if not records:
+    time left (from its own epoch records, ``orchestrator.progress.node_budget``), e.g.
+    "step 648/1200, 4.1 s/epoch, about 0:01:40 left"."""
+    budget = node_budget(plan.nodes[key].config, store.read_epochs(key))
+    if budget is None:
         return "not started"
-    last, config = records[-1], plan.nodes[key].config
-    per_epoch = sum(float(r.get("seconds", 0.0)) for r in records) / len(records)
-    if config.get("steps") is not None:
-        done, total = int(last.get("steps", 0)), int(config["steps"])
-        budget = f"step {done}/{total}"
-        per_step = per_epoch * len(records) / max(done, 1)
-        left = (total - done) * per_step
-    else:
-        done, total = int(last.get("epoch", 0)), int(config.get("epochs") or 0)
-        budget = f"epoch {done}/{total}"
-        left = (total - done) * per_epoch
-    return f"{budget}, {per_epoch:.1f} s/epoch, about {clock(left)} left"
+    return f"{budget.text}, {budget.per_epoch_s:.1f} s/epoch, about {clock(budget.left_s)} left"
 
 
 def trial_status(trial: Trial, store: StageStore) -> tuple[str, str | None]:

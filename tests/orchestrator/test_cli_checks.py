@@ -240,6 +240,7 @@ def test_allowed_large_grid_dry_run_counts_without_building(
             "resources.cpus_per_worker",
         ),
         ("tracking: {mlflow_uri: 'file:///tmp/x'}\n", "tracking.mlflow_uri"),
+        ("tracking: {wandb: {project: p, mode: offline}}\n", "tracking.wandb"),
     ],
 )
 def test_checks_before_ray_exit_2_and_write_nothing(
@@ -250,8 +251,9 @@ def test_checks_before_ray_exit_2_and_write_nothing(
     extra: str,
     key: str,
 ) -> None:
-    if key.startswith("tracking") and importlib.util.find_spec("mlflow") is not None:
-        pytest.skip("mlflow is installed here: the tracking check passes")
+    package = {"tracking.mlflow_uri": "mlflow", "tracking.wandb": "wandb"}.get(key)
+    if package is not None and importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is installed here: the tracking check passes")
     monkeypatch.setitem(sys.modules, "orchestrator.execute", fake_executor())
     storage = tmp_path / "storage"
     args = ["launch", str(write_spec(tmp_path, SPEC + extra)), "--storage", str(storage)]

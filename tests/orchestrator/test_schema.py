@@ -144,7 +144,18 @@ BROKEN = {
         lambda s: s.update(grid={"stages.local.temperature": {"uniform": [0.1, 1]}}),
         "uniform",
     ),
+    "wandb key": (lambda s: s.update(tracking={"wandb": {"projct": "semicon"}}), "projct"),
+    "wandb mode": (lambda s: s.update(tracking={"wandb": {"mode": "offlne"}}), "offlne"),
 }
+
+
+@pytest.mark.parametrize("validator", VALIDATORS)
+def test_tracking_with_wandb_validates(validator: str) -> None:
+    spec = copy.deepcopy(load(REPO / "search_spaces" / "quickstart.yaml"))
+    spec["tracking"] = {"tensorboard": True, "wandb": {"project": "semicon", "mode": "offline"}}
+    assert validation_errors(spec, validator) == []
+    spec["tracking"]["wandb"] = None
+    assert validation_errors(spec, validator) == []
 
 
 @pytest.mark.parametrize("validator", VALIDATORS)

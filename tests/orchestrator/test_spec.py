@@ -115,7 +115,14 @@ BAD_SPECS = {
     ),
     "unknown resources key": (GOOD + "resources: {gpus: 1}\n", "resources.gpus"),
     "unknown ray key": (GOOD + "ray: {adress: auto}\n", "ray.adress"),
-    "unknown tracking key": (GOOD + "tracking: {wandb: true}\n", "tracking.wandb"),
+    "unknown tracking key": (GOOD + "tracking: {neptune: true}\n", "tracking.neptune"),
+    "wandb not a mapping": (
+        GOOD + "tracking: {wandb: true}\n",
+        "tracking.wandb: must be a mapping (project, entity, group, mode",
+    ),
+    "unknown wandb key": (GOOD + "tracking: {wandb: {projct: p}}\n", "tracking.wandb.projct"),
+    "bad wandb mode": (GOOD + "tracking: {wandb: {mode: offlne}}\n", "tracking.wandb.mode"),
+    "empty wandb project": (GOOD + "tracking: {wandb: {project: ''}}\n", "tracking.wandb.project"),
     "missing data root": (
         good_with(dataset="dataset: {kind: msd, root: /nonexistent/semicon/data, image_size: 32}"),
         "dataset.root: no such folder: /nonexistent/semicon/data",
@@ -360,11 +367,16 @@ def test_spec_hash_ignores_resources_storage_ray_tracking(tmp_path: Path) -> Non
             tmp_path,
             GOOD
             + "resources: {workers_per_trial: 2, cpus_per_worker: 2}\nstorage: elsewhere\n"
-            + "ray: {address: auto}\ntracking: {tensorboard: true}\n",
+            + "ray: {address: auto}\n"
+            + "tracking: {tensorboard: true, wandb: {project: p, mode: offline}}\n",
             "b.yaml",
         )
     )
     assert other.spec_hash == base.spec_hash
+    assert other.tracking.wandb is not None and other.tracking.wandb.project == "p"
+    assert base.tracking.wandb is None  # off unless written
+    rebuilt = spec_from_mapping(other.to_dict())  # as sweep.json records it
+    assert rebuilt.tracking == other.tracking and rebuilt.spec_hash == base.spec_hash
     assert other.resources.workers_per_trial == 2 and other.ray.address == "auto"
     changed = load_spec(write(tmp_path, GOOD.replace("seed: 0", "seed: 1"), "c.yaml"))
     assert changed.spec_hash != base.spec_hash
