@@ -95,13 +95,35 @@ def check_address(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
     if target is None:
         return
     try:
-        with socket.create_connection(target, timeout=timeout_s):
-            pass
+        with socket.create_connection(target, timeout=timeout_s) as conn:
+            speaks_grpc = _answers_http2(conn)
     except OSError as err:
         reason = err.strerror or type(err).__name__
         if isinstance(err, TimeoutError | socket.timeout):
             reason = f"no answer within {timeout_s:g} s"
         raise ClusterError(f"cannot reach the Ray cluster at {address}: {reason}") from None
+    if not speaks_grpc:
+        # ray.init would retry for minutes, printing Ray's C++ connection warnings
+        raise ClusterError(
+            f"{address} answers but is not a Ray cluster (no gRPC there): check the host and port"
+        )
+
+
+# The HTTP/2 client preface and an empty SETTINGS frame: a gRPC server (Ray's GCS, the Ray
+# Client server) answers with a SETTINGS frame (frame type 4 in the 4th byte of its header).
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def _answers_http2(conn: socket.socket) -> bool:
+    """Whether the server behind ``conn`` answers the HTTP/2 preface with a SETTINGS frame."""
+    conn.sendall(_HTTP2_PREFACE)
+    header = b""
+    while len(header) < 9:
+        chunk = conn.recv(9 - len(header))
+        if not chunk:
+            return False
+        header += chunk
+    return header[3] == 0x04
 
 
 def system_temp_dir() -> Path:

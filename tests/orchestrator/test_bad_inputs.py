@@ -142,7 +142,31 @@ def _locked(folder: Path) -> list[str]:
     return _spec(folder)
 
 
-_HELD: list = []
+_HELD: list = []  # locks and servers a case holds while its command runs
+
+
+def _http_server(folder: Path) -> list[str]:
+    """An --address where something answers, but HTTP/1.1, not Ray's gRPC."""
+    import http.server
+    import threading
+
+    class Quiet(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _HELD.append(_Stopper(server))
+    return [*_spec(folder), "--address", f"127.0.0.1:{server.server_address[1]}"]
+
+
+@dataclass
+class _Stopper:
+    server: object
+
+    def release(self) -> None:
+        self.server.shutdown()  # type: ignore[attr-defined]
+        self.server.server_close()  # type: ignore[attr-defined]
 
 
 def _no_sweep(command: str) -> Callable[[Path], list[str]]:
@@ -287,6 +311,7 @@ CASES: dict[str, Case] = {
             lambda f: [*_spec(f), "--address", "127.0.0.1:1"],
             "127.0.0.1:1",
         ),
+        Case("cluster", "--address of something that is not Ray", _http_server, "not a Ray"),
     ]
 }
 
@@ -347,6 +372,14 @@ def test_bad_input_exits_2_with_one_line_and_touches_nothing(what: str, tmp_path
 _OWNER = "host <host>, pid <pid>, started <time>"
 
 
+def _normalise(message: str, folder: Path) -> str:
+    """``message`` without what changes from run to run: the folder, pids, times, ports."""
+    message = message.replace(str(folder), "<tmp>")
+    message = re.sub(r"host \S+, pid \d+, started [\d-]+ [\d:]+", _OWNER, message)
+    message = re.sub(r"kill \d+", "kill <pid>", message)
+    return re.sub(r"127\.0\.0\.1:\d{3,}", "127.0.0.1:<port>", message)
+
+
 NOT_DRY_RUN = (
     "--json without --dry-run",
     "status of a folder without a sweep",
@@ -365,8 +398,8 @@ def test_dry_run_reports_the_same_line(what: str, tmp_path: Path) -> None:
     if what == "storage held by a running launch":  # a dry run only reads: it notes the owner
         assert dry[0] == 0 and "is in use by a launch (host" in dry[2]
         return
-    expected = _one_line(*launch[:3]).replace(str(tmp_path / "launch"), "<tmp>")
-    assert _one_line(*dry[:3]).replace(str(tmp_path / "dry"), "<tmp>") == expected
+    expected = _normalise(_one_line(*launch[:3]), tmp_path / "launch")
+    assert _normalise(_one_line(*dry[:3]), tmp_path / "dry") == expected
     assert dry[3] == dry[4]  # nothing written
 
 
@@ -377,9 +410,7 @@ def render() -> str:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp).resolve()
             code, _, stderr, _, _ = run_case(case, folder)
-        message = stderr.strip().replace(str(folder), "<tmp>")
-        message = re.sub(r"host \S+, pid \d+, started [\d-]+ [\d:]+", _OWNER, message)
-        message = re.sub(r"kill \d+", "kill <pid>", message)
+        message = _normalise(stderr.strip(), folder)
         message = message.removeprefix("semicon-sweep: error: ").replace("|", "\\|")
         rows.append(f"| {case.group} | {case.what} | {code} | `{message}` |")
     return (
@@ -392,6 +423,29 @@ def render() -> str:
         "a dry run only reads, so it notes the owner and goes on. `<tmp>` is the case's folder.\n\n"
         "| input | case | exit | message |\n|---|---|---|---|\n" + "\n".join(rows) + "\n"
     )
+
+
+def test_a_grpc_server_passes_the_address_probe() -> None:
+    """The probe's other side: a server answering the HTTP/2 preface with SETTINGS is taken for
+    Ray (so the probe refuses only what cannot be a Ray cluster)."""
+    import socket
+    import threading
+
+    from orchestrator.session import check_address
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def answer() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(64)
+            conn.sendall(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    with listener:
+        check_address(f"127.0.0.1:{listener.getsockname()[1]}")
+    thread.join(timeout=5)
 
 
 def test_docs_table_is_current() -> None:
