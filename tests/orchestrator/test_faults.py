@@ -152,8 +152,9 @@ METRICS = [
 def test_random_kills_then_relaunch_equal_an_uninterrupted_run(
     ray_cluster: str, tmp_path: Path
 ) -> None:
-    """At least 5 ``kill -9`` at random moments, each of the driver (then relaunched) or of a
-    Train worker (Train restarts it from the last checkpoint), until the sweep completes; its
+    """At least 5 ``kill -9`` at random moments, in turn of a Train worker (Train restarts the
+    worker group from the last checkpoint) and of the driver (then relaunched), until the sweep
+    completes; its
     trials table equals an uninterrupted run's exactly, and no node ran twice to completion."""
     rng = random.Random(20261130)
     spec_path = write_tiny_spec(
@@ -204,8 +205,14 @@ def test_random_kills_then_relaunch_equal_an_uninterrupted_run(
             time.sleep(rng.uniform(0.0, 1.0))
             if driver.poll() is not None or len(kills) >= 8:
                 continue
+            # alternate the target; a worker is looked for for up to 3 s (between two nodes
+            # there is none), else the driver goes
             workers = _train_workers()
-            if workers and rng.random() < 0.5:
+            patience = time.monotonic() + 3
+            while len(kills) % 2 == 0 and not workers and time.monotonic() < patience:
+                time.sleep(0.05)
+                workers = _train_workers()
+            if len(kills) % 2 == 0 and workers:
                 os.kill(rng.choice(workers), signal.SIGKILL)
                 kills.append("worker")
             else:
@@ -219,7 +226,7 @@ def test_random_kills_then_relaunch_equal_an_uninterrupted_run(
         _wait_until_released()
     assert driver.returncode == 0, err[-2000:]
     assert len(kills) >= 5, f"only {len(kills)} kills ({kills}): the sweep finished too fast"
-    assert "driver" in kills, kills
+    assert kills.count("driver") >= 2 and kills.count("worker") >= 2, kills
     print(f"kills: {kills}")
 
     got = pd.read_parquet(storage / "tables" / "trials.parquet")
