@@ -34,7 +34,7 @@ from trainers.point import NAMED_CHECKS, TrialPoint, spec_key
 
 @dataclass(frozen=True)
 class Spec:
-    """A validated sweep specification (see the module docstring for the YAML layout).
+    """A validated sweep specification (the YAML layout: ``orchestrator.spec``).
 
     ``method``, ``label_fraction``, ``seed`` and ``split_index`` hold the base values (one value
     each unless written as a list; a named value set by a linked group holds that group's
