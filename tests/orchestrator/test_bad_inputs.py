@@ -21,7 +21,6 @@ import os
 import re
 import sys
 import tempfile
-import textwrap
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from typer.testing import CliRunner
 
 from orchestrator import execute
 from orchestrator.cli import app
+from tests.orchestrator.specs import write_spec
 from trainers.synthetic import write_synthetic_msd
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "BAD_INPUTS.md"
@@ -58,9 +58,9 @@ class Case:
 
 
 def _spec(folder: Path, text: str = SPEC, *, storage: bool = True) -> list[str]:
-    path = folder / "spec.yaml"
-    path.write_text(textwrap.dedent(text))
-    return ["launch", str(path)] + (["--storage", str(folder / "storage")] if storage else [])
+    return ["launch", str(write_spec(folder, text))] + (
+        ["--storage", str(folder / "storage")] if storage else []
+    )
 
 
 def _spec_with(extra: str) -> Callable[[Path], list[str]]:

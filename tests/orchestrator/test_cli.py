@@ -20,30 +20,14 @@ from orchestrator.cli import app
 from orchestrator.plan import Plan, build_plan
 from orchestrator.spec import load_spec
 from orchestrator.store import StageStore
+from tests.orchestrator.specs import CLI_SPEC, write_spec
 
 REPO = Path(__file__).resolve().parents[2]
-
-SPEC = """
-name: cli-test
-dataset: {kind: synthetic, image_size: 32, synthetic_cases: 8}
-model: {base_channels: 4, depth: 2}
-method: [global, global+local_block]
-label_fraction: [0.2, 0.5]
-seed: [0, 1]
-stages:
-  local: {block_size: 8}
-"""
 
 
 @pytest.fixture
 def runner() -> CliRunner:
     return CliRunner()
-
-
-def write_spec(tmp_path: Path, text: str = SPEC, name: str = "spec.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(text))
-    return path
 
 
 def one_error_line(stderr: str) -> str:
@@ -151,23 +135,23 @@ def test_dry_run_shows_linked_values(runner: CliRunner, tmp_path: Path) -> None:
 
 
 BAD = {
-    "unknown key": (SPEC + "epoch: 3\n", "epoch: unknown key"),
+    "unknown key": (CLI_SPEC + "epoch: 3\n", "epoch: unknown key"),
     "bad temperature": (
-        SPEC + "grid:\n  stages.local.temperature: [-1]\n",
+        CLI_SPEC + "grid:\n  stages.local.temperature: [-1]\n",
         "grid.stages.local.temperature",
     ),
     "unknown method": (
-        SPEC.replace("method: [global, global+local_block]", "method: simclr"),
+        CLI_SPEC.replace("method: [global, global+local_block]", "method: simclr"),
         "method",
     ),
     "malformed": ("name: x\nmodel: [1, 2\n", "malformed YAML at line"),
     "linked cases naming other keys": (
-        SPEC + "linked:\n  - - {stages.local.stride: 2, model.depth: 2}\n"
+        CLI_SPEC + "linked:\n  - - {stages.local.stride: 2, model.depth: 2}\n"
         "    - {stages.local.stride: 4}\n",
         "linked[0][1]: every case of a group names the keys of its first",
     ),
     "tune sampler": (
-        SPEC + "grid:\n  stages.local.temperature: {loguniform: [0.01, 1]}\n",
+        CLI_SPEC + "grid:\n  stages.local.temperature: {loguniform: [0.01, 1]}\n",
         "grid.stages.local.temperature: loguniform samples at random",
     ),
 }
@@ -277,7 +261,7 @@ def test_storage_conflict_exits_2_before_writing(
 ) -> None:
     monkeypatch.setitem(sys.modules, "orchestrator.execute", fake_executor())
     storage = tmp_path / "storage"
-    other_path = write_spec(tmp_path, SPEC.replace("seed: [0, 1]", "seed: 5"), "other.yaml")
+    other_path = write_spec(tmp_path, CLI_SPEC.replace("seed: [0, 1]", "seed: 5"), "other.yaml")
     other = load_spec(other_path, overrides={"storage": str(storage)})
     StageStore(storage).claim_sweep(other)
     before = (storage / "sweep.json").read_bytes()

@@ -21,7 +21,8 @@ from orchestrator.session import ClusterError
 from orchestrator.spec import Resources, load_spec
 from orchestrator.store import StageStore
 from tests.orchestrator import test_cli
-from tests.orchestrator.test_cli import SPEC, fake_executor, one_error_line, write_spec
+from tests.orchestrator.specs import CLI_SPEC, write_spec
+from tests.orchestrator.test_cli import fake_executor, one_error_line
 
 # test_cli's ``finished``: a storage after a launch where seed 1's global pretraining failed
 failed_sweep = test_cli.finished
@@ -36,7 +37,7 @@ def rows(stdout: str) -> dict[str, list[str]]:
 
 @pytest.fixture
 def complete(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, runner: CliRunner) -> Plan:
-    """Every node of SPEC complete in ``tmp_path / storage`` (a launch with a stand-in executor)."""
+    """Every node of CLI_SPEC complete in ``tmp_path / storage`` (a launch with a stand-in executor)."""
     monkeypatch.setitem(sys.modules, "orchestrator.execute", fake_executor())
     storage = tmp_path / "storage"
     result = runner.invoke(app, ["launch", str(write_spec(tmp_path)), "--storage", str(storage)])
@@ -256,7 +257,7 @@ def test_checks_before_ray_exit_2_and_write_nothing(
         pytest.skip(f"{package} is installed here: the tracking check passes")
     monkeypatch.setitem(sys.modules, "orchestrator.execute", fake_executor())
     storage = tmp_path / "storage"
-    args = ["launch", str(write_spec(tmp_path, SPEC + extra)), "--storage", str(storage)]
+    args = ["launch", str(write_spec(tmp_path, CLI_SPEC + extra)), "--storage", str(storage)]
     result = runner.invoke(app, args + (["--dry-run"] if dry_run else []))
     assert result.exit_code == 2, result.output
     assert f": {key}: " in one_error_line(result.stderr)
@@ -278,7 +279,7 @@ def test_local_resources_only_bind_a_local_ray() -> None:
 
 
 def test_duplicate_spec_key_exits_2(runner: CliRunner, tmp_path: Path) -> None:
-    spec = write_spec(tmp_path, SPEC + "seed: 3\n")
+    spec = write_spec(tmp_path, CLI_SPEC + "seed: 3\n")
     result = runner.invoke(app, ["launch", str(spec), "--dry-run"])
     assert result.exit_code == 2
     assert one_error_line(result.stderr).endswith(f"{spec}: seed: written twice (lines 7 and 10)")

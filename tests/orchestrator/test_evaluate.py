@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,8 +25,8 @@ from typer.testing import CliRunner
 import orchestrator.evaluate as external
 from orchestrator.cli import app
 from orchestrator.plan import Plan, build_plan
-from orchestrator.spec import load_spec
 from orchestrator.store import StageStore
+from tests.orchestrator.specs import spec_of
 from trainers.config import DataConfig, ModelConfig
 from trainers.data import prepare_slices
 from trainers.model import UNet
@@ -64,9 +63,7 @@ def constant_model_state(klass: int, seed: int) -> dict[str, torch.Tensor]:
 def sweep(tmp_path: Path) -> tuple[Plan, StageStore]:
     """8 trials; random's fine-tuned models are shared across the two temperatures (6 distinct
     finetune nodes), one of which failed: 5 models to evaluate for 7 ok trials."""
-    path = tmp_path / "spec.yaml"
-    path.write_text(textwrap.dedent(SPEC))
-    spec = load_spec(path, overrides={"storage": str(tmp_path / "storage")})
+    spec = spec_of(tmp_path, SPEC)
     plan = build_plan(spec)
     store = StageStore(spec.storage)
     store.claim_sweep(spec, plan=plan)
@@ -251,9 +248,7 @@ def test_declared_class_count_mismatch_names_dataset_json(
 def test_nothing_finished_or_bad_options_exit_2(
     runner: CliRunner, tmp_path: Path, external_root: Path
 ) -> None:
-    path = tmp_path / "spec.yaml"
-    path.write_text(textwrap.dedent(SPEC))
-    spec = load_spec(path, overrides={"storage": str(tmp_path / "pending")})
+    spec = spec_of(tmp_path, SPEC, storage="pending")
     StageStore(spec.storage).claim_sweep(spec, plan=build_plan(spec))
     cases = {
         "no finished fine-tuning node": [spec.storage],

@@ -35,7 +35,7 @@ from orchestrator.spec import load_spec
 from orchestrator.store import StageStore
 from orchestrator.tables import format_table, paper_table
 from tests.orchestrator.conftest import ray_test_env
-from tests.orchestrator.test_cli import write_spec
+from tests.orchestrator.specs import write_spec
 from tests.orchestrator.test_execute import REPO_ROOT
 from tests.orchestrator.test_execute import write_spec as write_tiny_spec
 

@@ -28,7 +28,8 @@ from orchestrator.lock import (
     read_owner,
 )
 from tests.orchestrator.conftest import REPO_ROOT
-from tests.orchestrator.test_cli import fake_executor, one_error_line, write_spec
+from tests.orchestrator.specs import write_spec
+from tests.orchestrator.test_cli import fake_executor, one_error_line
 
 
 def write_lock(root: Path, **changes: object) -> LockOwner:

@@ -6,15 +6,14 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
 from orchestrator.plan import Plan, build_plan
-from orchestrator.spec import Spec, load_spec
 from orchestrator.store import StageStore
+from tests.orchestrator.specs import spec_of
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -32,18 +31,12 @@ stages:
 """
 
 
-def spec_of(tmp_path: Path, text: str = BASE, name: str = "spec.yaml") -> Spec:
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(text))
-    return load_spec(path, overrides={"storage": str(tmp_path / "storage")})
-
-
 def stage_counts(plan: Plan) -> dict[str, int]:
     return {stage: counts["nodes"] for stage, counts in plan.summary()["stages"].items()}
 
 
 def test_trials_follow_grid_order(tmp_path: Path) -> None:
-    plan = build_plan(spec_of(tmp_path))
+    plan = build_plan(spec_of(tmp_path, BASE))
     assert [t.trial_id for t in plan.trials] == [f"t{i:04d}" for i in range(8)]
     first, last = plan.trials[0], plan.trials[-1]
     assert (first.method, first.label_fraction, first.seed) == ("global", 0.2, 0)
@@ -54,7 +47,7 @@ def test_trials_follow_grid_order(tmp_path: Path) -> None:
 
 
 def test_reuse_counts(tmp_path: Path) -> None:
-    plan = build_plan(spec_of(tmp_path))
+    plan = build_plan(spec_of(tmp_path, BASE))
     # one global pretraining per seed serves both methods and both fractions;
     # supervised local depends on (fraction, seed); finetune on everything
     assert stage_counts(plan) == {"global": 2, "local": 4, "finetune": 8}
@@ -77,13 +70,13 @@ def test_temperature_grid_shares_global_and_unlabelled_nodes(tmp_path: Path) -> 
 
 
 def test_no_reuse_gives_one_node_per_trial_and_stage(tmp_path: Path) -> None:
-    plan = build_plan(spec_of(tmp_path), reuse=False)
+    plan = build_plan(spec_of(tmp_path, BASE), reuse=False)
     with_local = sum(1 for t in plan.trials if "local" in t.nodes)
     assert stage_counts(plan) == {"global": 8, "local": with_local, "finetune": 8}
 
 
 def test_levels_by_depth(tmp_path: Path) -> None:
-    plan = build_plan(spec_of(tmp_path))
+    plan = build_plan(spec_of(tmp_path, BASE))
     assert [len(level) for level in plan.levels] == [2, 4 + 4, 4]
     for depth, level in enumerate(plan.levels):
         for key in level:
@@ -104,7 +97,7 @@ def keys_by_trial(plan: Plan) -> dict[str, dict[str, str]]:
 
 
 def test_upstream_change_propagates_to_children_only(tmp_path: Path) -> None:
-    base = build_plan(spec_of(tmp_path))
+    base = build_plan(spec_of(tmp_path, BASE))
     warmer = build_plan(
         spec_of(tmp_path, BASE.replace("temperature: 0.5", "temperature: 0.7"), "b.yaml")
     )
@@ -128,7 +121,7 @@ def test_split_repeats_do_not_change_keys(tmp_path: Path) -> None:
 
 
 def test_keys_stable_across_processes(tmp_path: Path) -> None:
-    spec = spec_of(tmp_path)
+    spec = spec_of(tmp_path, BASE)
     here = keys_by_trial(build_plan(spec))
     code = (
         "import json, sys\n"
@@ -152,7 +145,7 @@ def test_keys_stable_across_processes(tmp_path: Path) -> None:
 
 
 def test_summary_counts_completed_nodes(tmp_path: Path) -> None:
-    plan = build_plan(spec_of(tmp_path))
+    plan = build_plan(spec_of(tmp_path, BASE))
     store = StageStore(tmp_path / "storage")
     key = plan.levels[0][0]
     store.write_result(key, {"w": torch.zeros(1)}, {"loss": 1.0})
@@ -162,7 +155,7 @@ def test_summary_counts_completed_nodes(tmp_path: Path) -> None:
 
 
 def test_plan_round_trip(tmp_path: Path) -> None:
-    plan = build_plan(spec_of(tmp_path))
+    plan = build_plan(spec_of(tmp_path, BASE))
     data = json.loads(json.dumps(plan.to_dict()))
     again = Plan.from_dict(plan.spec, data)
     assert again.trials == plan.trials
@@ -201,7 +194,7 @@ def test_settings_a_stage_does_not_read_do_not_split_nodes(tmp_path: Path) -> No
 def test_world_size_and_device_change_keys_but_cpus_do_not(tmp_path: Path) -> None:
     """batch_size is per DDP rank and CUDA runs bf16: both change a stage's result, so a
     relaunch with other workers or GPUs must not reuse nodes computed the other way."""
-    base = keys_by_trial(build_plan(spec_of(tmp_path)))
+    base = keys_by_trial(build_plan(spec_of(tmp_path, BASE)))
     more_cpus = BASE + "resources: {cpus_per_worker: 2}\n"
     assert keys_by_trial(build_plan(spec_of(tmp_path, more_cpus, "cpus.yaml"))) == base
     for name, resources in [("ddp", "{workers_per_trial: 2}"), ("gpu", "{gpus_per_worker: 0.25}")]:
@@ -214,7 +207,7 @@ def test_world_size_and_device_change_keys_but_cpus_do_not(tmp_path: Path) -> No
 def test_validation_frequency_does_not_split_nodes(tmp_path: Path) -> None:
     sparse = BASE.replace("finetune: {lr: 0.0005}", "finetune: {lr: 0.0005, val_every: 5}")
     assert sparse != BASE
-    base = keys_by_trial(build_plan(spec_of(tmp_path)))
+    base = keys_by_trial(build_plan(spec_of(tmp_path, BASE)))
     assert keys_by_trial(build_plan(spec_of(tmp_path, sparse, "sparse.yaml"))) == base
 
 
@@ -224,7 +217,7 @@ def test_budget_kind_and_flip_axes_enter_keys_only_when_they_change_the_run(
     """A step budget is a different computation from an epoch budget (new keys); validation
     cadence in steps is not; flips bound from the dataset give the same key as the same flips
     written in the stage."""
-    base = keys_by_trial(build_plan(spec_of(tmp_path)))
+    base = keys_by_trial(build_plan(spec_of(tmp_path, BASE)))
     steps = BASE.replace("finetune: {lr: 0.0005}", "finetune: {lr: 0.0005, steps: 40}")
     stepped = keys_by_trial(build_plan(spec_of(tmp_path, steps, "steps.yaml")))
     assert all(stepped[t]["finetune"] != base[t]["finetune"] for t in base)

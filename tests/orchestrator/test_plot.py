@@ -4,7 +4,6 @@ PNG files written, display names, and exit 2 on a folder with nothing to plot.""
 from __future__ import annotations
 
 import math
-import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,9 +19,9 @@ from orchestrator.plot import PlotError, plot_sweep
 from orchestrator.plot.curves import val_dice_figure
 from orchestrator.plot.results import fraction_curves, heatmap_grids
 from orchestrator.plot.style import axis_label, metric_label
-from orchestrator.spec import load_spec
 from orchestrator.store import StageStore
 from orchestrator.tables import collect
+from tests.orchestrator.specs import spec_of
 from trainers.methods import display_name
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -80,9 +79,7 @@ def finished_sweep(
     tmp_path: Path, spec_text: str, dice: Callable[[Trial], float], name: str = "storage"
 ) -> tuple[Plan, StageStore]:
     """Every node complete, with a few epochs each; each finetune node gets ``dice``."""
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(textwrap.dedent(spec_text))
-    spec = load_spec(path, overrides={"storage": str(tmp_path / name)})
+    spec = spec_of(tmp_path, spec_text, f"{name}.yaml", storage=name)
     plan = build_plan(spec)
     store = StageStore(spec.storage)
     store.claim_sweep(spec, plan=plan)
@@ -268,9 +265,7 @@ def test_plot_exits_2_without_a_sweep_or_results(runner: CliRunner, tmp_path: Pa
     assert "no sweep.json" in one_error_line(result.stderr)
     assert list(empty.iterdir()) == []
 
-    path = tmp_path / "spec.yaml"
-    path.write_text(textwrap.dedent(FRACTION_SPEC))
-    spec = load_spec(path, overrides={"storage": str(tmp_path / "launched")})
+    spec = spec_of(tmp_path, FRACTION_SPEC, storage="launched")
     StageStore(spec.storage).claim_sweep(spec, plan=build_plan(spec))  # launched, nothing done
     result = runner.invoke(app, ["plot", spec.storage])
     assert result.exit_code == 2

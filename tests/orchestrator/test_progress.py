@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import re
-import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,14 +26,14 @@ from orchestrator.progress import (
     progress_view,
     use_live_view,
 )
-from orchestrator.spec import load_spec
 from orchestrator.store import StageStore
+from tests.orchestrator.specs import spec_of
 
 
 def test_a_line_per_node_start_and_end(tmp_path: Path) -> None:
-    path = tmp_path / "spec.yaml"
-    path.write_text(
-        textwrap.dedent(
+    plan = build_plan(
+        spec_of(
+            tmp_path,
             """
             name: progress-test
             dataset: {kind: synthetic, image_size: 32, synthetic_cases: 8}
@@ -42,10 +41,10 @@ def test_a_line_per_node_start_and_end(tmp_path: Path) -> None:
             method: global
             label_fraction: [0.25, 0.5]
             stages: {finetune: {epochs: 3}}
-            """
+            """,
+            storage="s",
         )
     )
-    plan = build_plan(load_spec(path, overrides={"storage": str(tmp_path / "s")}))
     store = StageStore(tmp_path / "s")
     lines: list[str] = []
     callback = progress_callback(plan, store, lines.append, sweep_start=0.0)
@@ -75,19 +74,19 @@ def test_trackers_see_the_grid_point_not_a_hash(tmp_path: Path) -> None:
     from orchestrator.execute import _dag_searcher, node_folder, node_title
     from orchestrator.scheduler import DagScheduler
 
-    path = tmp_path / "spec.yaml"
-    path.write_text(
-        textwrap.dedent(
+    plan = build_plan(
+        spec_of(
+            tmp_path,
             """
             name: tracking-names
             dataset: {kind: synthetic, image_size: 32, synthetic_cases: 8}
             model: {base_channels: 4, depth: 2}
             method: [global, random]
             label_fraction: [0.25, 0.5]
-            """
+            """,
+            storage="s",
         )
     )
-    plan = build_plan(load_spec(path, overrides={"storage": str(tmp_path / "s")}))
     store = StageStore(tmp_path / "s")
     shared = next(key for key, node in plan.nodes.items() if node.stage == "global")
     assert plan.node_point(shared) == {"stage": "global", "method": "global", "trials": 2}
@@ -123,9 +122,9 @@ class FakeClock:
 
 
 def small_plan(tmp_path: Path, epochs: int = 3) -> tuple[Plan, StageStore]:
-    path = tmp_path / "spec.yaml"
-    path.write_text(
-        textwrap.dedent(
+    plan = build_plan(
+        spec_of(
+            tmp_path,
             f"""
             name: live-view
             dataset: {{kind: synthetic, image_size: 32, synthetic_cases: 8}}
@@ -133,10 +132,10 @@ def small_plan(tmp_path: Path, epochs: int = 3) -> tuple[Plan, StageStore]:
             method: random
             label_fraction: [0.25, 0.5]
             stages: {{finetune: {{epochs: {epochs}}}}}
-            """
+            """,
+            storage="s",
         )
     )
-    plan = build_plan(load_spec(path, overrides={"storage": str(tmp_path / "s")}))
     return plan, StageStore(tmp_path / "s")
 
 

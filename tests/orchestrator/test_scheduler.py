@@ -9,7 +9,7 @@ import pytest
 from orchestrator.execute import grid_order
 from orchestrator.plan import build_plan
 from orchestrator.scheduler import DagScheduler
-from orchestrator.spec import load_spec
+from tests.orchestrator.specs import spec_of
 
 # g1 -> l1 -> f1, g1 -> l2 -> f2 (a shared global), r (random init: no parent), g2 -> f3
 PARENTS = {
@@ -92,15 +92,14 @@ def test_rejects_a_parent_outside_the_nodes_and_an_unknown_finish() -> None:
 def test_ready_fine_tunings_start_in_grid_order_not_by_depth(tmp_path: Path) -> None:
     """With the pretraining complete, the spec's first method's fine-tunings start before a
     later method's parentless ones: a sweep stopped part-way holds whole methods."""
-    spec_path = tmp_path / "spec.yaml"
-    spec_path.write_text(
+    text = (
         "name: order\n"
         "dataset: {kind: synthetic, image_size: 32, synthetic_cases: 8}\n"
         "model: {base_channels: 4, depth: 2}\n"
         "method: [global, random]\n"
         "label_fraction: [0.25, 0.5]\n"
     )
-    plan = build_plan(load_spec(spec_path, overrides={"storage": str(tmp_path / "s")}))
+    plan = build_plan(spec_of(tmp_path, text, storage="s"))
     order = grid_order(plan)
     pretrained = {trial.nodes["global"] for trial in plan.trials if "global" in trial.nodes}
     parents = {key: None for key in order if key not in pretrained}  # the global node is done

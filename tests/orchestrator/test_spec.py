@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.spec import SpecError, load_spec, spec_from_mapping
+from tests.orchestrator.specs import write_spec
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -24,12 +25,6 @@ stages:
 grid:
   stages.local.temperature: [0.1, 0.5]
 """
-
-
-def write(tmp_path: Path, text: str, name: str = "spec.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(text))
-    return path
 
 
 def good_with(**replacements: str) -> str:
@@ -296,7 +291,7 @@ def test_bad_spec_names_file_and_key(
 ) -> None:
     monkeypatch.delenv("SEMICON_TEST_UNSET", raising=False)
     text, expected = BAD_SPECS[case]
-    path = write(tmp_path, text)
+    path = write_spec(tmp_path, text)
     with pytest.raises(SpecError) as info:
         load_spec(path)
     message = str(info.value)
@@ -311,7 +306,7 @@ def test_missing_file_is_a_spec_error(tmp_path: Path) -> None:
 
 
 def test_good_spec_loads_with_axes_in_written_order(tmp_path: Path) -> None:
-    spec = load_spec(write(tmp_path, GOOD))
+    spec = load_spec(write_spec(tmp_path, GOOD))
     assert spec.name == "tiny"
     assert [name for name, _ in spec.axes] == [
         "method",
@@ -337,7 +332,7 @@ def test_variable_expansion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     text = good_with(
         dataset="dataset: {kind: msd, root: '${SEMICON_TEST_DATA}/data', image_size: 32}"
     )
-    spec = load_spec(write(tmp_path, text))
+    spec = load_spec(write_spec(tmp_path, text))
     assert spec.dataset.root == str(data)
 
 
@@ -352,18 +347,20 @@ def test_spec_hash_ignores_where_the_data_lives(
     for place in ("here", "there"):
         (tmp_path / place / "data").mkdir(parents=True)
         monkeypatch.setenv("SEMICON_TEST_DATA", str(tmp_path / place))
-        spec = load_spec(write(tmp_path, text, f"{place}.yaml"))
+        spec = load_spec(write_spec(tmp_path, text, f"{place}.yaml"))
         assert spec.dataset.root == str(tmp_path / place / "data")
         hashes.append(spec.spec_hash)
     assert hashes[0] == hashes[1]
-    resized = load_spec(write(tmp_path, text.replace("image_size: 32", "image_size: 48"), "r.yaml"))
+    resized = load_spec(
+        write_spec(tmp_path, text.replace("image_size: 32", "image_size: 48"), "r.yaml")
+    )
     assert resized.spec_hash != hashes[1]
 
 
 def test_spec_hash_ignores_resources_storage_ray_tracking(tmp_path: Path) -> None:
-    base = load_spec(write(tmp_path, GOOD, "a.yaml"))
+    base = load_spec(write_spec(tmp_path, GOOD, "a.yaml"))
     other = load_spec(
-        write(
+        write_spec(
             tmp_path,
             GOOD
             + "resources: {workers_per_trial: 2, cpus_per_worker: 2}\nstorage: elsewhere\n"
@@ -378,12 +375,12 @@ def test_spec_hash_ignores_resources_storage_ray_tracking(tmp_path: Path) -> Non
     rebuilt = spec_from_mapping(other.to_dict())  # as sweep.json records it
     assert rebuilt.tracking == other.tracking and rebuilt.spec_hash == base.spec_hash
     assert other.resources.workers_per_trial == 2 and other.ray.address == "auto"
-    changed = load_spec(write(tmp_path, GOOD.replace("seed: 0", "seed: 1"), "c.yaml"))
+    changed = load_spec(write_spec(tmp_path, GOOD.replace("seed: 0", "seed: 1"), "c.yaml"))
     assert changed.spec_hash != base.spec_hash
 
 
 def test_overrides_and_round_trip(tmp_path: Path) -> None:
-    spec = load_spec(write(tmp_path, GOOD), overrides={"storage": str(tmp_path / "s1")})
+    spec = load_spec(write_spec(tmp_path, GOOD), overrides={"storage": str(tmp_path / "s1")})
     assert spec.storage == str(tmp_path / "s1")
     moved = load_spec(
         spec.path, overrides={"storage": str(tmp_path / "s2"), "address": "ray://head:10001"}
@@ -398,14 +395,14 @@ def test_overrides_and_round_trip(tmp_path: Path) -> None:
 
 
 def test_split_index_defaults_to_every_split(tmp_path: Path) -> None:
-    spec = load_spec(write(tmp_path, GOOD + "split: {repeats: 3}\n"))
+    spec = load_spec(write_spec(tmp_path, GOOD + "split: {repeats: 3}\n"))
     assert ("split", (0, 1, 2)) in spec.axes
     assert spec.num_trials == 24
 
 
 def test_named_axis_in_grid(tmp_path: Path) -> None:
     text = GOOD.replace("seed: 0\n", "") + "  seed: [3, 4]\n"
-    spec = load_spec(write(tmp_path, text))
+    spec = load_spec(write_spec(tmp_path, text))
     assert spec.axes[-1] == ("seed", (3, 4))
     assert spec.seed == (3, 4)
     assert spec_from_mapping(spec.to_dict()).spec_hash == spec.spec_hash
@@ -483,7 +480,7 @@ def test_unknown_keys_suggest_the_closest_known_key(
     tmp_path: Path, text: str, expected: str
 ) -> None:
     with pytest.raises(SpecError) as info:
-        load_spec(write(tmp_path, text))
+        load_spec(write_spec(tmp_path, text))
     message = str(info.value)
     assert expected in message and "\n" not in message, message
 
@@ -491,7 +488,7 @@ def test_unknown_keys_suggest_the_closest_known_key(
 def test_unknown_key_without_a_close_one_has_no_suggestion(tmp_path: Path) -> None:
     text = good_with(**{"  local:": "  local: {block_size: 8, xyz: 1}"})
     with pytest.raises(SpecError, match=r"stages\.local\.xyz: unknown key \(known: ") as info:
-        load_spec(write(tmp_path, text))
+        load_spec(write_spec(tmp_path, text))
     assert "did you mean" not in str(info.value)
 
 
@@ -501,9 +498,9 @@ def test_numbers_pyyaml_reads_as_text_are_numbers(tmp_path: Path) -> None:
         label_fraction="label_fraction: [2e-1, 5E-1]",
         **{"  local:": "  local: {block_size: 8, lr: 1e-4}"},
     ).replace("temperature: [0.1, 0.5]", "temperature: [1e-1, 5e-1]")
-    spec = load_spec(write(tmp_path, short, "short.yaml"))
+    spec = load_spec(write_spec(tmp_path, short, "short.yaml"))
     spelled = load_spec(
-        write(tmp_path, short.replace("1e-4", "1.0e-4").replace("2e-1", "0.2"), "spelled.yaml")
+        write_spec(tmp_path, short.replace("1e-4", "1.0e-4").replace("2e-1", "0.2"), "spelled.yaml")
     )
     assert spec.stages.local.lr == 1e-4 and isinstance(spec.stages.local.lr, float)
     assert spec.label_fraction == (0.2, 0.5)
@@ -511,7 +508,7 @@ def test_numbers_pyyaml_reads_as_text_are_numbers(tmp_path: Path) -> None:
     assert spec.spec_hash == spelled.spec_hash
     bad = short.replace("lr: 1e-4", "lr: 1e-4x")
     with pytest.raises(SpecError, match=r"stages\.local\.lr: must be of type float, got '1e-4x'"):
-        load_spec(write(tmp_path, bad, "bad.yaml"))
+        load_spec(write_spec(tmp_path, bad, "bad.yaml"))
 
 
 # ---- linked groups and Ray Tune's grid_search ------------------------------------------------
@@ -531,7 +528,7 @@ def test_linked_groups_vary_together_and_cross_the_grid(tmp_path: Path) -> None:
     text = text.replace(
         "  local: {block_size: 8}", "  local: {block_size: 8}\n  finetune: {epochs: 3}"
     )
-    spec = load_spec(write(tmp_path, text))
+    spec = load_spec(write_spec(tmp_path, text))
     # each group is one axis: 2 methods x 2 temperatures x 3 budget cases x 2 block cases
     assert spec.num_trials == 24 == len(list(spec.points()))
     assert spec.axis_counts == (
@@ -580,16 +577,16 @@ def test_linked_values_enter_the_hash_the_plan_and_the_tables(tmp_path: Path) ->
     from orchestrator.tables import path_axes
 
     base = GOOD.replace("label_fraction: [0.2, 0.5]\n", "label_fraction: 0.2\n")
-    plain = load_spec(write(tmp_path, base, "plain.yaml"))
+    plain = load_spec(write_spec(tmp_path, base, "plain.yaml"))
     assert "linked" not in plain.to_dict()  # absent: specs without it keep their hash
     linked = load_spec(
-        write(
+        write_spec(
             tmp_path, base + "linked:\n  - - {stages.local.stride: 2, model.depth: 2}\n", "l.yaml"
         )
     )
     assert linked.spec_hash != plain.spec_hash
     other = load_spec(
-        write(
+        write_spec(
             tmp_path, base + "linked:\n  - - {stages.local.stride: 4, model.depth: 2}\n", "o.yaml"
         )
     )
@@ -604,7 +601,7 @@ def test_linked_split_replaces_the_default_split_axis(tmp_path: Path) -> None:
         GOOD
         + "split: {repeats: 3}\nlinked:\n  - - {split: 0, seed: 5}\n    - {split: 2, seed: 6}\n"
     )
-    spec = load_spec(write(tmp_path, text.replace("seed: 0\n", "")))
+    spec = load_spec(write_spec(tmp_path, text.replace("seed: 0\n", "")))
     assert "split" not in dict(spec.axes)
     assert spec.split_index == (0, 2) and spec.seed == (5, 6)
     assert spec.num_trials == 2 * 2 * 2 * 2
@@ -628,7 +625,7 @@ def test_a_linked_group_multiplies_the_count_before_any_point_is_built(tmp_path:
     )
     started = time.process_time()
     with pytest.raises(GridTooLarge) as info:
-        load_spec(write(tmp_path, text))
+        load_spec(write_spec(tmp_path, text))
     assert time.process_time() - started < 5
     assert info.value.trials == 2 * 2 * 1000 * 2 * 1000
     assert ("stages.finetune.steps+stages.finetune.lr", 1000) in info.value.axes
@@ -645,10 +642,10 @@ def test_grid_search_is_the_list(tmp_path: Path) -> None:
         "method: {grid_search: [global, global+local_block]}",
     ).replace("temperature: [0.1, 0.5]", "temperature: {grid_search: [1e-1, 0.5]}")
     lists = load_spec(
-        write(tmp_path, GOOD, "lists.yaml"), overrides={"storage": str(tmp_path / "s")}
+        write_spec(tmp_path, GOOD, "lists.yaml"), overrides={"storage": str(tmp_path / "s")}
     )
     grid_search = load_spec(
-        write(tmp_path, tune, "tune.yaml"), overrides={"storage": str(tmp_path / "s")}
+        write_spec(tmp_path, tune, "tune.yaml"), overrides={"storage": str(tmp_path / "s")}
     )
     assert grid_search.axes == lists.axes
     assert list(grid_search.points()) == list(lists.points())

@@ -16,10 +16,11 @@ import pytest
 import torch
 
 from orchestrator.plan import build_plan
-from orchestrator.spec import SpecError, load_spec
+from orchestrator.spec import SpecError
 from orchestrator.store import StageStore
 from orchestrator.tables import collect, paper_table
 from orchestrator.worker import run_stage
+from tests.orchestrator.specs import spec_of
 from trainers.config import (
     ConfigError,
     DataConfig,
@@ -130,9 +131,7 @@ def spec_text(root: Path) -> str:
 def test_a_registered_stage_kind_is_planned_run_and_tabulated(
     probe_registered: StageKind, synthetic_root: Path, tmp_path: Path
 ) -> None:
-    path = tmp_path / "spec.yaml"
-    path.write_text(spec_text(synthetic_root))
-    spec = load_spec(path, overrides={"storage": str(tmp_path / "storage")})
+    spec = spec_of(tmp_path, spec_text(synthetic_root))
     plan = build_plan(spec)
     # the global pretraining node is shared by both methods; probe reads labels
     assert plan.summary()["stages"] == {
@@ -181,20 +180,16 @@ def test_a_stage_kind_is_declared_once(
     with pytest.raises(ValueError, match="unknown parent kind 'nope'"):
         register_stage(dataclasses.replace(PROBE, name="other", parents={"nope": ()}))
     # the spec knows the new section and grid paths, and checks them with the config's rules
-    path = tmp_path / "bad.yaml"
-    path.write_text(
-        spec_text(synthetic_root).replace("probe:    {epochs: 2}", "probe: {epochs: 0}")
-    )
+    bad = spec_text(synthetic_root).replace("probe:    {epochs: 2}", "probe: {epochs: 0}")
     with pytest.raises(SpecError, match=r"stages\.probe\.epochs: must be an integer >= 1"):
-        load_spec(path, overrides={"storage": str(tmp_path / "s")})
+        spec_of(tmp_path, bad, "bad.yaml", storage="s")
     with pytest.raises(ConfigError, match="probe.lr"):
         ProbeConfig(lr=-1.0)
 
 
 def test_unregistered_stage_sections_are_refused(synthetic_root: Path, tmp_path: Path) -> None:
-    path = tmp_path / "spec.yaml"
-    path.write_text(spec_text(synthetic_root).replace("[global, global+probe]", "global"))
+    text = spec_text(synthetic_root).replace("[global, global+probe]", "global")
     with pytest.raises(
         SpecError, match=r"stages\.probe: unknown stage \(known: global, local, finetune\)"
     ):
-        load_spec(path, overrides={"storage": str(tmp_path / "s")})
+        spec_of(tmp_path, text, storage="s")

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
 from orchestrator.plan import StageNode, build_plan
-from orchestrator.spec import Spec, load_spec
 from orchestrator.store import (
     StageStore,
     StorageConflict,
@@ -24,6 +22,7 @@ from orchestrator.store import (
     invalidate_nodes,
     sha256_of,
 )
+from tests.orchestrator.specs import spec_of
 
 SPEC = """
 name: store-test
@@ -32,12 +31,6 @@ model: {base_channels: 4, depth: 2}
 method: global
 label_fraction: [0.2, 0.5]
 """
-
-
-def spec_of(tmp_path: Path, text: str = SPEC, name: str = "spec.yaml") -> Spec:
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(text))
-    return load_spec(path, overrides={"storage": str(tmp_path / "storage")})
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -142,7 +135,7 @@ def test_epochs_append_and_skip_torn_line(tmp_path: Path) -> None:
 
 
 def test_write_node(tmp_path: Path) -> None:
-    plan = build_plan(spec_of(tmp_path))
+    plan = build_plan(spec_of(tmp_path, SPEC))
     store = StageStore(tmp_path / "storage")
     node = plan.nodes[plan.levels[0][0]]
     store.write_node(node)
@@ -150,7 +143,7 @@ def test_write_node(tmp_path: Path) -> None:
 
 
 def test_claim_sweep_conflict_and_force(tmp_path: Path) -> None:
-    spec = spec_of(tmp_path)
+    spec = spec_of(tmp_path, SPEC)
     store = StageStore(spec.storage)
     plan = build_plan(spec)
     store.claim_sweep(spec, plan=plan)
@@ -253,7 +246,7 @@ def test_legacy_complete_without_a_record_is_still_accepted(tmp_path: Path) -> N
 
 
 def test_invalid_node_and_its_descendants_rerun(tmp_path: Path) -> None:
-    plan = build_plan(spec_of(tmp_path))
+    plan = build_plan(spec_of(tmp_path, SPEC))
     store = StageStore(tmp_path / "storage")
     for level in plan.levels:
         for key in level:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import textwrap
 from pathlib import Path
 
 import pandas as pd
@@ -11,7 +10,6 @@ import pytest
 import torch
 
 from orchestrator.plan import Plan, build_plan
-from orchestrator.spec import load_spec
 from orchestrator.store import StageStore
 from orchestrator.tables import (
     collect,
@@ -21,6 +19,7 @@ from orchestrator.tables import (
     tables_stale,
     write_tables,
 )
+from tests.orchestrator.specs import spec_of
 
 SPEC = """
 name: tables-test
@@ -45,9 +44,7 @@ def dice(method: str, fraction: float, seed: int) -> float:
 def swept(tmp_path: Path) -> tuple[Plan, StageStore]:
     """A store where seed 1's global failed, (glb, 0.5, seed 0)'s finetune failed and
     (global, 0.5, seed 2)'s finetune is unfinished; everything else completed."""
-    path = tmp_path / "spec.yaml"
-    path.write_text(textwrap.dedent(SPEC))
-    spec = load_spec(path, overrides={"storage": str(tmp_path / "storage")})
+    spec = spec_of(tmp_path, SPEC)
     plan = build_plan(spec)
     store = StageStore(spec.storage)
     store.claim_sweep(spec, plan=plan)
@@ -194,11 +191,8 @@ def test_parquet_round_trip_and_staleness(swept: tuple[Plan, StageStore]) -> Non
 
 
 def test_mixed_type_columns_survive_parquet(tmp_path: Path) -> None:
-    path = tmp_path / "spec.yaml"
-    path.write_text(
-        textwrap.dedent(SPEC) + "grid:\n  dataset.label_remap: [[], [[1, 1], [2, 2]]]\n"
-    )
-    spec = load_spec(path, overrides={"storage": str(tmp_path / "s")})
+    text = SPEC + "grid:\n  dataset.label_remap: [[], [[1, 1], [2, 2]]]\n"
+    spec = spec_of(tmp_path, text, storage="s")
     plan = build_plan(spec)
     store = StageStore(spec.storage)
     write_tables(collect(plan, store), store)

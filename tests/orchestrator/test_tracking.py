@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import textwrap
 import types
 from pathlib import Path
 from typing import Any
@@ -15,8 +14,9 @@ import pytest
 
 from orchestrator.execute import node_title
 from orchestrator.plan import build_plan
-from orchestrator.spec import Spec, SpecError, load_spec
+from orchestrator.spec import Spec, SpecError
 from orchestrator.tracking import check_tracking, logger_callbacks
+from tests.orchestrator.specs import spec_of
 
 SPEC = """
 name: tracked
@@ -28,9 +28,7 @@ label_fraction: [0.25, 0.5]
 
 
 def spec_with(tmp_path: Path, tracking: str) -> Spec:
-    path = tmp_path / "tracked.yaml"
-    path.write_text(textwrap.dedent(SPEC) + f"tracking: {tracking}\n")
-    return load_spec(path, overrides={"storage": str(tmp_path / "s")})
+    return spec_of(tmp_path, SPEC + f"tracking: {tracking}\n", "tracked.yaml", storage="s")
 
 
 def test_wandb_missing_is_one_line_naming_the_key(

@@ -1,0 +1,5 @@
+"""``python -m orchestrator.cli`` (as ``semicon-sweep``)."""
+
+from orchestrator.cli import main
+
+main()
