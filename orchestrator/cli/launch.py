@@ -174,7 +174,7 @@ def _run_locked(
     from orchestrator.execute import ClusterError, run_sweep
     from orchestrator.progress import progress_view
     from orchestrator.session import sigterm_as_interrupt
-    from orchestrator.tables import collect, format_table, paper_table, write_tables
+    from orchestrator.tables import collect, paper_table, render_table, write_tables
 
     previous = store.sweep_path.read_bytes() if store.sweep_path.is_file() else None
     with bad_input():
@@ -217,7 +217,7 @@ def _run_locked(
     log(f"{PROG}: {status_line(counts, len(plan.trials))}; tables in {store.tables_dir}")
     table = paper_table(tables.trials)
     if not table.empty:
-        typer.echo(format_table(table, "text"), nl=False)
+        typer.echo(render_table(table, "text"), nl=False)
     raise typer.Exit(0 if counts.get("ok", 0) == len(plan.trials) else 1)
 
 

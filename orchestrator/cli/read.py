@@ -148,9 +148,11 @@ def tabulate(
     from orchestrator.stats import paired_differences
     from orchestrator.store import atomic_write_text, check_storage, storage_writable
     from orchestrator.tables import (
+        comment_prefix,
         format_table,
         paired_table,
         paper_table,
+        render_table,
         write_paired,
         write_tables,
     )
@@ -176,14 +178,14 @@ def tabulate(
             f"{PROG}: no finished trials in {storage} yet ({status_line(Counter(tables.trials['status']), len(tables.trials))})"
         )
         return
-    text = format_table(table, fmt) + _notes(table, fmt)
+    text = render_table(table, fmt)
     if (unfinished := unfinished_note(tables.trials)) is not None:
-        text += f"{_comment(fmt)}{unfinished}\n"
+        text += f"{comment_prefix(fmt)}{unfinished}\n"
     if paired is not None:
         if writable:
             write_paired(paired, store)
         text += (
-            f"\n{_comment(fmt)}{metric}: mean paired difference to {baseline} over matching "
+            f"\n{comment_prefix(fmt)}{metric}: mean paired difference to {baseline} over matching "
             f"(seed, split) runs [95 % t interval] wins/n\n"
         )
         text += format_table(paired_table(paired, cols=by), fmt)
@@ -226,16 +228,6 @@ def unfinished_note(trials: Any) -> str | None:
     return f"{counts.get('ok', 0)} of {len(trials)} trials finished; not shown: {rest}"
 
 
-def _comment(fmt: str) -> str:
-    return {"latex": "% ", "csv": "# "}.get(fmt, "")
-
-
-def _notes(table: Any, fmt: str) -> str:
-    notes = table.attrs.get("notes", [])
-    lead = "\n" if notes and fmt in ("text", "md") else ""
-    return lead + "".join(f"{_comment(fmt)}{note}\n" for note in notes)
-
-
 def _check_device(value: str) -> str:
     if not re.fullmatch(r"cpu|cuda(:\d+)?", value):
         raise typer.BadParameter(f"{value!r}: one of cpu, cuda, cuda:N")
@@ -265,7 +257,7 @@ def evaluate(
     """
     from orchestrator.evaluate import ExternalEvalError, evaluate_external, write_external
     from orchestrator.store import invalid_nodes
-    from orchestrator.tables import format_table, paper_table
+    from orchestrator.tables import paper_table, render_table
 
     with bad_input(ExternalEvalError):
         plan, store = recorded_plan(storage)
@@ -277,7 +269,7 @@ def evaluate(
     log(f"{PROG}: wrote {path}")
     table = paper_table(frame, metric="ext_dice_pooled_mean")
     if not table.empty:
-        typer.echo(format_table(table, "text"), nl=False)
+        typer.echo(render_table(table, "text"), nl=False)
 
 
 @app.command()

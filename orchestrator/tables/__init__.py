@@ -59,9 +59,11 @@ from orchestrator.tables.paper import (
     CELL_NOTES,
     METHOD_ORDER,
     TABLE_FORMATS,
+    comment_prefix,
     format_table,
     paired_table,
     paper_table,
+    render_table,
 )
 
 __all__ = [
@@ -75,11 +77,13 @@ __all__ = [
     "TABLE_NAMES",
     "Tables",
     "collect",
+    "comment_prefix",
     "format_table",
     "node_progress",
     "node_state",
     "paired_table",
     "paper_table",
+    "render_table",
     "parquet_safe",
     "path_axes",
     "read_tables",

@@ -198,6 +198,20 @@ def format_table(table: pd.DataFrame, fmt: str = "text") -> str:
     return "\n".join(lines) + "\n"
 
 
+def comment_prefix(fmt: str) -> str:
+    """How a line of prose starts below a table of format ``fmt`` (a comment in LaTeX / CSV)."""
+    return {"latex": "% ", "csv": "# "}.get(fmt, "")
+
+
+def render_table(table: pd.DataFrame, fmt: str = "text") -> str:
+    """``format_table`` followed by the table's notes (what its cell marks mean), as the CLI
+    prints it (``launch``, ``tabulate``, ``evaluate``)."""
+    notes = table.attrs.get("notes", [])
+    lead = "\n" if notes and fmt in ("text", "md") else ""
+    prefix = comment_prefix(fmt)
+    return format_table(table, fmt) + lead + "".join(f"{prefix}{note}\n" for note in notes)
+
+
 def _axes(trials: pd.DataFrame) -> list[str]:
     """Grid-axis-like columns of a trials table: dotted paths and the named axes."""
     named = ["method", "label_fraction", "seed", "split"]

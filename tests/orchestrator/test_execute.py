@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -26,6 +28,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -585,6 +588,14 @@ def test_two_node_ddp_with_strict_spread(tmp_path: Path) -> None:
 
 @pytest.mark.ray
 @pytest.mark.slow
+def readme_quickstart_table() -> tuple[str, str]:
+    """(the machine it was recorded on, the table) of the README's quickstart output block."""
+    text = (REPO_ROOT / "README.md").read_text()
+    found = re.search(r"<!-- quickstart-table: (.*?) -->\n```\n(.*?)```", text, re.S)
+    assert found is not None, "README.md lost its quickstart-table block"
+    return found.group(1), found.group(2)
+
+
 def test_quickstart_spec_end_to_end(ray_cluster: str, tmp_path: Path) -> None:
     """The README's first command, on the shipped search_spaces/quickstart.yaml: every trial ok,
     one trials row per trial, the shared global stage run once, a second launch runs nothing."""
@@ -597,6 +608,19 @@ def test_quickstart_spec_end_to_end(ray_cluster: str, tmp_path: Path) -> None:
     result = launch([str(spec_path), "--storage", str(storage)])
     assert result.exit_code == 0, result.output
     assert "global + local (block)" in result.stdout  # the table, by display name
+    recorded_on, table = readme_quickstart_table()
+    here = (
+        f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()} torch {torch.__version__}"
+    )
+    if here == recorded_on:  # the README shows what a fresh run prints
+        assert result.stdout == table, (
+            f"README's quickstart table is stale; a run prints:\n{result.stdout}"
+        )
+    else:
+        warnings.warn(
+            f"README's quickstart table not compared: recorded on {recorded_on}, this is {here}",
+            stacklevel=1,
+        )
 
     store = StageStore(storage)
     assert sorted(p.name for p in store.stages_dir.iterdir()) == sorted(plan.nodes)

@@ -33,7 +33,7 @@ from orchestrator.cli import app
 from orchestrator.plan import Plan, build_plan
 from orchestrator.spec import load_spec
 from orchestrator.store import StageStore
-from orchestrator.tables import format_table, paper_table
+from orchestrator.tables import paper_table, render_table
 from tests.orchestrator.conftest import ray_test_env
 from tests.orchestrator.specs import write_spec
 from tests.orchestrator.test_execute import REPO_ROOT
@@ -176,7 +176,7 @@ def test_random_kills_then_relaunch_equal_an_uninterrupted_run(
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     want = pd.read_parquet(reference / "tables" / "trials.parquet")
     # stdout carries the CLI's own output alone: the table, none of Ray's lines
-    assert done.stdout.decode() == format_table(paper_table(want), "text")
+    assert done.stdout.decode() == render_table(paper_table(want), "text")
 
     storage = tmp_path / "storage"
     plan = build_plan(load_spec(spec_path, overrides={"storage": str(storage)}))
