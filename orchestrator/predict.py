@@ -25,6 +25,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,7 +87,7 @@ def choose_trial(
             more = f", ... ({len(plan.trials)} in all)" if len(plan.trials) > MAX_IDS_SHOWN else ""
             raise PredictError(
                 f"--trial {trial_id}: no such trial in sweep '{plan.spec.name}' "
-                f"(trials: {known}{more}; `semicon-sweep tabulate` lists them)"
+                f"(trials: {known}{more}; semicon-sweep tabulate lists them)"
             )
         status, error = trial_status(trial, store)
         if status != "ok":
@@ -248,7 +249,9 @@ def export_model(
     traced = trace_model(model, cfg.image_size, model.in_channels)
     record = export_record(plan, chosen, model, pt.name)
     pt.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(pt, lambda handle: torch.jit.save(traced, handle))
+    with warnings.catch_warnings():  # torch 2.x: "deprecated, switch to torch.export"; it works
+        warnings.simplefilter("ignore", DeprecationWarning)
+        atomic_write(pt, lambda handle: torch.jit.save(traced, handle))
     atomic_write_text(record_path, json.dumps(record, indent=2, default=str) + "\n")
     umask = os.umask(0)
     os.umask(umask)
