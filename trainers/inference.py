@@ -28,7 +28,7 @@ from torch import nn
 from trainers.config import DataConfig, DatasetError
 from trainers.data import CLIP_PERCENTILES, normalise_intensity, resize_images
 from trainers.metrics import evaluate_volumes
-from trainers.msd import read_volume
+from trainers.msd import Volume, read_volume
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 # what a reader of an exported model needs to know to feed it (``export_record``)
@@ -216,6 +216,21 @@ def native_dice(
     return evaluate_volumes(
         flat_pred.reshape(-1, 1, 1), flat_target.reshape(-1, 1, 1), volume, num_classes
     )
+
+
+def evaluate_native(
+    model: nn.Module,
+    volumes: Sequence[Volume],
+    data_cfg: DataConfig,
+    num_classes: int,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+) -> dict[str, float]:
+    """``model``'s Dice on checked volumes (``trainers.msd.load_msd``) at their own resolution:
+    ``predict_volume`` of each image against its label map as stored (``native_dice``), where
+    ``trainers.stages.evaluate_model`` scores the resized ``image_size`` slices."""
+    preds = [predict_volume(model, v.image, data_cfg, batch_size, device) for v in volumes]
+    return native_dice(preds, [v.label for v in volumes], num_classes)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import torch
 from trainers.config import DataConfig, DatasetError, ModelConfig
 from trainers.data import prepare_slices
 from trainers.inference import (
+    evaluate_native,
     list_images,
     native_dice,
     predict_volume,
@@ -25,6 +26,7 @@ from trainers.inference import (
 from trainers.metrics import evaluate_volumes
 from trainers.model import UNet
 from trainers.msd import load_msd
+from trainers.stages import evaluate_model
 
 MODEL = ModelConfig(base_channels=4, depth=2, embed_dim=8, global_hidden=8, local_hidden=8)
 AFFINE = np.array(
@@ -70,6 +72,12 @@ def test_predict_volume_sees_what_training_saw(model: UNet, tmp_path: Path) -> N
     predicted = predict_volume(model, volume.image, cfg, batch_size=4)
     assert predicted.dtype == np.uint8 and predicted.shape == volume.image.shape
     np.testing.assert_array_equal(predicted, np.moveaxis(expected, 0, -1))
+    # so at the model's own size, Dice on the stored grid is the Dice the sweep reports
+    native = evaluate_native(model, load_msd(root), cfg, data.num_classes)
+    sliced = evaluate_model(model, data, (0, 1), torch.device("cpu"), batch_size=8)
+    assert native.keys() == sliced.keys()
+    for key, value in sliced.items():
+        assert native[key] == pytest.approx(value, nan_ok=True), key
 
 
 @pytest.mark.parametrize("shape", [(20, 27, 5), (40, 36, 3), (32, 32, 1)])
