@@ -7,7 +7,7 @@ Commands::
                               [--verify] [--allow-large-grid] [--force-unlock] [--plain]
     semicon-sweep status STORAGE [--verify]
     semicon-sweep tabulate STORAGE [--metric M] [--by AXIS] [--format text|md|latex|csv] [--out FILE] [--baseline METHOD]
-    semicon-sweep evaluate STORAGE --data ROOT [--batch-size N] [--device cpu|cuda]
+    semicon-sweep evaluate STORAGE --data ROOT [--batch-size N] [--device cpu|cuda] [--native]
     semicon-sweep predict STORAGE --images DIR --out DIR [--trial ID | --best METRIC] [--force]
                               [--batch-size N] [--device cpu|cuda]
     semicon-sweep export STORAGE --out FILE.pt [--trial ID | --best METRIC] [--force]
