@@ -163,6 +163,8 @@ def predict_folder(
     files = list_images(images)
     out = Path(out)
     check_storage(out, writable=True)
+    if out.resolve() == Path(images).resolve():
+        raise PredictError(f"--out {out}: is the --images folder; give another folder")
     targets = {path: output_path(out, case_name(path)) for path in files}
     if not force:
         existing = [target for target in targets.values() if target.exists()]

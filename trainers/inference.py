@@ -37,13 +37,15 @@ EXPORT_FORMAT = 1
 
 @dataclass(frozen=True, eq=False)
 class InputImage:
-    """One image to segment: ``image`` float32 3D as stored, with the file's ``affine`` and header."""
+    """One image to segment: ``image`` float32 3D as stored, with the file's ``affine`` and header;
+    ``shape`` is the file's own (``image.shape`` plus any trailing 1s, e.g. (X, Y, Z, 1))."""
 
     case: str
     path: Path
     image: np.ndarray
     affine: np.ndarray
     header: Any
+    shape: tuple[int, ...]
 
 
 def case_name(path: Path) -> str:
@@ -104,7 +106,7 @@ def read_image(path: str | os.PathLike[str], in_channels: int = 1) -> InputImage
     if not np.isfinite(image).all():
         raise DatasetError(f"{path}: image holds NaN or infinite values")
     return InputImage(
-        case_name(path), path, image, np.asarray(header_image.affine), header_image.header
+        case_name(path), path, image, np.asarray(header_image.affine), header_image.header, shape
     )
 
 
@@ -116,13 +118,14 @@ def write_label_map(labels: np.ndarray, like: InputImage, path: str | os.PathLik
 
     if labels.shape != like.image.shape:
         raise ValueError(f"labels shape {labels.shape} != image shape {like.image.shape}")
-    data = np.asarray(labels, dtype=np.uint8)
+    data = np.asarray(labels, dtype=np.uint8).reshape(like.shape)  # the file's own shape
     if isinstance(like.header, nib.Nifti1Header):  # NIfTI-1 or NIfTI-2 (its subclass)
         # the input's header as it is (qform, sform and their codes, units, description):
         # the file's affine is recomputed from it exactly as it was for the input
         kind = nib.Nifti2Image if isinstance(like.header, nib.Nifti2Header) else nib.Nifti1Image
         out = kind(data, None, header=like.header.copy())
         out.header.set_slope_inter(None, None)
+        out.header["cal_min"], out.header["cal_max"] = 0, 0  # the image's display window: unset
     else:  # another format nibabel reads: the affine, as an aligned sform
         out = nib.Nifti1Image(data, like.affine)
     out.set_data_dtype(np.uint8)

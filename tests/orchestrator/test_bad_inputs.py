@@ -383,6 +383,12 @@ CASES: dict[str, Case] = {
         Case("predict", "--out is a file", _predict(_out_is_a_file), "labels: not a folder"),
         Case(
             "predict",
+            "--out is the images folder",
+            _predict(None, out="imagesTs"),
+            "is the --images folder",
+        ),
+        Case(
+            "predict",
             "--best metric no trial records",
             _predict(None, "--best", "dice"),
             "--best dice",

@@ -153,7 +153,10 @@ def test_read_image_refuses_what_it_cannot_segment(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match=r"expects 1 channel, two.nii.gz has 2"):
         read_image(tmp_path / "two.nii.gz")
     save(tmp_path / "one.nii.gz", np.ones((4, 4, 4, 1), np.float32))
-    assert read_image(tmp_path / "one.nii.gz").image.shape == (4, 4, 4)
+    one = read_image(tmp_path / "one.nii.gz")
+    assert one.image.shape == (4, 4, 4) and one.shape == (4, 4, 4, 1)
+    written = write_label_map(np.ones((4, 4, 4), np.uint8), one, tmp_path / "one_seg.nii.gz")
+    assert nib.load(str(written)).shape == (4, 4, 4, 1)  # the file's own shape
     save(tmp_path / "flat.nii.gz", np.ones((4, 4), np.float32))
     with pytest.raises(DatasetError, match="flat.nii.gz: expected a 3D volume"):
         read_image(tmp_path / "flat.nii.gz")
