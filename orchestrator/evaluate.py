@@ -27,7 +27,11 @@ Schema of ``external.parquet`` (one row per trial, unfinished ones included with
 ``ext_data_fingerprint`` (``trainers.data.data_fingerprint`` of the external data as
 preprocessed), ``ext_n_volumes``, ``ext_dice_pooled_c{k}``, ``ext_dice_pooled_mean``,
 ``ext_dice_volume_c{k}``, ``ext_dice_volume_mean`` for foreground classes k = 1 .. K-1. The
-``ext_`` prefix keeps these apart from the sweep's own ``test_*`` columns.
+``ext_`` prefix keeps these apart from the sweep's own ``test_*`` columns. With ``native=True``
+(``evaluate --native``) also ``ext_native_dice_pooled_c{k}``, ``..._mean``,
+``ext_native_dice_volume_c{k}``, ``..._mean``: the same Dice on each case's own voxel grid
+(``trainers.inference.evaluate_native``: logits resized back to the stored slice size before the
+argmax, scored against the label map as stored, ``label_remap`` applied).
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ from trainers.data import (
     load_slice_cache,
     prepare_slices,
 )
+from trainers.inference import evaluate_native
 from trainers.model import UNet, transfer_weights
 from trainers.msd import load_msd
 from trainers.stages import evaluate_model
@@ -186,8 +191,10 @@ def evaluate_external(
     batch_size: int = 256,
     device: str = "cpu",
     progress: Progress | None = None,
+    native: bool = False,
 ) -> pd.DataFrame:
-    """Apply every fine-tuned model of the sweep in ``store`` to all cases of ``root``.
+    """Apply every fine-tuned model of the sweep in ``store`` to all cases of ``root``
+    (with ``native``, also scored on each case's own voxel grid: ``ext_native_*`` columns).
 
     Returns the ``external.parquet`` frame (module docstring), one row per trial of ``plan``;
     writes nothing but, once every check has passed, the external slice cache
@@ -244,6 +251,7 @@ def evaluate_external(
 
     # 4: each distinct model once
     scores: dict[str, dict[str, float]] = {}
+    stored: dict[DataConfig, list] = {}
     for number, key in enumerate(keys, start=1):
         cfg = configs[key]
         model = load_finetuned(store, plan.nodes[key])
@@ -256,6 +264,14 @@ def evaluate_external(
         scores[key] = evaluate_model(
             model, data, tuple(range(data.num_volumes)), torch_device, batch_size
         )
+        if native:
+            if cfg not in stored:  # the cases as stored, once per preprocessing
+                stored[cfg] = load_msd(root, cfg.label_remap)
+            at_native = evaluate_native(
+                model, stored[cfg], cfg, data.num_classes, batch_size, torch_device
+            )
+            at_native.pop("n_volumes")
+            scores[key].update({f"native_{name}": value for name, value in at_native.items()})
         say(
             f"  [{number}/{len(keys)}] finetune {key}: "
             f"dice_pooled_mean {scores[key]['dice_pooled_mean']:.3f}"

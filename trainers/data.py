@@ -130,6 +130,21 @@ def normalise_intensity(volume: np.ndarray) -> np.ndarray:
     return np.clip(scaled, 0.0, 1.0).astype(np.float32)
 
 
+def resize_images(images: np.ndarray, size: int) -> np.ndarray:
+    """(n, h, w) normalised image slices -> (n, size, size) float32 in [0, 1]: bilinear,
+    antialiased when shrinking (``align_corners=False``). The one image resize of the slice
+    cache and of ``trainers.inference``."""
+    import torch
+    import torch.nn.functional as F
+
+    image_t = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))[:, None]
+    if image_t.shape[-2:] != (size, size):
+        image_t = F.interpolate(
+            image_t, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+        )
+    return image_t[:, 0].clamp_(0.0, 1.0).numpy()
+
+
 def _resize_slices(
     images: np.ndarray, labels: np.ndarray, size: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -137,16 +152,11 @@ def _resize_slices(
     import torch
     import torch.nn.functional as F
 
-    image_t = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))[:, None]
     label_t = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.float32))[:, None]
-    if image_t.shape[-2:] != (size, size):
-        image_t = F.interpolate(
-            image_t, size=(size, size), mode="bilinear", align_corners=False, antialias=True
-        )
+    if label_t.shape[-2:] != (size, size):
         label_t = F.interpolate(label_t, size=(size, size), mode="nearest-exact")
-    resized_images = image_t[:, 0].clamp_(0.0, 1.0).numpy()
     resized_labels = label_t[:, 0].round().numpy().astype(np.uint8)
-    return resized_images, resized_labels
+    return resize_images(images, size), resized_labels
 
 
 def _slice_volumes(volumes: list[Volume], size: int, axis: int) -> dict[str, np.ndarray]:

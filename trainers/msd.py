@@ -25,7 +25,7 @@ from trainers.config import ConfigError, DatasetError
 
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 # What reading a corrupt or foreign file can raise inside gzip and zlib (nibabel's own errors
-# join them in ``_read_volume``: nibabel and torch are imported where they are used, so that
+# join them in ``read_volume``: nibabel and torch are imported where they are used, so that
 # planning a sweep, which needs only ``data_fingerprint``, imports neither).
 _READ_ERRORS = (OSError, EOFError, zlib.error, struct.error, ValueError)
 
@@ -177,7 +177,7 @@ def scan_layout(root: str | os.PathLike[str]) -> Layout:
     return Layout(root, tuple(cases), dataset_json, declared)
 
 
-def _read_volume(path: Path, dtype: type[np.floating]) -> np.ndarray:
+def read_volume(path: Path, dtype: type[np.floating]) -> np.ndarray:
     """The 3D array stored in ``path`` (scaled by the header's slope/intercept), as ``dtype``.
 
     A 4D file whose trailing dimensions are 1 is squeezed to 3D; anything else not 3D is an error.
@@ -262,8 +262,8 @@ def load_checked(
         allowed = frozenset({0, *remap.values()})
     volumes = []
     for case in layout.cases:
-        image = _read_volume(case.image, np.float32)
-        raw_label = _read_volume(case.label, np.float64)
+        image = read_volume(case.image, np.float32)
+        raw_label = read_volume(case.label, np.float64)
         if image.shape != raw_label.shape:
             raise DatasetError(
                 f"{case.image}: image shape {image.shape} does not match label {case.label} "

@@ -7,7 +7,10 @@ Commands::
                               [--verify] [--allow-large-grid] [--force-unlock] [--plain]
     semicon-sweep status STORAGE [--verify]
     semicon-sweep tabulate STORAGE [--metric M] [--by AXIS] [--format text|md|latex|csv] [--out FILE] [--baseline METHOD]
-    semicon-sweep evaluate STORAGE --data ROOT [--batch-size N] [--device cpu|cuda]
+    semicon-sweep evaluate STORAGE --data ROOT [--batch-size N] [--device cpu|cuda] [--native]
+    semicon-sweep predict STORAGE --images DIR --out DIR [--trial ID | --best METRIC] [--force]
+                              [--batch-size N] [--device cpu|cuda]
+    semicon-sweep export STORAGE --out FILE.pt [--trial ID | --best METRIC] [--force]
     semicon-sweep plot STORAGE [--metric M] [--out DIR]
     semicon-sweep schema
     semicon-sweep data synth DIR [--cases N] [--seed S]
@@ -17,7 +20,8 @@ Exit codes: 0 done (every trial ok), 1 some trials failed or are unfinished, 2 b
 (a bad spec, config, dataset, storage owned by another sweep, in use by a running launch
 (``orchestrator.lock``) or not a writable folder, a grid
 over ``MAX_TRIALS`` points without --allow-large-grid, a node needing more CPUs / GPUs than a
-local Ray has, unreachable cluster, a stored model that fails to load). Bad input
+local Ray has, unreachable cluster, a stored model that fails to load, an image ``predict``
+cannot read, an unknown or unfinished ``--trial``, an output that exists without --force). Bad input
 prints one line ``semicon-sweep: error: <message>`` on stderr, writes nothing, and never a
 traceback. Ray is imported only by ``launch`` when it actually runs, so every other command
 (and a dry run) starts fast and needs no cluster.
@@ -48,6 +52,7 @@ from orchestrator.cli.common import (
 )
 from orchestrator.cli.data import data_check, data_synth, describe_volumes
 from orchestrator.cli.launch import check_datasets, describe_large_grid, describe_plan
+from orchestrator.cli.predict import export, predict
 from orchestrator.cli.read import (
     NODE_STATES,
     TableFormat,
@@ -79,10 +84,12 @@ __all__ = [
     "describe_plan",
     "describe_volumes",
     "evaluate",
+    "export",
     "log",
     "main",
     "package_version",
     "plot",
+    "predict",
     "recorded_plan",
     "report_invalid",
     "report_owner",

@@ -250,6 +250,14 @@ def evaluate(
             metavar="[cpu|cuda|cuda:N]", callback=_check_device, help="Device for the models."
         ),
     ] = "cpu",
+    native: Annotated[
+        bool,
+        typer.Option(
+            "--native",
+            help="Also score each case on its own voxel grid (logits resized back to the stored "
+            "slices): ext_native_dice_* columns.",
+        ),
+    ] = False,
 ) -> None:
     """Score every fine-tuned model of a finished sweep on all cases of another MSD folder.
 
@@ -263,7 +271,7 @@ def evaluate(
         plan, store = recorded_plan(storage)
         report_invalid(invalid_nodes(plan, store))
         frame = evaluate_external(
-            plan, store, data, batch_size=batch_size, device=device, progress=log
+            plan, store, data, batch_size=batch_size, device=device, progress=log, native=native
         )
     path = write_external(frame, store)
     log(f"{PROG}: wrote {path}")

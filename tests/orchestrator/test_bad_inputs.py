@@ -177,6 +177,60 @@ def _no_sweep(command: str) -> Callable[[Path], list[str]]:
     return build
 
 
+def _predict(
+    prepare: Callable[[Path, Path], None] | None = None, *extra: str, out: str = "labels"
+) -> Callable[[Path], list[str]]:
+    """``predict`` on a finished sweep (``folder/sweep``) and ``folder/imagesTs`` (3 images),
+    after ``prepare(folder, images)``; ``extra`` arguments may name ``{trial_1.0}`` etc."""
+
+    def build(folder: Path) -> list[str]:
+        from tests.orchestrator.finished import images_folder, trial_of, write_finished_sweep
+
+        plan, store = write_finished_sweep(folder, storage="sweep")
+        images = images_folder(folder / "imagesTs")
+        if prepare is not None:
+            prepare(folder, images)
+        trials = {f"{{trial_{f}}}": trial_of(plan, f) for f in (0.2, 0.5, 1.0)}
+        args = [arg for arg in extra]
+        for name, trial_id in trials.items():
+            args = [arg.replace(name, trial_id) for arg in args]
+        command = ["predict", str(store.root), "--images", str(images), "--out", str(folder / out)]
+        return [*command, *args]
+
+    return build
+
+
+def _two_channels(folder: Path, images: Path) -> None:
+    import nibabel as nib
+    import numpy as np
+
+    data = np.random.default_rng(0).random((16, 16, 4, 2), dtype=np.float32)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(images / "case_d.nii.gz"))
+
+
+def _cut_image(folder: Path, images: Path) -> None:
+    path = images / "case_b.nii.gz"
+    path.write_bytes(path.read_bytes()[:-150])
+
+
+def _no_images(folder: Path, images: Path) -> None:
+    for path in images.iterdir():
+        path.rename(folder / path.name)
+    (images / "README.txt").write_text("images go here")
+
+
+def _out_is_a_file(folder: Path, images: Path) -> None:
+    (folder / "labels").write_text("not a folder")
+
+
+def _export_exists(folder: Path) -> list[str]:
+    from tests.orchestrator.finished import write_finished_sweep
+
+    _, store = write_finished_sweep(folder, storage="sweep")
+    (folder / "model.pt").write_bytes(b"an earlier export")
+    return ["export", str(store.root), "--out", str(folder / "model.pt")]
+
+
 CASES: dict[str, Case] = {
     case.what: case
     for case in [
@@ -304,6 +358,42 @@ CASES: dict[str, Case] = {
         Case("storage", "storage held by a running launch", _locked, "in use by a running launch"),
         Case("storage", "status of a folder without a sweep", _no_sweep("status"), "empty"),
         Case("storage", "plot of a folder without a sweep", _no_sweep("plot"), "empty"),
+        # predict and export: a finished sweep's model on new images
+        Case(
+            "predict",
+            "images folder missing",
+            _predict(lambda f, images: images.rename(f / "moved")),
+            "imagesTs: images folder not found",
+        ),
+        Case("predict", "no NIfTI files in the images folder", _predict(_no_images), "no NIfTI"),
+        Case("predict", "a truncated image", _predict(_cut_image), "case_b.nii.gz"),
+        Case(
+            "predict",
+            "a 4D image of two channels",
+            _predict(_two_channels),
+            "expects 1 channel, case_d.nii.gz has 2",
+        ),
+        Case("predict", "unknown --trial", _predict(None, "--trial", "t9999"), "--trial t9999"),
+        Case(
+            "predict",
+            "a trial that is not complete",
+            _predict(None, "--trial", "{trial_1.0}"),
+            "not complete (status failed",
+        ),
+        Case("predict", "--out is a file", _predict(_out_is_a_file), "labels: not a folder"),
+        Case(
+            "predict",
+            "--out is the images folder",
+            _predict(None, out="imagesTs"),
+            "is the --images folder",
+        ),
+        Case(
+            "predict",
+            "--best metric no trial records",
+            _predict(None, "--best", "dice"),
+            "--best dice",
+        ),
+        Case("predict", "export over an existing file", _export_exists, "model.pt: exists"),
         # the cluster
         Case(
             "cluster",
@@ -392,7 +482,7 @@ def test_dry_run_reports_the_same_line(what: str, tmp_path: Path) -> None:
     """``launch --dry-run`` finds every problem the launch finds, with the same message."""
     case = CASES[what]
     launch = run_case(case, tmp_path / "launch")
-    if what in NOT_DRY_RUN:
+    if what in NOT_DRY_RUN or case.group == "predict":
         pytest.skip("not a launch, or a flag only the dry run takes")
     dry = run_case(case, tmp_path / "dry", "--dry-run")
     if what == "storage held by a running launch":  # a dry run only reads: it notes the owner

@@ -292,3 +292,35 @@ def test_external_metrics_can_be_plotted(
     assert "dice_vs_label_fraction__ext_dice_pooled_mean.png" in written
     # method x temperature: the only other varying axis, so a method-by-axis heatmap
     assert "heatmap__method_x_stages.local.temperature__label_fraction_0.2.png" in written, written
+
+
+def test_native_dice_scores_each_case_on_its_stored_grid(
+    runner: CliRunner, sweep: tuple[Plan, StageStore], external_root: Path
+) -> None:
+    """``--native``: a model predicting one class everywhere has closed-form Dice on the stored
+    label maps too (their own 20 x 24 slices, not the 32 x 32 the model sees)."""
+    _, store = sweep
+    args = ["evaluate", str(store.root), "--data", str(external_root), "--native"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    table = pd.read_parquet(store.root / "tables" / "external.parquet")
+    ok = table[table["status"] == "ok"]
+    native = sorted(c for c in table.columns if c.startswith("ext_native_"))
+    assert native == sorted(
+        f"ext_native_dice_{agg}_{what}"
+        for agg in ("pooled", "volume")
+        for what in ("c1", "c2", "mean")
+    )
+    labels = [volume.label for volume in external.load_msd(external_root)]
+    voxels = sum(label.size for label in labels)
+    for method, klass in PREDICTED.items():
+        truth = sum(int((label == klass).sum()) for label in labels)
+        per_volume = [
+            2 * (label == klass).sum() / (label.size + (label == klass).sum()) for label in labels
+        ]
+        rows = ok[ok["method"] == method]
+        np.testing.assert_allclose(
+            rows[f"ext_native_dice_pooled_c{klass}"], 2 * truth / (voxels + truth)
+        )
+        np.testing.assert_allclose(rows[f"ext_native_dice_volume_c{klass}"], np.mean(per_volume))
+        np.testing.assert_allclose(rows[f"ext_native_dice_pooled_c{3 - klass}"], 0.0)
