@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import os
 import shutil
 import tempfile
@@ -158,12 +157,11 @@ def check_classes(data: SliceData, cfg: DataConfig, num_classes: int) -> None:
 
 
 def declared_class_names(root: str | os.PathLike[str]) -> dict[int, str] | None:
-    """``dataset.json``'s ``labels`` as {class id: name}; None when absent or unreadable."""
-    try:
-        labels = json.loads((Path(root) / "dataset.json").read_text()).get("labels")
-        return {int(key): str(name) for key, name in labels.items()}
-    except (OSError, ValueError, AttributeError, TypeError):
-        return None
+    """``dataset.json``'s ``labels`` as {class id: name} (MSD's {"1": "name"} or nnU-Net v2's
+    {"name": 1}); None when absent or unreadable."""
+    from trainers.msd import declared_class_names as declared
+
+    return declared(root)
 
 
 def resolve_device(device: str) -> torch.device:

@@ -1,21 +1,35 @@
-"""Reading a dataset folder: an MSD-layout folder's cases, listed and checked, read into
-``Volume`` s (``load_msd``). Every bad input raises ``DatasetError`` naming the file.
+"""Reading a dataset folder: an MSD- or nnU-Net-v2-layout folder's cases, listed and checked,
+read into ``Volume`` s (``load_msd``). Every bad input raises ``DatasetError`` naming the file.
 
-Cases come from ``dataset.json``'s ``training`` list when present (paths relative to the
-folder), else from ``imagesTr/*.nii(.gz)`` paired with ``labelsTr`` by file name
-(``scan_layout``, which reads no image: ``trainers.data.data_fingerprint`` hashes the files it
-lists). ``load_checked`` reads every image and label with nibabel (imported where it is used,
-so that planning a sweep imports neither nibabel nor torch) and checks shapes, finiteness and
-label values against ``dataset.json``'s ``labels`` and the spec's ``label_remap``.
+``scan_layout`` reads no image (``trainers.data.data_fingerprint`` hashes the files it lists)
+and tells the two layouts apart by ``dataset.json``:
+
+- MSD: ``labels`` maps class ids to names ({"0": "background", "1": "hippocampus"}); cases
+  come from the ``training`` list when present (paths relative to the folder), else from
+  ``imagesTr/*.nii(.gz)`` paired with ``labelsTr`` by file name (also without dataset.json).
+- nnU-Net v2: ``labels`` maps names to class ids ({"background": 0, "hippocampus": 1}) and/or
+  ``channel_names`` is given; cases are ``imagesTr/<case>_0000<file_ending>`` with labels
+  ``labelsTr/<case><file_ending>``, and ``numTraining`` must count them.
+
+One input channel is supported: a dataset declaring two or more channels (``channel_names`` /
+``modality``), a case with a ``_0001`` file, or a 4D image with more than one channel is
+refused with a line naming the key or file.
+
+``iter_checked`` reads one case at a time with nibabel (imported where it is used, so that
+planning a sweep imports neither nibabel nor torch) and checks shapes, finiteness and label
+values against ``dataset.json``'s ``labels`` and the spec's ``label_remap``; ``load_checked``
+keeps them all.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import zlib
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +64,14 @@ class Case:
 
 @dataclass(frozen=True)
 class Layout:
-    """The files of an MSD folder, before any of them is read."""
+    """The files of a dataset folder, before any of them is read."""
 
     root: Path
     cases: tuple[Case, ...]
     dataset_json: Path | None
-    declared_labels: frozenset[int] | None  # dataset.json "labels" keys, when given
+    declared_labels: frozenset[int] | None  # dataset.json "labels" class ids, when given
+    kind: str = "msd"  # "msd" or "nnunet" (nnU-Net v2)
+    class_names: dict[int, str] = field(default_factory=dict)  # from dataset.json "labels"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,22 +106,84 @@ def _read_dataset_json(path: Path) -> dict[str, Any]:
     return meta
 
 
-def _declared_labels(path: Path, meta: dict[str, Any]) -> frozenset[int] | None:
-    """The class ids of ``meta["labels"]``: must be the integers 0 .. K-1 with K >= 2."""
+_ONE_CHANNEL = "semicon-sweep trains on one channel today"
+
+
+def _is_nnunet(meta: dict[str, Any]) -> bool:
+    """nnU-Net v2's dataset.json: ``channel_names``, or ``labels`` mapping names to ids."""
+    labels = meta.get("labels")
+    name_to_id = isinstance(labels, dict) and any(
+        not isinstance(value, str) for value in labels.values()
+    )
+    return "channel_names" in meta or name_to_id
+
+
+def _check_channels(path: Path, meta: dict[str, Any]) -> None:
+    """Refuse a dataset.json declaring more than one input channel."""
+    for key in ("channel_names", "modality"):
+        if key not in meta:
+            continue
+        channels = meta[key]
+        if not isinstance(channels, dict) or not channels:
+            raise DatasetError(
+                f'{path}: {key}: must map channel numbers to names, e.g. {{"0": "MRI"}}, '
+                f"got {channels!r}"
+            )
+        if len(channels) > 1:
+            names = ", ".join(str(channels[k]) for k in sorted(channels, key=str))
+            raise DatasetError(f"{path}: {key}: {len(channels)} channels ({names}); {_ONE_CHANNEL}")
+
+
+def _class_ids(path: Path, labels: dict[str, Any]) -> dict[int, str]:
+    """Class id -> name from MSD's {"0": "background"} or nnU-Net v2's {"background": 0}."""
+    if all(isinstance(value, str) for value in labels.values()):  # MSD: id -> name
+        try:
+            return {int(key): value for key, value in labels.items()}
+        except ValueError as err:
+            raise DatasetError(
+                f"{path}: 'labels' keys must be integers, got {sorted(labels)}"
+            ) from err
+    names: dict[int, str] = {}  # nnU-Net v2: name -> id
+    for name, value in labels.items():
+        if isinstance(value, list | tuple):
+            raise DatasetError(
+                f"{path}: labels: {name!r} is a region {list(value)}; region-based labels "
+                "are not supported, give each class one integer id"
+            )
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise DatasetError(
+                f"{path}: labels: {name!r} must map to an integer class id, got {value!r}"
+            )
+        if name == "ignore":
+            raise DatasetError(
+                f"{path}: labels: 'ignore' (nnU-Net's unannotated voxels) is not supported; "
+                "remove it or map those voxels to a class"
+            )
+        if value in names:
+            raise DatasetError(
+                f"{path}: labels: {names[value]!r} and {name!r} share class id {value}"
+            )
+        names[value] = name
+    return names
+
+
+def _declared_labels(path: Path, meta: dict[str, Any]) -> dict[int, str] | None:
+    """The classes of ``meta["labels"]`` (id -> name): the ids must be 0 .. K-1, 2 <= K <= 256."""
     if "labels" not in meta:
         return None
     labels = meta["labels"]
     if not isinstance(labels, dict):
-        raise DatasetError(f"{path}: 'labels' must map class ids to names, got {labels!r}")
-    try:
-        ids = frozenset(int(key) for key in labels)
-    except ValueError as err:
-        raise DatasetError(f"{path}: 'labels' keys must be integers, got {sorted(labels)}") from err
+        raise DatasetError(
+            f"{path}: 'labels' must map class ids to names (MSD) or names to class ids "
+            f"(nnU-Net v2), got {labels!r}"
+        )
+    names = _class_ids(path, labels)
+    ids = frozenset(names)
     if ids != frozenset(range(len(ids))) or len(ids) < 2 or len(ids) > 256:
         raise DatasetError(
             f"{path}: 'labels' must be the class ids 0..K-1 (2 <= K <= 256), got {sorted(ids)}"
         )
-    return ids
+    return names
 
 
 def _listed_cases(root: Path, path: Path, training: Any) -> list[Case]:
@@ -146,20 +224,96 @@ def _paired_cases(root: Path) -> list[Case]:
     return [Case(name, images[name], labels[name]) for name in sorted(images)]
 
 
+def declared_class_names(root: str | os.PathLike[str]) -> dict[int, str] | None:
+    """``root/dataset.json``'s ``labels`` as {class id: name}, in either layout's form; None
+    when absent, unreadable or malformed (``scan_layout`` is where a bad one is reported)."""
+    try:
+        labels = json.loads((Path(root) / "dataset.json").read_text()).get("labels")
+        return {int(key): str(name) for key, name in _class_ids(Path(root), labels).items()}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
+
+
+_CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+def _file_ending(path: Path, meta: dict[str, Any]) -> str:
+    ending = meta.get("file_ending", ".nii.gz")
+    if ending not in _NIFTI_SUFFIXES:
+        raise DatasetError(
+            f"{path}: file_ending {ending!r}: semicon-sweep reads NIfTI files "
+            f"({', '.join(_NIFTI_SUFFIXES)}) only"
+        )
+    return ending
+
+
+def _files_ending(folder: Path, ending: str) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return [
+        p
+        for p in sorted(folder.iterdir())
+        if p.is_file() and not p.name.startswith(".") and p.name.endswith(ending)
+    ]
+
+
+def _nnunet_cases(root: Path, path: Path, meta: dict[str, Any]) -> list[Case]:
+    """``imagesTr/<case>_0000<ending>`` paired with ``labelsTr/<case><ending>``."""
+    ending = _file_ending(path, meta)
+    images: dict[str, Path] = {}
+    for image in _files_ending(root / "imagesTr", ending):
+        match = _CHANNEL_FILE.match(image.name[: -len(ending)])
+        if match is None:
+            raise DatasetError(
+                f"{image}: not named <case>_0000{ending} (nnU-Net v2 layout: the channel "
+                f"number after the case name, as declared by {path.name}'s channel_names)"
+            )
+        if match["channel"] != "0000":
+            raise DatasetError(
+                f"{image}: channel {int(match['channel'])} of case {match['case']!r}; "
+                f"{_ONE_CHANNEL}"
+            )
+        images[match["case"]] = image
+    labels = {p.name[: -len(ending)]: p for p in _files_ending(root / "labelsTr", ending)}
+    for name, image in images.items():
+        if name not in labels:
+            raise DatasetError(
+                f"{root / 'labelsTr' / (name + ending)}: label file missing for image {image}"
+            )
+    for name, label in labels.items():
+        if name not in images:
+            raise DatasetError(
+                f"{root / 'imagesTr' / (name + '_0000' + ending)}: image file missing for "
+                f"label {label}"
+            )
+    count = meta.get("numTraining")
+    if count is not None and count != len(images):
+        raise DatasetError(
+            f"{path}: numTraining is {count!r} but imagesTr/labelsTr hold {len(images)} cases"
+        )
+    return [Case(name, images[name], labels[name]) for name in sorted(images)]
+
+
 def scan_layout(root: str | os.PathLike[str]) -> Layout:
-    """List the cases of an MSD folder and check that their files exist (reads no image)."""
+    """List the cases of an MSD or nnU-Net v2 folder and check that their files exist (reads
+    no image)."""
     if str(root) == "":
-        raise DatasetError("dataset.root: empty; it must name an MSD-layout folder")
+        raise DatasetError("dataset.root: empty; it must name an MSD or nnU-Net v2 folder")
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: dataset folder not found")
     dataset_json = root / "dataset.json"
-    declared = None
+    names: dict[int, str] | None = None
+    kind = "msd"
     if dataset_json.exists():
         meta = _read_dataset_json(dataset_json)
-        declared = _declared_labels(dataset_json, meta)
+        _check_channels(dataset_json, meta)
+        names = _declared_labels(dataset_json, meta)
         if "training" in meta:
             cases = _listed_cases(root, dataset_json, meta["training"])
+        elif _is_nnunet(meta):
+            kind = "nnunet"
+            cases = _nnunet_cases(root, dataset_json, meta)
         else:
             cases = _paired_cases(root)
     else:
@@ -167,14 +321,16 @@ def scan_layout(root: str | os.PathLike[str]) -> Layout:
         cases = _paired_cases(root)
     if not cases:
         raise DatasetError(
-            f"{root}: no cases found (expected dataset.json with a 'training' list, or "
-            "imagesTr/*.nii.gz with matching labelsTr/*.nii.gz)"
+            f"{root}: no cases found (expected dataset.json with a 'training' list, "
+            "imagesTr/*.nii.gz with matching labelsTr/*.nii.gz, or an nnU-Net v2 dataset.json "
+            "with imagesTr/<case>_0000.nii.gz and labelsTr/<case>.nii.gz)"
         )
-    names = [case.name for case in cases]
-    duplicates = sorted({name for name in names if names.count(name) > 1})
+    case_names = [case.name for case in cases]
+    duplicates = sorted({name for name in case_names if case_names.count(name) > 1})
     if duplicates:
         raise DatasetError(f"{dataset_json or root}: case listed more than once: {duplicates[0]}")
-    return Layout(root, tuple(cases), dataset_json, declared)
+    declared = frozenset(names) if names is not None else None
+    return Layout(root, tuple(cases), dataset_json, declared, kind, dict(names or {}))
 
 
 def read_volume(path: Path, dtype: type[np.floating]) -> np.ndarray:
@@ -192,6 +348,10 @@ def read_volume(path: Path, dtype: type[np.floating]) -> np.ndarray:
         raise DatasetError(f"{path}: cannot read NIfTI file ({type(err).__name__}: {err})") from err
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
+    if data.ndim == 4 and min(data.shape) >= 1:
+        raise DatasetError(
+            f"{path}: a 4D image of {data.shape[3]} channels (shape {data.shape}); {_ONE_CHANNEL}"
+        )
     if data.ndim != 3 or min(data.shape) < 1:
         raise DatasetError(f"{path}: expected a 3D volume, got shape {data.shape}")
     return data
@@ -252,45 +412,68 @@ def _check_label(
     return classes[lookup].astype(np.uint8)
 
 
+def _allowed_classes(layout: Layout, remap: dict[int, int]) -> frozenset[int] | None:
+    if layout.declared_labels is None and remap:
+        return frozenset({0, *remap.values()})
+    return layout.declared_labels
+
+
+def _check_case(
+    case: Case, remap: dict[int, int], allowed: frozenset[int] | None, declared_in: Path | None
+) -> Volume:
+    image = read_volume(case.image, np.float32)
+    raw_label = read_volume(case.label, np.float64)
+    if image.shape != raw_label.shape:
+        raise DatasetError(
+            f"{case.image}: image shape {image.shape} does not match label {case.label} "
+            f"shape {raw_label.shape}"
+        )
+    if not np.isfinite(image).all():
+        raise DatasetError(f"{case.image}: image holds NaN or infinite values")
+    label = _check_label(case.label, raw_label, remap, allowed, declared_in)
+    return Volume(case.name, image, label, str(case.image), str(case.label))
+
+
+def iter_checked(layout: Layout, label_remap: tuple[tuple[int, int], ...]) -> Iterator[Volume]:
+    """Read and check the cases one at a time, in ``layout.cases`` order: a volume is read only
+    after the caller asked for the next one, and this generator keeps no reference to the
+    volumes it yielded (a caller that drops each one holds one volume at a time)."""
+    remap = _validate_remap(label_remap)
+    allowed = _allowed_classes(layout, remap)
+    for case in layout.cases:
+        volume = _check_case(case, remap, allowed, layout.dataset_json)
+        yield volume
+        del volume
+
+
+def count_classes(layout: Layout, label_remap: tuple[tuple[int, int], ...], max_label: int) -> int:
+    """The number of classes (incl. background): the declared ones (dataset.json ``labels`` or
+    ``label_remap``), else ``max(2, max_label + 1)`` for ``max_label`` the largest label value."""
+    allowed = _allowed_classes(layout, _validate_remap(label_remap))
+    if allowed is not None:
+        return max(allowed) + 1
+    return max(2, max_label + 1)
+
+
 def load_checked(
     layout: Layout, label_remap: tuple[tuple[int, int], ...]
 ) -> tuple[list[Volume], int]:
     """Read and check every case; returns the volumes and the number of classes (incl. background)."""
-    remap = _validate_remap(label_remap)
-    allowed = layout.declared_labels
-    if allowed is None and remap:
-        allowed = frozenset({0, *remap.values()})
-    volumes = []
-    for case in layout.cases:
-        image = read_volume(case.image, np.float32)
-        raw_label = read_volume(case.label, np.float64)
-        if image.shape != raw_label.shape:
-            raise DatasetError(
-                f"{case.image}: image shape {image.shape} does not match label {case.label} "
-                f"shape {raw_label.shape}"
-            )
-        if not np.isfinite(image).all():
-            raise DatasetError(f"{case.image}: image holds NaN or infinite values")
-        label = _check_label(case.label, raw_label, remap, allowed, layout.dataset_json)
-        volumes.append(Volume(case.name, image, label, str(case.image), str(case.label)))
-    if allowed is not None:
-        num_classes = max(allowed) + 1
-    else:
-        num_classes = max(2, max(int(v.label.max()) for v in volumes) + 1)
-    return volumes, num_classes
+    volumes = list(iter_checked(layout, label_remap))
+    max_label = max(int(v.label.max()) for v in volumes)
+    return volumes, count_classes(layout, label_remap, max_label)
 
 
 def load_msd(
     root: str | os.PathLike[str], label_remap: tuple[tuple[int, int], ...] = ()
 ) -> list[Volume]:
-    """Read and check every case of the MSD-layout folder ``root``.
+    """Read and check every case of the MSD or nnU-Net v2 folder ``root`` (see ``scan_layout``).
 
-    Cases come from ``dataset.json``'s ``training`` list when present (paths relative to
-    ``root``), else from ``imagesTr/*.nii(.gz)`` paired with ``labelsTr`` by file name.
     ``label_remap``: (raw value, class) pairs applied to every label map; non-zero raw values it
     does not map are an error. Raises ``DatasetError`` naming the file for a missing folder or
-    file, no cases, an unreadable or corrupt file, a volume that is not 3D, an image/label shape
-    mismatch, non-integer label values, or label values not declared in ``dataset.json``.
+    file, no cases, more than one channel, an unreadable or corrupt file, a volume that is not
+    3D, an image/label shape mismatch, non-integer label values, or label values not declared
+    in ``dataset.json``.
     """
     volumes, _ = load_checked(scan_layout(root), tuple(label_remap))
     return volumes

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -27,37 +27,46 @@ def data_synth(
 
 
 @data_app.command("check")
-def data_check(root: Annotated[Path, typer.Argument(help="An MSD-layout folder.")]) -> None:
-    """Read and check every case of an MSD folder; print a summary."""
-    from trainers.msd import load_msd
+def data_check(
+    root: Annotated[Path, typer.Argument(help="An MSD or nnU-Net v2 dataset folder.")],
+) -> None:
+    """Read and check every case of an MSD or nnU-Net v2 folder; print a summary."""
+    from trainers.msd import iter_checked, scan_layout
 
     with bad_input():
-        volumes = load_msd(root)
-    typer.echo(describe_volumes(root, volumes))
+        layout = scan_layout(root)
+        summary = describe_volumes(root, iter_checked(layout, ()), layout.class_names)
+    typer.echo(summary)
 
 
-def describe_volumes(root: Path, volumes: list[Any]) -> str:
-    """Cases, classes with their voxel shares, and the range of volume shapes."""
+def describe_volumes(
+    root: Path, volumes: Iterable[Any], names: dict[int, str] | None = None
+) -> str:
+    """Cases, classes with their voxel shares, and the range of volume shapes. ``volumes`` is
+    read once, one volume at a time; ``names``: class id -> name (default: dataset.json's)."""
     import numpy as np
 
-    names = _class_names(root)
+    names = _class_names(root) if names is None else names
     voxels: Counter[int] = Counter()
+    shape_list = []
     for volume in volumes:
         values, counts = np.unique(volume.label, return_counts=True)
         voxels.update({int(v): int(c) for v, c in zip(values, counts, strict=True)})
+        shape_list.append(volume.image.shape)
+        del volume
     total = sum(voxels.values()) or 1
     classes = ", ".join(
         f"{value} {names.get(value, '?')} ({100 * count / total:.2f}%)"
         for value, count in sorted(voxels.items())
     )
-    shapes = np.array([volume.image.shape for volume in volumes])
+    shapes = np.array(shape_list)
     extent = " x ".join(
         f"{lo}-{hi}" if lo != hi else f"{lo}"
         for lo, hi in zip(shapes.min(0), shapes.max(0), strict=True)
     )
     return "\n".join(
         [
-            f"{root}: {len(volumes)} cases, all readable and consistent",
+            f"{root}: {len(shape_list)} cases, all readable and consistent",
             f"classes: {classes}",
             f"shapes: {extent}",
         ]
@@ -65,8 +74,6 @@ def describe_volumes(root: Path, volumes: list[Any]) -> str:
 
 
 def _class_names(root: Path) -> dict[int, str]:
-    try:
-        labels = json.loads((root / "dataset.json").read_text()).get("labels", {})
-        return {int(k): str(v) for k, v in labels.items()}
-    except (OSError, ValueError, AttributeError):
-        return {}
+    from trainers.msd import declared_class_names
+
+    return declared_class_names(root) or {}

@@ -1,0 +1,185 @@
+"""Dataset folder layouts (trainers.msd): nnU-Net v2 folders read like MSD ones, the one-channel
+refusals, and preprocessing one volume at a time."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from tests.trainers.test_data import LABELS, SHAPE, make_msd, msd_config, save_nifti, tiny_case
+from trainers.data import DatasetError, data_fingerprint, prepare_slices
+from trainers.msd import declared_class_names, load_msd, scan_layout
+
+NNUNET_LABELS = {"background": 0, "anterior": 1, "posterior": 2}
+
+
+def to_nnunet(msd: Path, root: Path) -> Path:
+    """The cases of the MSD folder ``msd`` copied into an nnU-Net v2 folder ``root``."""
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    cases = sorted(p.name.removesuffix(".nii.gz") for p in (msd / "imagesTr").glob("*.nii.gz"))
+    for case in cases:
+        shutil.copy(msd / "imagesTr" / f"{case}.nii.gz", root / "imagesTr" / f"{case}_0000.nii.gz")
+        shutil.copy(msd / "labelsTr" / f"{case}.nii.gz", root / "labelsTr" / f"{case}.nii.gz")
+    meta = {
+        "channel_names": {"0": "MRI"},
+        "labels": NNUNET_LABELS,
+        "numTraining": len(cases),
+        "file_ending": ".nii.gz",
+    }
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+def make_nnunet(root: Path, num_cases: int = 3) -> Path:
+    return to_nnunet(make_msd(root.parent / f"{root.name}-msd", num_cases=num_cases), root)
+
+
+def edit_json(root: Path, **changes: object) -> None:
+    path = root / "dataset.json"
+    meta = json.loads(path.read_text())
+    meta.update(changes)
+    path.write_text(json.dumps(meta))
+
+
+# ---------------------------------------------------------------------------------------------
+# nnU-Net v2 folders
+
+
+def test_nnunet_folder_reads_as_the_same_msd_data(tmp_path: Path) -> None:
+    msd = make_msd(tmp_path / "msd", num_cases=4)
+    nnunet = to_nnunet(msd, tmp_path / "nnunet")
+    layout = scan_layout(nnunet)
+    assert layout.kind == "nnunet" and scan_layout(msd).kind == "msd"
+    assert [c.image.name for c in layout.cases][0] == "case_000_0000.nii.gz"
+    assert layout.declared_labels == frozenset({0, 1, 2})
+    assert layout.class_names == {0: "background", 1: "anterior", 2: "posterior"}
+    assert (
+        declared_class_names(nnunet)
+        == declared_class_names(msd)
+        == {int(k): v for k, v in LABELS.items()}
+    )
+    for a, b in zip(load_msd(msd), load_msd(nnunet), strict=True):
+        assert a.case == b.case
+        np.testing.assert_array_equal(a.image, b.image)
+        np.testing.assert_array_equal(a.label, b.label)
+    ours = prepare_slices(msd_config(msd, image_size=8), tmp_path / "cache")
+    theirs = prepare_slices(msd_config(nnunet, image_size=8), tmp_path / "cache")
+    assert ours.fingerprint != theirs.fingerprint  # different files, different dataset.json
+    assert ours.cases == theirs.cases and ours.num_classes == theirs.num_classes == 3
+    for name in ("images", "labels", "volume", "position"):
+        np.testing.assert_array_equal(getattr(ours, name), getattr(theirs, name))
+
+
+def test_nnunet_without_channel_names_is_told_by_its_labels(tmp_path: Path) -> None:
+    root = make_nnunet(tmp_path / "nnunet")
+    meta = json.loads((root / "dataset.json").read_text())
+    del meta["channel_names"], meta["file_ending"], meta["numTraining"]
+    (root / "dataset.json").write_text(json.dumps(meta))
+    assert [v.case for v in load_msd(root)] == ["case_000", "case_001", "case_002"]
+
+
+def test_nnunet_label_remap_and_uncompressed_ending(tmp_path: Path) -> None:
+    root = make_nnunet(tmp_path / "nnunet", num_cases=1)
+    for folder in ("imagesTr", "labelsTr"):
+        for path in (root / folder).iterdir():
+            nib.save(nib.load(str(path)), str(path).removesuffix(".gz"))
+            path.unlink()
+    edit_json(root, file_ending=".nii")
+    raw = np.zeros(SHAPE, dtype=np.int16)
+    raw[1:3] = 500
+    save_nifti(root / "labelsTr" / "case_000.nii", raw)
+    (volume,) = load_msd(root, label_remap=((500, 2),))
+    assert volume.label.max() == 2 and volume.image_path.endswith("case_000_0000.nii")
+
+
+def _damage(root: Path, what: str) -> None:
+    images, labels = root / "imagesTr", root / "labelsTr"
+    if what == "second channel file":
+        shutil.copy(images / "case_001_0000.nii.gz", images / "case_001_0001.nii.gz")
+    elif what == "missing _0000 file":
+        (images / "case_002_0000.nii.gz").unlink()
+    elif what == "label without image":
+        shutil.copy(labels / "case_000.nii.gz", labels / "case_009.nii.gz")
+    elif what == "image without label":
+        (labels / "case_001.nii.gz").unlink()
+    elif what == "image not named per channel":
+        (images / "case_001_0000.nii.gz").rename(images / "case_001.nii.gz")
+    elif what == "numTraining wrong":
+        edit_json(root, numTraining=7)
+    elif what == "two channel_names":
+        edit_json(root, channel_names={"0": "T2", "1": "ADC"})
+    elif what == "region label":
+        edit_json(root, labels={"background": 0, "tumour": [1, 2]})
+    elif what == "ignore label":
+        edit_json(root, labels={**NNUNET_LABELS, "ignore": 3})
+    elif what == "labels not 0..K-1":
+        edit_json(root, labels={"background": 0, "anterior": 1, "posterior": 5})
+    elif what == "foreign file_ending":
+        edit_json(root, file_ending=".png")
+    elif what == "label value not declared":
+        _, label = tiny_case(1)
+        label[0, 0, 0] = 3
+        save_nifti(labels / "case_001.nii.gz", label)
+    else:  # pragma: no cover
+        raise AssertionError(what)
+
+
+NNUNET_REFUSALS = {
+    "second channel file": r"case_001_0001.nii.gz: channel 1 of case 'case_001'; semicon-sweep "
+    "trains on one channel today",
+    "missing _0000 file": r"imagesTr/case_002_0000.nii.gz: image file missing for label "
+    r".*labelsTr/case_002.nii.gz",
+    "label without image": r"imagesTr/case_009_0000.nii.gz: image file missing",
+    "image without label": r"labelsTr/case_001.nii.gz: label file missing for image",
+    "image not named per channel": r"imagesTr/case_001.nii.gz: not named <case>_0000.nii.gz",
+    "numTraining wrong": r"dataset.json: numTraining is 7 but imagesTr/labelsTr hold 3 cases",
+    "two channel_names": r"dataset.json: channel_names: 2 channels \(T2, ADC\); semicon-sweep "
+    "trains on one channel today",
+    "region label": r"dataset.json: labels: 'tumour' is a region \[1, 2\]",
+    "ignore label": r"dataset.json: labels: 'ignore'",
+    "labels not 0..K-1": r"dataset.json: 'labels' must be the class ids 0..K-1.*\[0, 1, 5\]",
+    "foreign file_ending": r"dataset.json: file_ending '.png': semicon-sweep reads NIfTI",
+    "label value not declared": r"labelsTr/case_001.nii.gz: label values \[3\] not declared in "
+    r".*dataset.json 'labels' \[0, 1, 2\]",
+}
+
+
+@pytest.mark.parametrize("what", sorted(NNUNET_REFUSALS))
+def test_nnunet_refusal_is_one_line_naming_the_file(what: str, tmp_path: Path) -> None:
+    root = make_nnunet(tmp_path / "nnunet")
+    _damage(root, what)
+    with pytest.raises(DatasetError, match=NNUNET_REFUSALS[what]) as info:
+        load_msd(root)
+    assert "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# one channel: MSD folders too
+
+
+def test_msd_modality_of_two_channels_is_refused_before_any_file_is_read(tmp_path: Path) -> None:
+    root = make_msd(tmp_path / "msd")
+    edit_json(root, modality={"0": "T2", "1": "ADC"})
+    message = r"dataset.json: modality: 2 channels \(T2, ADC\); semicon-sweep trains on one"
+    with pytest.raises(DatasetError, match=message):
+        scan_layout(root)
+    with pytest.raises(DatasetError, match=message):
+        data_fingerprint(msd_config(root))  # a dry run refuses it too
+
+
+def test_msd_4d_image_of_two_channels_is_refused(tmp_path: Path) -> None:
+    root = make_msd(tmp_path / "msd")
+    image, _ = tiny_case(1)
+    save_nifti(root / "imagesTr" / "case_001.nii.gz", np.stack([image, image], axis=-1))
+    with pytest.raises(
+        DatasetError,
+        match=r"imagesTr/case_001.nii.gz: a 4D image of 2 channels \(shape \(9, 11, 6, 2\)\); "
+        "semicon-sweep trains on one channel today",
+    ):
+        load_msd(root)
