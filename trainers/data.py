@@ -1,10 +1,12 @@
-"""Data layer: MSD-layout volumes -> checked, normalised, resized 2D slices; volume-level splits.
+"""Data layer: MSD / nnU-Net v2 volumes -> checked, normalised, resized 2D slices; volume-level
+splits.
 
-Pipeline (``prepare_slices``):
+Pipeline (``prepare_slices``), one volume at a time (steps 1-3 for a volume, then the next):
 
-1. ``trainers.msd.load_msd`` lists the cases (``dataset.json``'s ``training`` list, else ``imagesTr`` paired
-   with ``labelsTr`` by file name), reads every image and label with nibabel and checks them; any
-   bad input raises ``DatasetError`` naming the file.
+1. ``trainers.msd.scan_layout`` lists the cases (MSD: ``dataset.json``'s ``training`` list, else
+   ``imagesTr`` paired with ``labelsTr`` by file name; nnU-Net v2: ``imagesTr/<case>_0000``
+   with ``labelsTr/<case>``), ``trainers.msd.iter_checked`` reads each image and label with
+   nibabel and checks them; any bad input raises ``DatasetError`` naming the file.
 2. Each volume is normalised on its own (``normalise_intensity``): clip to its 0.5 / 99.5
    percentiles, then min-max scale to [0, 1]. Hippocampus intensities span five orders of
    magnitude across cases, and a few hot voxels would otherwise squash a plain min-max.
@@ -39,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from trainers.config import ConfigError, DataConfig, DatasetError, SplitConfig
-from trainers.msd import Volume, load_checked, scan_layout
+from trainers.msd import Volume, count_classes, iter_checked, scan_layout
 from trainers.synthetic import DEFAULT_SHAPE, SYNTHETIC_VERSION, write_synthetic_msd
 
 # Bumped whenever preprocessing changes what ends up in the slice cache.
@@ -159,24 +161,36 @@ def _resize_slices(
     return resize_images(images, size), resized_labels
 
 
-def _slice_volumes(volumes: list[Volume], size: int, axis: int) -> dict[str, np.ndarray]:
-    """All volumes' slices along ``axis``: the four cache arrays (see ``SliceData``)."""
+def _slice_volumes(
+    volumes: Iterable[Volume], size: int, axis: int
+) -> tuple[dict[str, np.ndarray], list[str], int]:
+    """The volumes' slices along ``axis``: the four cache arrays (see ``SliceData``), the case
+    names and the largest label value. ``volumes`` is consumed one volume at a time and no
+    volume is kept: only its resized slices are, so the peak holds one volume plus the output."""
     import torch
 
     parts: dict[str, list[np.ndarray]] = {name: [] for name in _CACHE_ARRAYS}
+    cases: list[str] = []
+    max_label = 0
     with torch.no_grad():
-        for index, volume in enumerate(volumes):
+        for volume in volumes:  # not enumerate: its cached result tuple would keep a volume
+            index = len(cases)
+            cases.append(volume.case)
+            max_label = max(max_label, int(volume.label.max()))
             images = np.moveaxis(normalise_intensity(volume.image), axis, 0)
             labels = np.moveaxis(volume.label, axis, 0)
+            del volume  # the next volume is read while this loop waits on the generator
             images, labels = _resize_slices(images, labels, size)
             count = images.shape[0]
             parts["images"].append(images)
             parts["labels"].append(labels)
             parts["volume"].append(np.full(count, index, dtype=np.int32))
             parts["position"].append((np.arange(count) / count).astype(np.float32))
-    return {
-        name: np.concatenate(chunks).astype(_CACHE_ARRAYS[name]) for name, chunks in parts.items()
-    }
+            del images, labels
+    arrays = {}
+    for name, dtype in _CACHE_ARRAYS.items():
+        arrays[name] = np.concatenate(parts.pop(name)).astype(dtype, copy=False)
+    return arrays, cases, max_label
 
 
 @dataclass(frozen=True, eq=False)
@@ -311,16 +325,19 @@ def check_dataset(cfg: DataConfig, cache_dir: str | os.PathLike[str]) -> None:
     checked when it was cached, and a synthetic one is generated: neither is read."""
     if cfg.kind == "synthetic" or (Path(cache_dir) / data_fingerprint(cfg) / "meta.json").is_file():
         return
-    load_checked(scan_layout(_data_root(cfg)), cfg.label_remap)
+    for volume in iter_checked(scan_layout(_data_root(cfg)), cfg.label_remap):
+        del volume  # checked; one volume in memory at a time
 
 
 def prepare_slices(cfg: DataConfig, cache_dir: str | os.PathLike[str]) -> SliceData:
     """The preprocessed slices of ``cfg``'s dataset, from ``cache_dir/<fingerprint>/`` when cached.
 
     kind="synthetic" first writes the dataset at ``cfg.root`` unless it is already there.
-    A cache miss reads and checks every case (``trainers.msd.load_checked``), normalises each volume
-    (``normalise_intensity``), slices along ``cfg.axis``, resizes to ``cfg.image_size`` and writes
-    the cache; either way the returned arrays are memory-mapped from the cache folder.
+    A cache miss reads and checks the cases one at a time (``trainers.msd.iter_checked``),
+    normalising each volume (``normalise_intensity``), slicing it along ``cfg.axis`` and resizing
+    its slices to ``cfg.image_size`` before the next is read (memory: one volume plus the
+    output), then writes the cache; either way the returned arrays are memory-mapped from the
+    cache folder.
     """
     root = _data_root(cfg)
     if cfg.kind == "synthetic":
@@ -328,13 +345,15 @@ def prepare_slices(cfg: DataConfig, cache_dir: str | os.PathLike[str]) -> SliceD
     fingerprint = data_fingerprint(cfg)
     folder = Path(cache_dir) / fingerprint
     if not (folder / "meta.json").is_file():
-        volumes, num_classes = load_checked(scan_layout(root), cfg.label_remap)
-        arrays = _slice_volumes(volumes, cfg.image_size, cfg.axis)
+        layout = scan_layout(root)
+        volumes = iter_checked(layout, cfg.label_remap)
+        arrays, cases, max_label = _slice_volumes(volumes, cfg.image_size, cfg.axis)
+        num_classes = count_classes(layout, cfg.label_remap, max_label)
         meta = {
             "format": _CACHE_FORMAT,
             "fingerprint": fingerprint,
             "preprocess_version": PREPROCESS_VERSION,
-            "cases": [volume.case for volume in volumes],
+            "cases": cases,
             "num_classes": num_classes,
             "num_slices": int(arrays["images"].shape[0]),
             "image_size": cfg.image_size,

@@ -3,16 +3,27 @@ refusals, and preprocessing one volume at a time."""
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
+import weakref
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
+from orchestrator.cli import app
 from tests.trainers.test_data import LABELS, SHAPE, make_msd, msd_config, save_nifti, tiny_case
-from trainers.data import DatasetError, data_fingerprint, prepare_slices
+from trainers.data import (
+    DatasetError,
+    _resize_slices,
+    check_dataset,
+    data_fingerprint,
+    normalise_intensity,
+    prepare_slices,
+)
 from trainers.msd import declared_class_names, load_msd, scan_layout
 
 NNUNET_LABELS = {"background": 0, "anterior": 1, "posterior": 2}
@@ -183,3 +194,66 @@ def test_msd_4d_image_of_two_channels_is_refused(tmp_path: Path) -> None:
         "semicon-sweep trains on one channel today",
     ):
         load_msd(root)
+
+
+# ---------------------------------------------------------------------------------------------
+# memory: one volume at a time
+
+
+class ReaderSpy:
+    """Wraps ``trainers.msd.read_volume``: each image read asserts (``alive_at_read``) how many
+    images read before it are still in memory; 0 everywhere = one volume at a time."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import trainers.msd
+
+        self.real = trainers.msd.read_volume
+        self.images: list[weakref.ref[np.ndarray]] = []
+        self.alive_at_read: list[int] = []
+        monkeypatch.setattr(trainers.msd, "read_volume", self)
+
+    def __call__(self, path: Path, dtype: type[np.floating]) -> np.ndarray:
+        if path.parent.name == "imagesTr":
+            gc.collect()
+            self.alive_at_read.append(sum(ref() is not None for ref in self.images))
+        array = self.real(path, dtype)
+        if path.parent.name == "imagesTr":
+            self.images.append(weakref.ref(array))
+        return array
+
+
+def test_prepare_and_check_hold_one_volume_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = make_nnunet(tmp_path / "nnunet", num_cases=5)
+    spy = ReaderSpy(monkeypatch)
+    check_dataset(msd_config(root), tmp_path / "cache")
+    assert spy.alive_at_read == [0] * 5
+    spy.alive_at_read.clear()
+    data = prepare_slices(msd_config(root, image_size=8), tmp_path / "cache")
+    assert spy.alive_at_read == [0] * 5
+    assert data.num_volumes == 5 and data.num_classes == 3
+    spy.alive_at_read.clear()
+    result = CliRunner().invoke(app, ["data", "check", str(root)])
+    assert result.exit_code == 0 and "5 cases" in result.stdout
+    assert spy.alive_at_read == [0] * 5
+    # the spy sees a loader that keeps every volume (as prepare_slices did before)
+    spy.alive_at_read.clear()
+    load_msd(root)
+    assert spy.alive_at_read == [0, 1, 2, 3, 4]
+
+
+def test_streamed_slices_equal_the_whole_dataset_sliced_at_once(tmp_path: Path) -> None:
+    """The cache arrays built volume by volume equal slicing every loaded volume together."""
+    root = make_msd(tmp_path / "msd", num_cases=3)
+    data = prepare_slices(msd_config(root, image_size=8, axis=0), tmp_path / "cache")
+    volumes = load_msd(root)
+    images, labels = [], []
+    for volume in volumes:
+        norm = np.moveaxis(normalise_intensity(volume.image), 0, 0)
+        resized = _resize_slices(norm, volume.label, 8)
+        images.append(resized[0])
+        labels.append(resized[1])
+    np.testing.assert_array_equal(data.images, np.concatenate(images))
+    np.testing.assert_array_equal(data.labels, np.concatenate(labels))
+    assert data.volume.tolist() == [v for v in range(3) for _ in range(SHAPE[0])]
