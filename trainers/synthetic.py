@@ -1,7 +1,9 @@
-"""A small synthetic dataset in the MSD layout, shaped like Task04 Hippocampus.
+"""A small synthetic dataset in the MSD (or nnU-Net v2) layout, shaped like Task04 Hippocampus.
 
 ``write_synthetic_msd`` writes ``dataset.json``, ``imagesTr/synth_XXX.nii.gz`` (float32) and
-``labelsTr/synth_XXX.nii.gz`` (uint8) with labels {0 background, 1 anterior, 2 posterior}.
+``labelsTr/synth_XXX.nii.gz`` (uint8) with labels {0 background, 1 anterior, 2 posterior};
+with ``layout="nnunet"`` the same volumes as ``imagesTr/synth_XXX_0000.nii.gz`` and an nnU-Net
+v2 ``dataset.json`` (``channel_names``, ``labels`` name -> id, ``file_ending``, no case list).
 
 Each case holds one curved, tapering tube (the "hippocampus") whose long axis is tilted at random;
 voxels are labelled 1 ("anterior", the thick head) or 2 ("posterior", the body and tail) by where
@@ -39,19 +41,27 @@ from trainers.config import DatasetError
 SYNTHETIC_VERSION = 1
 DEFAULT_SHAPE: tuple[int, int, int] = (36, 44, 32)
 LABELS = {"0": "background", "1": "anterior", "2": "posterior"}
+LAYOUTS = ("msd", "nnunet")
 
 _CENTRE_LINE_POINTS = 48
 
 
-def _marker(num_cases: int, seed: int, shape: tuple[int, int, int]) -> dict[str, Any]:
-    """What ``dataset.json`` records about how it was generated (compared on reuse)."""
-    return {
+def _marker(
+    num_cases: int, seed: int, shape: tuple[int, int, int], layout: str = "msd"
+) -> dict[str, Any]:
+    """What ``dataset.json`` records about how it was generated (compared on reuse). The MSD
+    layout's marker names no layout, so its dataset.json (hashed by the data fingerprint) is
+    byte-identical to the one written before nnU-Net folders existed."""
+    marker: dict[str, Any] = {
         "generator": "semicon-sweep synthetic",
         "version": SYNTHETIC_VERSION,
         "num_cases": num_cases,
         "seed": seed,
         "shape": list(shape),
     }
+    if layout != "msd":
+        marker["layout"] = layout
+    return marker
 
 
 def _validate(num_cases: int, seed: int, shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -178,8 +188,13 @@ def write_synthetic_msd(
     num_cases: int = 24,
     seed: int = 0,
     shape: tuple[int, int, int] = DEFAULT_SHAPE,
+    layout: str = "msd",
 ) -> Path:
-    """Write the synthetic dataset to ``root`` (an MSD-layout folder) and return ``root``.
+    """Write the synthetic dataset to ``root`` and return ``root``.
+
+    ``layout``: "msd" (dataset.json with a ``training`` list, ``imagesTr/<case>.nii.gz``) or
+    "nnunet" (nnU-Net v2: ``imagesTr/<case>_0000.nii.gz``, ``labels`` as name -> id); the
+    volumes are the same either way.
 
     The folder is built under a temporary sibling name and renamed into place with
     ``dataset.json`` written last, so ``root`` is never a half-written dataset. If ``root``
@@ -189,8 +204,11 @@ def write_synthetic_msd(
     import nibabel as nib  # here: planning a synthetic sweep imports this module, not nibabel
 
     dims = _validate(num_cases, seed, shape)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    nnunet = layout == "nnunet"
     root = Path(root)
-    marker = _marker(num_cases, seed, dims)
+    marker = _marker(num_cases, seed, dims, layout)
     if _existing_matches(root, marker):
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -204,14 +222,15 @@ def write_synthetic_msd(
         for case in range(num_cases):
             image, label = synthetic_case(seed, case, dims)
             name = f"synth_{case:03d}.nii.gz"
+            image_name = f"synth_{case:03d}_0000.nii.gz" if nnunet else name
             image_nii = nib.Nifti1Image(image, affine)
             image_nii.header.set_data_dtype(np.float32)
             label_nii = nib.Nifti1Image(label, affine)
             label_nii.header.set_data_dtype(np.uint8)
-            nib.save(image_nii, staging / "imagesTr" / name)
+            nib.save(image_nii, staging / "imagesTr" / image_name)
             nib.save(label_nii, staging / "labelsTr" / name)
             training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
-        dataset = {
+        dataset: dict[str, Any] = {
             "name": "Synthetic",
             "description": "Synthetic Hippocampus-like tubes split into anterior and posterior parts",
             "tensorImageSize": "3D",
@@ -223,6 +242,16 @@ def write_synthetic_msd(
             "test": [],
             "synthetic": marker,
         }
+        if nnunet:
+            dataset = {
+                "name": dataset["name"],
+                "description": dataset["description"],
+                "channel_names": {"0": "MRI"},
+                "labels": {name: int(value) for value, name in LABELS.items()},
+                "numTraining": num_cases,
+                "file_ending": ".nii.gz",
+                "synthetic": marker,
+            }
         (staging / "dataset.json").write_text(json.dumps(dataset, indent=2))
         try:
             os.rename(staging, root)  # atomic; replaces an empty folder
@@ -248,7 +277,8 @@ def _existing_matches(root: Path, marker: dict[str, Any]) -> bool:
         raise DatasetError(
             f"{dataset_json}: not the synthetic dataset asked for "
             f"(num_cases={marker['num_cases']}, seed={marker['seed']}, shape={marker['shape']}, "
-            f"version={marker['version']}); use another root or remove this folder"
+            f"version={marker['version']}, layout={marker.get('layout', 'msd')}); "
+            "use another root or remove this folder"
         )
     if any(root.iterdir()):
         raise DatasetError(

@@ -1,4 +1,4 @@
-"""``semicon-sweep data``: write a synthetic MSD-layout dataset, or read and check one."""
+"""``semicon-sweep data``: write a synthetic MSD / nnU-Net v2 dataset, or read and check one."""
 
 from __future__ import annotations
 
@@ -17,13 +17,17 @@ def data_synth(
     folder: Annotated[Path, typer.Argument(metavar="DIR", help="Where to write the dataset.")],
     cases: Annotated[int, typer.Option(help="Number of volumes.")] = 24,
     seed: Annotated[int, typer.Option(help="Generator seed.")] = 0,
+    layout: Annotated[
+        str,
+        typer.Option(help="Folder layout: msd (Medical Segmentation Decathlon) or nnunet (v2)."),
+    ] = "msd",
 ) -> None:
-    """Write a synthetic MSD-layout dataset (Hippocampus-like, 3 classes)."""
+    """Write a synthetic dataset (Hippocampus-like, 3 classes) in the MSD or nnU-Net v2 layout."""
     from trainers.synthetic import write_synthetic_msd
 
     with bad_input(ValueError):
-        root = write_synthetic_msd(folder, num_cases=cases, seed=seed)
-    typer.echo(f"{root}: {cases} synthetic cases (seed {seed})")
+        root = write_synthetic_msd(folder, num_cases=cases, seed=seed, layout=layout)
+    typer.echo(f"{root}: {cases} synthetic cases (seed {seed}, {layout} layout)")
 
 
 @data_app.command("check")

@@ -25,6 +25,7 @@ from trainers.data import (
     prepare_slices,
 )
 from trainers.msd import declared_class_names, load_msd, scan_layout
+from trainers.synthetic import write_synthetic_msd
 
 NNUNET_LABELS = {"background": 0, "anterior": 1, "posterior": 2}
 
@@ -257,3 +258,44 @@ def test_streamed_slices_equal_the_whole_dataset_sliced_at_once(tmp_path: Path) 
     np.testing.assert_array_equal(data.images, np.concatenate(images))
     np.testing.assert_array_equal(data.labels, np.concatenate(labels))
     assert data.volume.tolist() == [v for v in range(3) for _ in range(SHAPE[0])]
+
+
+# ---------------------------------------------------------------------------------------------
+# the synthetic generator's nnU-Net layout
+
+
+def test_synthetic_nnunet_layout_slices_equal_the_msd_layout(tmp_path: Path) -> None:
+    msd = write_synthetic_msd(tmp_path / "msd", num_cases=3, shape=(12, 14, 10))
+    nnunet = write_synthetic_msd(
+        tmp_path / "nnunet", num_cases=3, shape=(12, 14, 10), layout="nnunet"
+    )
+    assert sorted(p.name for p in (nnunet / "imagesTr").iterdir())[0] == "synth_000_0000.nii.gz"
+    meta = json.loads((nnunet / "dataset.json").read_text())
+    assert meta["labels"] == NNUNET_LABELS and meta["channel_names"] == {"0": "MRI"}
+    assert "training" not in meta and scan_layout(nnunet).kind == "nnunet"
+    assert "layout" not in json.loads((msd / "dataset.json").read_text())["synthetic"]
+    ours = prepare_slices(msd_config(msd, image_size=8), tmp_path / "cache")
+    theirs = prepare_slices(msd_config(nnunet, image_size=8), tmp_path / "cache")
+    assert ours.cases == theirs.cases == ("synth_000", "synth_001", "synth_002")
+    for name in ("images", "labels", "volume", "position"):
+        np.testing.assert_array_equal(getattr(ours, name), getattr(theirs, name))
+    # reuse: the same call leaves the folder; the other layout at the same root is refused
+    assert write_synthetic_msd(nnunet, num_cases=3, shape=(12, 14, 10), layout="nnunet") == nnunet
+    with pytest.raises(DatasetError, match="layout=msd"):
+        write_synthetic_msd(nnunet, num_cases=3, shape=(12, 14, 10))
+    with pytest.raises(ValueError, match="layout: must be one of msd, nnunet"):
+        write_synthetic_msd(tmp_path / "x", layout="nifti")
+
+
+def test_data_synth_layout_option(tmp_path: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(
+        app, ["data", "synth", str(tmp_path / "d"), "--cases", "2", "--layout", "nnunet"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "2 synthetic cases (seed 0, nnunet layout)" in result.stdout
+    result = runner.invoke(app, ["data", "check", str(tmp_path / "d")])
+    assert result.exit_code == 0, result.output
+    assert "2 cases, all readable" in result.stdout and "1 anterior" in result.stdout
+    result = runner.invoke(app, ["data", "synth", str(tmp_path / "e"), "--layout", "png"])
+    assert result.exit_code == 2 and "layout: must be one of msd, nnunet" in result.stderr
