@@ -19,6 +19,7 @@ import gzip
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -72,11 +73,12 @@ def _spec_replacing(old: str, new: str) -> Callable[[Path], list[str]]:
     return lambda folder: _spec(folder, SPEC.replace(old, new))
 
 
-def _msd_spec(damage: Callable[[Path], None]) -> Callable[[Path], list[str]]:
-    """A spec over a small synthetic MSD folder at ``folder/data`` damaged by ``damage``."""
+def _msd_spec(damage: Callable[[Path], None], layout: str = "msd") -> Callable[[Path], list[str]]:
+    """A spec over a small synthetic MSD (or nnU-Net v2) folder at ``folder/data`` damaged by
+    ``damage``."""
 
     def build(folder: Path) -> list[str]:
-        root = write_synthetic_msd(folder / "data", num_cases=6, shape=(16, 18, 12))
+        root = write_synthetic_msd(folder / "data", num_cases=6, shape=(16, 18, 12), layout=layout)
         damage(root)
         text = SPEC.replace("{kind: synthetic, image_size: 32, synthetic_cases: 8}", "{}")
         return _spec(folder, text.replace("dataset: {}", f"dataset: {{kind: msd, root: {root}}}"))
@@ -113,6 +115,28 @@ def _label_out_of_range(root: Path) -> None:
 
 def _not_gzip(root: Path) -> None:
     (root / "labelsTr" / "synth_004.nii.gz").write_bytes(gzip.compress(b"not a nifti file"))
+
+
+def _two_channel_names(root: Path) -> None:
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["channel_names"] = {"0": "T2", "1": "ADC"}
+    (root / "dataset.json").write_text(json.dumps(meta))
+
+
+def _second_channel_file(root: Path) -> None:
+    shutil.copy(
+        root / "imagesTr" / "synth_002_0000.nii.gz", root / "imagesTr" / "synth_002_0001.nii.gz"
+    )
+
+
+def _four_d_image(root: Path) -> None:
+    import nibabel as nib
+    import numpy as np
+
+    path = root / "imagesTr" / "synth_001.nii.gz"
+    image = nib.load(str(path))
+    data = np.asarray(image.dataobj)
+    nib.save(nib.Nifti1Image(np.stack([data, data], axis=-1), image.affine), str(path))
 
 
 def _storage_file(folder: Path) -> list[str]:
@@ -350,6 +374,32 @@ CASES: dict[str, Case] = {
             "label file missing",
             _msd_spec(lambda root: (root / "labelsTr" / "synth_005.nii.gz").unlink()),
             "synth_005",
+        ),
+        Case(
+            "data",
+            "an MSD image of two channels (4D)",
+            _msd_spec(_four_d_image),
+            "synth_001.nii.gz",
+        ),
+        Case(
+            "data",
+            "nnU-Net v2 folder declaring two channels",
+            _msd_spec(_two_channel_names, layout="nnunet"),
+            "channel_names: 2 channels (T2, ADC)",
+        ),
+        Case(
+            "data",
+            "nnU-Net v2 case with a second channel file",
+            _msd_spec(_second_channel_file, layout="nnunet"),
+            "synth_002_0001.nii.gz",
+        ),
+        Case(
+            "data",
+            "nnU-Net v2 image file missing",
+            _msd_spec(
+                lambda root: (root / "imagesTr" / "synth_003_0000.nii.gz").unlink(), layout="nnunet"
+            ),
+            "synth_003_0000.nii.gz",
         ),
         # the storage folder
         Case("storage", "storage is a file", _storage_file, "results: not a folder"),
