@@ -213,8 +213,15 @@ def _paired_cases(root: Path) -> list[Case]:
     labels = _nifti_files(root / "labelsTr")
     for name, image in images.items():
         if name not in labels:
+            match = _CHANNEL_FILE.match(name)
+            hint = (
+                "; nnU-Net v2 names like this need the dataset.json that declares the layout "
+                "(channel_names, labels as name -> id)"
+                if match is not None and match["case"] in labels
+                else ""
+            )
             raise DatasetError(
-                f"{root / 'labelsTr' / image.name}: label file missing for image {image}"
+                f"{root / 'labelsTr' / image.name}: label file missing for image {image}{hint}"
             )
     for name, label in labels.items():
         if name not in images:

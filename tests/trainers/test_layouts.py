@@ -96,6 +96,13 @@ def test_nnunet_without_channel_names_is_told_by_its_labels(tmp_path: Path) -> N
     assert [v.case for v in load_msd(root)] == ["case_000", "case_001", "case_002"]
 
 
+def test_nnunet_names_without_dataset_json_get_a_hint(tmp_path: Path) -> None:
+    root = make_nnunet(tmp_path / "nnunet")
+    (root / "dataset.json").unlink()
+    with pytest.raises(DatasetError, match=r"case_000_0000.nii.gz: label file missing .*need"):
+        load_msd(root)
+
+
 def test_nnunet_label_remap_and_uncompressed_ending(tmp_path: Path) -> None:
     root = make_nnunet(tmp_path / "nnunet", num_cases=1)
     for folder in ("imagesTr", "labelsTr"):
