@@ -61,7 +61,7 @@ from orchestrator.scheduler import DagScheduler
 from orchestrator.session import TRAIN_POLL_ENV, ClusterError, ray_session, train_env
 from orchestrator.store import StageStore, invalidate_nodes
 from orchestrator.tracking import check_tracking, logger_callbacks
-from orchestrator.worker import NodeJob
+from orchestrator.worker import DRIVER_STARTED_KEY, NodeJob
 from trainers.registry import stage_names
 
 if TYPE_CHECKING:
@@ -159,13 +159,14 @@ def drive_node(config: Mapping[str, Any], payload: DriverPayload) -> None:
 
     from orchestrator.worker import train_node
 
+    driver_started_at = time.time()
     key = config["node_key"]
     job = payload.jobs[key]
     store = StageStore(job.storage)
     os.environ.update(payload.train_env)  # Train passes these on to its controller
     trainer = TorchTrainer(
         train_node,
-        train_loop_config=job.to_dict(),
+        train_loop_config={**job.to_dict(), DRIVER_STARTED_KEY: driver_started_at},
         scaling_config=ray.train.ScalingConfig(**payload.scaling),
         run_config=ray.train.RunConfig(
             name=key,

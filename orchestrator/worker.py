@@ -19,8 +19,13 @@ passes its ``train_loop_config`` to every rank as plain data) and runs, on every
 4. rank 0 appends every epoch's record to ``stages/<key>/epochs.jsonl`` and, at the end, writes
    the node's result (``StageStore.write_result``: model, metrics, then ``COMPLETE``). The
    metrics gain ``wall_s`` (worker wall seconds of the node: this run plus, for a resumed run,
-   those recorded in the checkpoint it resumed from) and ``gpu_s`` (``wall_s`` x GPUs per
-   worker x workers; 0 on CPU).
+   those recorded in the checkpoint it resumed from), ``gpu_s`` (``wall_s`` x GPUs per
+   worker x workers; 0 on CPU) and ``timing`` (unix times of this run: ``driver_started_at``
+   (the Tune trial's driver entered ``drive_node``), ``worker_started_at`` (``train_node``
+   entered), ``last_report_at`` (the last epoch's report returned), ``stage_ended_at`` (the
+   stage function returned, final evaluation included), and ``report_s``: seconds spent in
+   the per-epoch report (store record, checkpoint save, ``ray.train.report``); the store's
+   ``COMPLETE`` adds ``completed_at``; ``benchmarks/bench_overhead.py`` reads them).
 
 Epoch records are the project's own log (Tune rewrites its ``result.json`` when a trial
 restarts): on a resumed run rank 0 first drops the records of epochs after the checkpoint it
@@ -61,6 +66,7 @@ from trainers.point import stage_context
 from trainers.registry import get_stage
 
 CHECKPOINT_FILE = "checkpoint_state.pt"
+DRIVER_STARTED_KEY = "driver_started_at"  # train_loop_config: when the node's driver started
 WALL_KEY = "worker_wall_s"  # added to each checkpoint state: wall seconds spent up to it
 
 
@@ -139,6 +145,9 @@ def train_node(config: Mapping[str, Any]) -> None:
         raise RuntimeError(job.inject_failure)
 
     started = time.monotonic()
+    timing: dict[str, float] = {"worker_started_at": time.time(), "report_s": 0.0}
+    if isinstance(config.get(DRIVER_STARTED_KEY), int | float):
+        timing["driver_started_at"] = float(config[DRIVER_STARTED_KEY])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     store = StageStore(job.storage)
@@ -153,6 +162,14 @@ def train_node(config: Mapping[str, Any]) -> None:
     throttle = ReportThrottle(float(job.report_interval_s))
 
     def report(metrics: dict[str, float], checkpoint_state: dict[str, Any] | None) -> None:
+        entered = time.perf_counter()
+        try:
+            _report(metrics, checkpoint_state)
+        finally:
+            timing["report_s"] += time.perf_counter() - entered
+            timing["last_report_at"] = time.time()
+
+    def _report(metrics: dict[str, float], checkpoint_state: dict[str, Any] | None) -> None:
         if rank == 0:
             record = {
                 **metrics,
@@ -186,7 +203,13 @@ def train_node(config: Mapping[str, Any]) -> None:
     )
     if rank == 0:
         wall_s = earlier_wall_s + time.monotonic() - started
-        metrics = {**result.metrics, "wall_s": wall_s, "gpu_s": wall_s * gpus * world}
+        timing["stage_ended_at"] = time.time()
+        metrics = {
+            **result.metrics,
+            "wall_s": wall_s,
+            "gpu_s": wall_s * gpus * world,
+            "timing": timing,
+        }
         store.write_result(node.key, result.state, metrics)
 
 
