@@ -15,7 +15,14 @@ if TYPE_CHECKING:
     from orchestrator.store import StageStore
 
 EPOCH_PROGRESS_EVERY_S = 30.0
+BUNDLE_KEY = "bundle"  # a Tune trial's config: the node keys of its bundle, when it runs several
 NOT_AXES = ("stage", "method", "trials")  # the keys of Plan.node_point that are not axes
+
+
+def trial_nodes(config: Any) -> list[str]:
+    """The node keys a Tune trial runs: its bundle (``BUNDLE_KEY``), or its one node."""
+    bundle = config.get(BUNDLE_KEY)
+    return list(bundle) if bundle else [str(config["node_key"])]
 
 
 def print_progress(line: str) -> None:
@@ -102,16 +109,21 @@ def progress_callback(
             return f"{budget} loss {float(last['loss']):.4f}"
 
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            key = trial.config["node_key"]
-            self.started[key] = time.monotonic()
-            self.running.add(key)
+            keys = trial_nodes(trial.config)
+            for index, key in enumerate(keys):
+                self.started[key] = time.monotonic()
+                self.running.add(key)
+                where = f" ({index + 1}/{len(keys)} of a bundle)" if len(keys) > 1 else ""
+                self._line(key, f"start{where}")
             self.most_running = max(self.most_running, len(self.running))
-            self._line(key, "start")
 
         def on_trial_result(
             self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
         ) -> None:
-            key = trial.config["node_key"]
+            # a bundle's reports name their node; a lone node's trial is its node
+            key = result.get("node_key") or trial.config["node_key"]
+            if key not in self.plan.nodes:
+                return
             if "loss" in result:
                 self.last[key] = result
                 now = time.monotonic()
@@ -126,18 +138,22 @@ def progress_callback(
             return clock(time.monotonic() - self.started.get(key, time.monotonic()))
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            key = trial.config["node_key"]
-            self._ended(key)
-            if self.store.is_complete(key):
-                self.done += 1
-                self._line(key, f"done in {self._elapsed(key)}, {self._loss(key)}{self._eta()}")
-            else:
-                error = self.store.read_error(key) or "no result"
-                self._line(key, f"FAILED after {self._elapsed(key)}, {self._loss(key)}: {error}")
+            for key in trial_nodes(trial.config):
+                self._ended(key)
+                if self.store.is_complete(key):
+                    self.done += 1
+                    self._line(key, f"done in {self._elapsed(key)}, {self._loss(key)}{self._eta()}")
+                else:
+                    error = self.store.read_error(key) or "no result"
+                    self._line(
+                        key, f"FAILED after {self._elapsed(key)}, {self._loss(key)}: {error}"
+                    )
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            key = trial.config["node_key"]
-            self._ended(key)
-            self._line(key, f"FAILED (trial crashed) after {self._elapsed(key)}, {self._loss(key)}")
+            for key in trial_nodes(trial.config):
+                self._ended(key)
+                self._line(
+                    key, f"FAILED (trial crashed) after {self._elapsed(key)}, {self._loss(key)}"
+                )
 
     return NodeProgress(plan, store, progress, sweep_start)
