@@ -59,6 +59,7 @@ import yaml  # noqa: E402
 from bench_ray_stage import emit, log, machine_info, prepare, print_table  # noqa: E402
 
 from orchestrator.plan import build_plan  # noqa: E402
+from orchestrator.progress import trial_nodes  # noqa: E402
 from orchestrator.spec import Spec, load_spec  # noqa: E402
 from orchestrator.store import StageStore  # noqa: E402
 
@@ -102,7 +103,7 @@ def write_spec(
 # the launch arm
 
 
-TRIAL_EVENTS: list[tuple[float, str, str]] = []  # (time, node key, "start" | "end"), in-process
+TRIAL_EVENTS: list[tuple[float, tuple[str, ...], str]] = []  # (time, node keys, "start" | "end")
 
 
 def recording(inner: Any) -> Any:
@@ -118,7 +119,7 @@ def recording(inner: Any) -> Any:
             return {}  # Tune pickles its callbacks; nothing here needs restoring
 
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            TRIAL_EVENTS.append((time.time(), trial.config["node_key"], "start"))
+            TRIAL_EVENTS.append((time.time(), tuple(trial_nodes(trial.config)), "start"))
             self.inner.on_trial_start(iteration, trials, trial, **info)
 
         def on_trial_result(
@@ -127,11 +128,11 @@ def recording(inner: Any) -> Any:
             self.inner.on_trial_result(iteration, trials, trial, result, **info)
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            TRIAL_EVENTS.append((time.time(), trial.config["node_key"], "end"))
+            TRIAL_EVENTS.append((time.time(), tuple(trial_nodes(trial.config)), "end"))
             self.inner.on_trial_complete(iteration, trials, trial, **info)
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            TRIAL_EVENTS.append((time.time(), trial.config["node_key"], "end"))
+            TRIAL_EVENTS.append((time.time(), tuple(trial_nodes(trial.config)), "end"))
             self.inner.on_trial_error(iteration, trials, trial, **info)
 
     return Recorder(inner)
@@ -169,19 +170,33 @@ def launch_nodes(spec: Spec, launch: Mapping[str, Any]) -> tuple[dict[str, dict[
 
     plan = build_plan(spec)
     store = StageStore(spec.storage)
-    start = {key: at for at, key, event in launch["events"] if event == "start"}
-    end = {key: at for at, key, event in launch["events"] if event == "end"}
+    start = {keys: at for at, keys, event in launch["events"] if event == "start"}
+    end = {keys: at for at, keys, event in launch["events"] if event == "end"}
     cpus = float(os.cpu_count() or 1)
     concurrency = node_concurrency(spec.resources, {"CPU": cpus}, len(plan.nodes))
     nodes = {}
-    for key in plan.nodes:
-        if not store.is_complete(key):
-            raise RuntimeError(f"node {key} did not complete")
-        nodes[key] = node_figures(store, key, start[key], end[key])
+    for keys, began in start.items():
+        # a bundle's nodes run in order: each from the previous one's COMPLETE (the first
+        # from the trial's start) to its own COMPLETE (the last to the trial's end)
+        for index, key in enumerate(keys):
+            if not store.is_complete(key):
+                raise RuntimeError(f"node {key} did not complete")
+            ended = end[keys] if index == len(keys) - 1 else completed_at(store, key)
+            nodes[key] = node_figures(store, key, began, ended, first_in_trial=index == 0)
+            nodes[key]["bundle_size"] = float(len(keys))
+            began = completed_at(store, key)
+    if sorted(nodes) != sorted(plan.nodes):
+        raise RuntimeError("some nodes did not run")
     return nodes, concurrency
 
 
-def node_figures(store: StageStore, key: str, began: float, ended: float) -> dict[str, float]:
+def completed_at(store: StageStore, key: str) -> float:
+    return float(json.loads((store.node_dir(key) / "COMPLETE").read_text())["completed_at"])
+
+
+def node_figures(
+    store: StageStore, key: str, began: float, ended: float, first_in_trial: bool = True
+) -> dict[str, float]:
     """One node's phases (module docstring) from its store records, ``began`` and ``ended``."""
     records = sorted(store.read_epochs(key), key=lambda r: r["epoch"])
     metrics = store.read_metrics(key) or {}
@@ -204,7 +219,7 @@ def node_figures(store: StageStore, key: str, began: float, ended: float) -> dic
         "epochs": len(records),
         "steps": records[-1].get("steps", 0),
     }
-    if "driver_started_at" in timing:
+    if "driver_started_at" in timing and first_in_trial:
         figures["to_driver_s"] = timing["driver_started_at"] - began
         figures["to_worker_s"] = timing["worker_started_at"] - timing["driver_started_at"]
         figures["to_first_epoch_s"] = first_train_start - timing["worker_started_at"]
@@ -306,9 +321,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         folder = Path(tmp)
         for arm, extra in args.arms:
             log(f"arm: {arm} (launch)")
-            spec_path = write_spec(
-                folder, f"launch-{arm}", args.nodes, args.epochs, {**resources, **extra}
-            )
+            name = "launch-" + arm.replace(" ", "-").replace("_", "-")
+            spec_path = write_spec(folder, name, args.nodes, args.epochs, {**resources, **extra})
             spec = load_spec(spec_path)
             launch = run_launch(spec_path)
             nodes, concurrency = launch_nodes(spec, launch)
@@ -370,8 +384,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="NAME=VALUE added to the spec's resources (every arm)",
     )
     parser.add_argument("--out", type=Path, help="also write the JSON object here")
+    parser.add_argument(
+        "--nodes-per-run",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="one launch arm per value: resources.nodes_per_run (1: a Train run per node; "
+        "> 1: bundles of up to that many nodes per Train run)",
+    )
     args = parser.parse_args(argv)
-    args.arms = [("default", {})]
+    args.arms = [(f"nodes_per_run {n}", {"nodes_per_run": n}) for n in args.nodes_per_run]
     return args
 
 

@@ -33,6 +33,11 @@ folder (``<storage>/ray/train/<key>``) still holds its checkpoints, so the new T
 same name continues from the last one (the worker drops the epoch records after it). Once a
 node is complete its Train checkpoints are deleted (its result lives in the stage store).
 
+Bundles (``resources.nodes_per_run`` > 1): the searcher suggests several ready nodes of one
+kind as one Tune trial (``config["bundle"]``), driven by ``drive_bundle``: one Train run for
+them all (``orchestrator.worker.train_bundle``), each node resuming from its own resume point
+in the store, a failing node recorded while its bundle-mates go on (docs/ARCHITECTURE.md).
+
 Data: the slices are preprocessed once on the driver (``trainers.data.prepare_slices`` into
 ``<storage>/cache/<fingerprint>``); workers receive the folder's path and memory-map it.
 

@@ -36,6 +36,13 @@ of every rank, comma-separated in rank order), ``torch_threads`` (rank 0's intra
 Ray sets ``OMP_NUM_THREADS`` to the worker's whole CPUs, at least 1) and ``time`` (unix
 seconds, when the record was written).
 
+Bundles: with ``config["bundle"]`` (a list of ``NodeJob.to_dict()``), ``train_bundle`` runs
+the nodes one after another in this Train run: COMPLETE ones skipped, each resuming from and
+checkpointing to its own ``stages/<key>/resume.pt`` (``save_resume_point``, atomic; removed
+once the node is complete) instead of Train's checkpoints, each report carrying ``node_key``;
+a node that raises is retried ``max_failures`` times, then its error is stored and the loop
+goes on.
+
 Failure injection (tests): ``NodeJob.inject_failure`` set to a message makes every rank raise
 ``RuntimeError(message)`` before training, so a failing trial goes through the real Train /
 Tune error path. The executor sets it from ``SEMICON_SWEEP_FAIL_NODES`` (see
