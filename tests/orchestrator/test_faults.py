@@ -165,7 +165,12 @@ def test_random_kills_then_relaunch_equal_an_uninterrupted_run(
         "chaos",
         method=["random", "global"],
         label_fraction=0.5,
-        stages={"global": {"epochs": 4}, "finetune": {"epochs": 6, "batch_size": 4}},
+        # bundled nodes start no Train run of their own, so the sweep is quicker: more epochs
+        # leave room for the kills
+        stages={
+            "global": {"epochs": 4},
+            "finetune": {"epochs": 6 if nodes_per_run == 1 else 16, "batch_size": 4},
+        },
         resources={"max_concurrent_trials": 1, "max_failures": 20, "nodes_per_run": nodes_per_run},
     )
     command = [sys.executable, "-m", "orchestrator", "launch", str(spec_path)]
