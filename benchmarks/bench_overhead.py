@@ -33,7 +33,13 @@ Sweep-level: ``slot_s`` = concurrency x (first trial start -> last trial end), `
 ``slot_s`` - sum of node walls (slot-seconds with no node running: scheduling gaps); the
 launch's process wall (Python + Ray start and stop, tables) is reported beside it.
 
+With ``--nodes-per-run 1 8`` the launch runs once per value (``resources.nodes_per_run``):
+bundled nodes share one Train run, and each is timed from its predecessor's ``COMPLETE`` (the
+first from the trial's start) to its own (the last to the trial's end), so a bundle's
+start-up is charged to its first node and the node walls still add up to the trial's.
+
     python benchmarks/bench_overhead.py                 # 8 nodes, a few minutes on 2 cores
+    python benchmarks/bench_overhead.py --nodes 16 --nodes-per-run 1 8
     python benchmarks/bench_overhead.py --nodes 12 --epochs 2 --out results/.../bench_overhead.json
 
 stdout: one JSON object; stderr: progress and a short table.

@@ -638,15 +638,22 @@ DDP_SCRIPT = textwrap.dedent(
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_two_node_ddp_with_strict_spread(tmp_path: Path) -> None:
-    """Two simulated nodes of 1 CPU; one finetune node as 2-rank gloo DDP, a rank per node."""
+@pytest.mark.parametrize("nodes_per_run", [1, 2], ids=["bundling-off", "bundling-on"])
+def test_two_node_ddp_with_strict_spread(tmp_path: Path, nodes_per_run: int) -> None:
+    """Two simulated nodes of 1 CPU; finetune nodes as 2-rank gloo DDP, a rank per node (with
+    bundling on, two nodes one after another in one Train run of 2 ranks)."""
     spec_path = write_spec(
         tmp_path,
         "ddp",
         method="random",
-        label_fraction=0.5,
+        label_fraction=0.5 if nodes_per_run == 1 else [0.25, 0.5],
         stages={"finetune": {"epochs": 2, "batch_size": 2}},
-        resources={"workers_per_trial": 2, "cpus_per_worker": 1, "max_failures": 0},
+        resources={
+            "workers_per_trial": 2,
+            "cpus_per_worker": 1,
+            "max_failures": 0,
+            "nodes_per_run": nodes_per_run,
+        },
     )
     storage = tmp_path / "storage"
     script = tmp_path / "ddp.py"
@@ -668,26 +675,29 @@ def test_two_node_ddp_with_strict_spread(tmp_path: Path) -> None:
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
     assert run.returncode == 0 and lines, run.stdout + run.stderr
     result = json.loads(lines[-1].removeprefix("RESULT "))
-    assert result["failed"] == {} and len(result["completed"]) == 1
-    key = result["completed"][0]
-
-    store = StageStore(storage)
-    records = store.read_epochs(key)
-    assert [r["epoch"] for r in records] == [1, 2]
-    ranks = records[0]["worker_nodes"].split(",")
-    assert records[0]["world_size"] == 2 and len(ranks) == 2
-    assert len(set(ranks)) == 2 and set(ranks) <= set(result["nodes"])  # one rank per node
-    metrics = store.read_metrics(key)
-    assert all(math.isfinite(v) for v in metrics.values() if isinstance(v, float))
-    state = store.load_state(key)
+    assert result["failed"] == {} and len(result["completed"]) == nodes_per_run
     from trainers.config import ModelConfig, from_dict
     from trainers.model import UNet
 
     reference = UNet(
         from_dict(ModelConfig, TINY["model"], "model"), in_channels=1, num_classes=3
     ).state_dict()
-    assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in reference.items()}
-    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    store = StageStore(storage)
+    for key in result["completed"]:
+        records = store.read_epochs(key)
+        assert [r["epoch"] for r in records] == [1, 2]
+        ranks = records[0]["worker_nodes"].split(",")
+        assert records[0]["world_size"] == 2 and len(ranks) == 2
+        assert len(set(ranks)) == 2 and set(ranks) <= set(result["nodes"])  # one rank per node
+        metrics = store.read_metrics(key)
+        assert all(math.isfinite(v) for v in metrics.values() if isinstance(v, float))
+        state = store.load_state(key)
+        assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in reference.items()}
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    drivers = {
+        store.read_metrics(key)["timing"]["driver_started_at"] for key in result["completed"]
+    }
+    assert len(drivers) == 1  # bundling on: both nodes ran under one driver, one Train run
 
 
 @pytest.mark.ray
