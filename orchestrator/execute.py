@@ -33,6 +33,11 @@ folder (``<storage>/ray/train/<key>``) still holds its checkpoints, so the new T
 same name continues from the last one (the worker drops the epoch records after it). Once a
 node is complete its Train checkpoints are deleted (its result lives in the stage store).
 
+Bundles (``resources.nodes_per_run`` > 1): the searcher suggests several ready nodes of one
+kind as one Tune trial (``config["bundle"]``), driven by ``drive_bundle``: one Train run for
+them all (``orchestrator.worker.train_bundle``), each node resuming from its own resume point
+in the store, a failing node recorded while its bundle-mates go on (docs/ARCHITECTURE.md).
+
 Data: the slices are preprocessed once on the driver (``trainers.data.prepare_slices`` into
 ``<storage>/cache/<fingerprint>``); workers receive the folder's path and memory-map it.
 
@@ -46,6 +51,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -55,13 +61,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.progress import ProgressView, as_view, clock, print_progress, progress_callback
+from orchestrator.progress import (
+    BUNDLE_KEY,
+    ProgressView,
+    as_view,
+    clock,
+    print_progress,
+    progress_callback,
+    trial_nodes,
+)
 from orchestrator.resources import NODE_DRIVER_RESOURCES, node_concurrency, scaling_options
 from orchestrator.scheduler import DagScheduler
 from orchestrator.session import TRAIN_POLL_ENV, ClusterError, ray_session, train_env
 from orchestrator.store import StageStore, invalidate_nodes
 from orchestrator.tracking import check_tracking, logger_callbacks
-from orchestrator.worker import NodeJob
+from orchestrator.worker import DRIVER_STARTED_KEY, NodeJob
 from trainers.registry import stage_names
 
 if TYPE_CHECKING:
@@ -159,13 +173,17 @@ def drive_node(config: Mapping[str, Any], payload: DriverPayload) -> None:
 
     from orchestrator.worker import train_node
 
+    driver_started_at = time.time()
+    if BUNDLE_KEY in config:
+        drive_bundle(config, payload, driver_started_at)
+        return
     key = config["node_key"]
     job = payload.jobs[key]
     store = StageStore(job.storage)
     os.environ.update(payload.train_env)  # Train passes these on to its controller
     trainer = TorchTrainer(
         train_node,
-        train_loop_config=job.to_dict(),
+        train_loop_config={**job.to_dict(), DRIVER_STARTED_KEY: driver_started_at},
         scaling_config=ray.train.ScalingConfig(**payload.scaling),
         run_config=ray.train.RunConfig(
             name=key,
@@ -199,6 +217,76 @@ def drive_node(config: Mapping[str, Any], payload: DriverPayload) -> None:
     ray.tune.report({"node_status": "complete", **final})
 
 
+def drive_bundle(
+    config: Mapping[str, Any], payload: DriverPayload, driver_started_at: float
+) -> None:
+    """Tune function trainable for a bundle (``config[BUNDLE_KEY]``: node keys): one Train run
+    whose workers run the bundle's nodes one after another (``orchestrator.worker.train_bundle``).
+
+    The Train run is named by the bundle (``bundle-<hash of its keys>``), so a retried driver
+    resumes it; each node's own resume point lives in the store, so a relaunch that bundles
+    the nodes differently still resumes each. A node that failed gets its error in the store
+    and the others go on; when Train itself gives up, every node of the bundle left without a
+    result gets Train's error. Reports ``node_status`` (complete when every node is)."""
+    import ray.train
+    import ray.tune
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from orchestrator.worker import train_node
+
+    keys = list(config[BUNDLE_KEY])
+    store = StageStore(payload.jobs[keys[0]].storage)
+    os.environ.update(payload.train_env)
+    name = "bundle-" + hashlib.sha256(",".join(keys).encode()).hexdigest()[:12]
+    trainer = TorchTrainer(
+        train_node,
+        train_loop_config={
+            BUNDLE_KEY: [payload.jobs[key].to_dict() for key in keys],
+            "max_failures": payload.max_failures,
+            DRIVER_STARTED_KEY: driver_started_at,
+        },
+        scaling_config=ray.train.ScalingConfig(**payload.scaling),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=payload.train_dir,
+            callbacks=[TuneReportCallback()],
+            failure_config=ray.train.FailureConfig(max_failures=payload.max_failures),
+        ),
+    )
+    try:
+        trainer.fit()
+    except Exception as err:  # Train gave up: the nodes without a result share its error
+        message = one_line_error(err)
+        trace = "".join(traceback.format_exception(err))
+        for key in keys:
+            if not store.is_complete(key):
+                store.write_error(key, message, trace)
+    for key in keys:
+        if not store.is_complete(key) and not _error_since(store, key, driver_started_at):
+            store.write_error(
+                key, "Train run ended without the node's result (no COMPLETE written by rank 0)"
+            )
+    complete = [key for key in keys if store.is_complete(key)]
+    if len(complete) == len(keys):
+        shutil.rmtree(Path(payload.train_dir) / name, ignore_errors=True)
+    ray.tune.report(
+        {
+            "node_status": "complete" if len(complete) == len(keys) else "failed",
+            "bundle_nodes": len(keys),
+            "bundle_complete": len(complete),
+        }
+    )
+
+
+def _error_since(store: StageStore, key: str, since: float) -> bool:
+    """Whether the node's ``error.txt`` was written at or after ``since`` (unix time)."""
+    try:
+        return (store.node_dir(key) / "error.txt").stat().st_mtime >= since - 1.0
+    except FileNotFoundError:
+        return False
+
+
 def node_folder(trial: Any) -> str:
     """Tune trial folder name: the node key (the store's name for it)."""
     return str(trial.config["node_key"])
@@ -209,9 +297,13 @@ def node_title(trial: Any) -> str:
     point (``Plan.node_point``, which the searcher puts in the trial's config)."""
     config = dict(trial.config)
     point = ", ".join(
-        f"{name}={value}" for name, value in config.items() if name not in ("node_key", "stage")
+        f"{name}={value}"
+        for name, value in config.items()
+        if name not in ("node_key", "stage", BUNDLE_KEY)
     )
-    return f"{config.get('stage', 'node')} {str(config['node_key'])[:8]} ({point})"
+    more = len(config.get(BUNDLE_KEY) or ()) - 1
+    bundle = f" +{more} more" if more > 0 else ""
+    return f"{config.get('stage', 'node')} {str(config['node_key'])[:8]}{bundle} ({point})"
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,34 +399,64 @@ def run_sweep(
     return outcome
 
 
-def _dag_searcher(plan: Plan, scheduler: DagScheduler, store: StageStore) -> Any:
+def _dag_searcher(
+    plan: Plan,
+    scheduler: DagScheduler,
+    store: StageStore,
+    nodes_per_run: int = 1,
+    concurrency: int = 1,
+) -> Any:
     """A ``ray.tune.search.Searcher`` that suggests ``{"node_key": key, **plan.node_point(key)}``
-    from ``scheduler``."""
+    from ``scheduler``; with ``nodes_per_run`` > 1, ``BUNDLE_KEY`` adds the keys of a bundle
+    (``DagScheduler.next_bundle``) of at most that many nodes, fewer when there are free slots
+    (``concurrency`` trials at once) for the ready nodes."""
     from ray.tune.search import Searcher
 
     class DagSearcher(Searcher):
-        def __init__(self, plan: Plan, scheduler: DagScheduler, store: StageStore) -> None:
+        def __init__(
+            self,
+            plan: Plan,
+            scheduler: DagScheduler,
+            store: StageStore,
+            nodes_per_run: int,
+            concurrency: int,
+        ) -> None:
             super().__init__()
             self.plan, self.scheduler, self.store = plan, scheduler, store
-            self.trial_keys: dict[str, str] = {}
+            self.nodes_per_run, self.concurrency = nodes_per_run, concurrency
+            self.trial_keys: dict[str, list[str]] = {}
+            self.active: set[str] = set()
 
         def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
-            key = self.scheduler.next()
-            if key == DagScheduler.DONE:
+            if self.nodes_per_run > 1:
+                # spread the ready nodes over the free slots before filling bundles
+                free = max(1, self.concurrency - len(self.active))
+                ready = len(self.scheduler.ready())
+                limit = max(1, min(self.nodes_per_run, math.ceil(ready / free)))
+                keys = self.scheduler.next_bundle(limit)
+            else:
+                keys = self.scheduler.next()
+            if keys == DagScheduler.DONE:
                 return Searcher.FINISHED
-            if key is None:
+            if keys is None:
                 return None  # Tune asks again once a running node ends
-            self.trial_keys[trial_id] = key
+            keys = [keys] if isinstance(keys, str) else keys
+            self.trial_keys[trial_id] = keys
+            self.active.add(trial_id)
             # the grid point as the trial's parameters, for trackers; the trainable reads the key
-            return {"node_key": key, **self.plan.node_point(key)}
+            config = {"node_key": keys[0], **self.plan.node_point(keys[0])}
+            if self.nodes_per_run > 1:
+                config[BUNDLE_KEY] = keys
+            return config
 
         def on_trial_complete(
             self, trial_id: str, result: dict | None = None, error: bool = False
         ) -> None:
-            key = self.trial_keys.get(trial_id)
-            if key is not None and key in self.scheduler.running:
-                why = self.store.read_error(key) or "did not complete"
-                self.scheduler.finished(key, self.store.is_complete(key), why)
+            self.active.discard(trial_id)
+            for key in self.trial_keys.get(trial_id, []):
+                if key in self.scheduler.running:
+                    why = self.store.read_error(key) or "did not complete"
+                    self.scheduler.finished(key, self.store.is_complete(key), why)
 
         def save(self, checkpoint_path: str) -> None:
             # Tune snapshots its searcher; a sweep never restores one (a relaunch replans from
@@ -352,7 +474,7 @@ def _dag_searcher(plan: Plan, scheduler: DagScheduler, store: StageStore) -> Any
         def restore(self, checkpoint_path: str) -> None:
             raise NotImplementedError("a sweep resumes by relaunching, from the stage store")
 
-    return DagSearcher(plan, scheduler, store)
+    return DagSearcher(plan, scheduler, store, nodes_per_run, concurrency)
 
 
 def grid_order(plan: Plan) -> list[str]:
@@ -472,7 +594,7 @@ def _run_tune(
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=_dag_searcher(plan, scheduler, store),
+            search_alg=_dag_searcher(plan, scheduler, store, resources.nodes_per_run, concurrency),
             num_samples=len(keys),
             max_concurrent_trials=concurrency,
             trial_name_creator=node_title,
@@ -492,8 +614,10 @@ def _run_tune(
     results = tuner.fit()
     errors: dict[str, str] = {}
     for result in results:
-        key = (result.config or {}).get("node_key")
-        if key is not None and result.error is not None:
+        config = result.config or {}
+        if "node_key" not in config or result.error is None:
+            continue
+        for key in trial_nodes(config):
             errors[key] = one_line_error(result.error)
             if not store.is_complete(key) and store.read_error(key) is None:
                 store.write_error(key, errors[key])

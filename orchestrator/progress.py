@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from orchestrator.store import StageStore
 
 EPOCH_PROGRESS_EVERY_S = 30.0
+BUNDLE_KEY = "bundle"  # a Tune trial's config: the node keys of its bundle, when it runs several
 NOT_AXES = ("stage", "method", "trials")  # the keys of Plan.node_point that are not axes
 PLAIN_ENV = "SEMICON_SWEEP_PLAIN"  # set (not "0"): plain lines on a terminal too
 LIVE_REFRESH_PER_S = 2
@@ -51,6 +52,12 @@ LIVE_COLUMNS = ("stage", "node", "grid point", "progress", "loss", "s/epoch", "e
 LIVE_KEY_WIDTH = 110  # terminals narrower than this get no node key column
 EPOCH_KEYS = ("epoch", "steps", "loss", "seconds")  # what SweepState keeps of a Tune result
 PACE_WINDOW = 20  # epoch records a node's wall-clock pace is measured over
+
+
+def trial_nodes(config: Any) -> list[str]:
+    """The node keys a Tune trial runs: its bundle (``BUNDLE_KEY``), or its one node."""
+    bundle = config.get(BUNDLE_KEY)
+    return list(bundle) if bundle else [str(config["node_key"])]
 
 
 def print_progress(line: str) -> None:
@@ -509,6 +516,7 @@ def progress_callback(
         def __init__(self, state: SweepState, view: ProgressView) -> None:
             # attributes, not closure variables: cloudpickle would pickle a closure's cells
             self.state, self.view = state, view
+            self.closed: set[str] = set()  # nodes whose end was shown
 
         def __getstate__(self) -> dict[str, Any]:
             # Tune pickles its callbacks into tuner.pkl; the state and view (plan, store, a
@@ -517,20 +525,40 @@ def progress_callback(
             return {"started": dict(self.state.started)}
 
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self.view.event(self.state.start(trial.config["node_key"]))
+            # a bundle's nodes run one after another: the first starts now, each next one with
+            # its first report (``on_trial_result``)
+            self.view.event(self.state.start(trial_nodes(trial.config)[0]))
 
         def on_trial_result(
             self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
         ) -> None:
-            event = self.state.result(trial.config["node_key"], result)
+            # a bundle's reports name their node; a lone node's trial is its node
+            key = result.get("node_key") or trial.config["node_key"]
+            if key not in self.state.plan.nodes:
+                return
+            if key not in self.state.running:
+                keys = trial_nodes(trial.config)
+                for earlier in keys[: keys.index(key)] if key in keys else []:
+                    self._close(earlier, crashed=False)
+                self.view.event(self.state.start(key))
+            event = self.state.result(key, result)
             if event is not None:
                 self.view.event(event)
 
+        def _close(self, key: str, crashed: bool) -> None:
+            """The node's end, once: ``done`` / ``failed`` from the store (or ``crashed``)."""
+            if key in self.closed:
+                return
+            self.closed.add(key)
+            self.view.event(self.state.crashed(key) if crashed else self.state.complete(key))
+
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self.view.event(self.state.complete(trial.config["node_key"]))
+            for key in trial_nodes(trial.config):
+                self._close(key, crashed=False)
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self.view.event(self.state.crashed(trial.config["node_key"]))
+            for key in trial_nodes(trial.config):
+                self._close(key, crashed=True)
 
     view = as_view(progress)
     state = SweepState(plan, store, sweep_start)

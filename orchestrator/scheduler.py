@@ -41,14 +41,34 @@ class DagScheduler:
     def _descendants(self, key: str) -> int:
         return sum(1 + self._descendants(child) for child in self.children[key])
 
-    def next(self) -> str | None:
+    def ready(self) -> list[str]:
+        """The waiting nodes whose parent is complete (or that have none), by priority."""
         done = set(self.completed)
         ready = [
             key for key in self.waiting if self.parents[key] is None or self.parents[key] in done
         ]
+        return sorted(ready, key=self.priority.__getitem__)
+
+    def next_bundle(self, limit: int) -> list[str] | str | None:
+        """Like ``next``, but up to ``limit`` ready nodes of one stage kind, to run one after
+        another in one Train run: the first is ``next()``'s, the others the next ready nodes of
+        its kind by priority (siblings of one parent first). None or ``DONE`` as ``next``."""
+        key = self.next()
+        if key is None or key == self.DONE:
+            return key
+        same_kind = [k for k in self.ready() if self.stages[k] == self.stages[key]]
+        parent = self.parents[key]
+        mates = sorted(same_kind, key=lambda k: self.parents[k] != parent)[: limit - 1]
+        for mate in mates:
+            self.waiting.remove(mate)
+            self.running.add(mate)
+        return [key, *mates]
+
+    def next(self) -> str | None:
+        ready = self.ready()
         if not ready:
             return self.DONE if not self.waiting else None
-        key = min(ready, key=self.priority.__getitem__)
+        key = ready[0]
         self.waiting.remove(key)
         self.running.add(key)
         return key

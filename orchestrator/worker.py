@@ -19,8 +19,13 @@ passes its ``train_loop_config`` to every rank as plain data) and runs, on every
 4. rank 0 appends every epoch's record to ``stages/<key>/epochs.jsonl`` and, at the end, writes
    the node's result (``StageStore.write_result``: model, metrics, then ``COMPLETE``). The
    metrics gain ``wall_s`` (worker wall seconds of the node: this run plus, for a resumed run,
-   those recorded in the checkpoint it resumed from) and ``gpu_s`` (``wall_s`` x GPUs per
-   worker x workers; 0 on CPU).
+   those recorded in the checkpoint it resumed from), ``gpu_s`` (``wall_s`` x GPUs per
+   worker x workers; 0 on CPU) and ``timing`` (unix times of this run: ``driver_started_at``
+   (the Tune trial's driver entered ``drive_node``), ``worker_started_at`` (``train_node``
+   entered), ``last_report_at`` (the last epoch's report returned), ``stage_ended_at`` (the
+   stage function returned, final evaluation included), and ``report_s``: seconds spent in
+   the per-epoch report (store record, checkpoint save, ``ray.train.report``); the store's
+   ``COMPLETE`` adds ``completed_at``; ``benchmarks/bench_overhead.py`` reads them).
 
 Epoch records are the project's own log (Tune rewrites its ``result.json`` when a trial
 restarts): on a resumed run rank 0 first drops the records of epochs after the checkpoint it
@@ -30,6 +35,13 @@ resumes from, so every epoch appears once. Each record holds the stage's metrics
 of every rank, comma-separated in rank order), ``torch_threads`` (rank 0's intra-op threads:
 Ray sets ``OMP_NUM_THREADS`` to the worker's whole CPUs, at least 1) and ``time`` (unix
 seconds, when the record was written).
+
+Bundles: with ``config["bundle"]`` (a list of ``NodeJob.to_dict()``), ``train_bundle`` runs
+the nodes one after another in this Train run: COMPLETE ones skipped, each resuming from and
+checkpointing to its own ``stages/<key>/resume.pt`` (``save_resume_point``, atomic; removed
+once the node is complete) instead of Train's checkpoints, each report carrying ``node_key``;
+a node that raises is retried ``max_failures`` times, then its error is stored and the loop
+goes on.
 
 Failure injection (tests): ``NodeJob.inject_failure`` set to a message makes every rank raise
 ``RuntimeError(message)`` before training, so a failing trial goes through the real Train /
@@ -53,6 +65,7 @@ import torch
 import torch.distributed as torch_dist
 
 from orchestrator.plan import StageNode
+from orchestrator.progress import BUNDLE_KEY  # also the key of a bundle's jobs in train_loop_config
 from orchestrator.store import StageStore, atomic_write_text
 from trainers.config import ModelConfig, SplitConfig, from_dict
 from trainers.data import load_slice_cache
@@ -61,6 +74,8 @@ from trainers.point import stage_context
 from trainers.registry import get_stage
 
 CHECKPOINT_FILE = "checkpoint_state.pt"
+DRIVER_STARTED_KEY = "driver_started_at"  # train_loop_config: when the node's driver started
+RESUME_FILE = "resume.pt"  # stages/<key>/: a bundled node's last checkpoint state
 WALL_KEY = "worker_wall_s"  # added to each checkpoint state: wall seconds spent up to it
 
 
@@ -129,20 +144,83 @@ class ReportThrottle:
 
 
 def train_node(config: Mapping[str, Any]) -> None:
-    """Run one stage node on this Ray Train worker; ``config`` is ``NodeJob.to_dict()``."""
+    """Run one stage node on this Ray Train worker; ``config`` is ``NodeJob.to_dict()``, or
+    ``{BUNDLE_KEY: [NodeJob.to_dict(), ...], "max_failures": n}`` for a bundle (``train_bundle``)."""
+    if BUNDLE_KEY in config:
+        train_bundle(config)
+        return
+    import ray.train
+
+    job = NodeJob.from_dict(config)
+    if job.inject_failure:
+        raise RuntimeError(job.inject_failure)
+    store = StageStore(job.storage)
+    resume = _load_checkpoint(ray.train.get_checkpoint())
+    if resume is None:  # an interrupted run of the node inside a bundle left its resume point
+        resume = load_resume_point(store, job.node.key)
+    _run_node(job, config.get(DRIVER_STARTED_KEY), resume, in_bundle=False)
+
+
+def train_bundle(config: Mapping[str, Any]) -> None:
+    """Run the nodes of a bundle one after another in this Train run (module docstring).
+
+    A node already ``COMPLETE`` is skipped (a restarted worker group, a relaunch); a node
+    resumes from its own resume point in the store (``resume.pt``), whatever bundle ran it
+    before; a node whose run raises is retried up to ``max_failures`` times, then its error and
+    traceback go to the store and the loop goes on with the next node: one failing node does
+    not fail its bundle-mates. (Every rank must raise alike, as an injected failure or a
+    non-finite loss does; a rank that dies is Train's to restart, the whole loop then resuming.)
+    """
+    import traceback
+
+    import ray.train
+
+    jobs = [NodeJob.from_dict(item) for item in config[BUNDLE_KEY]]
+    attempts = int(config.get("max_failures", 0)) + 1
+    rank = ray.train.get_context().get_world_rank()
+    for job in jobs:
+        store = StageStore(job.storage)
+        key = job.node.key
+        if store.is_complete(key):
+            continue
+        for attempt in range(1, attempts + 1):
+            try:
+                if job.inject_failure:
+                    raise RuntimeError(job.inject_failure)
+                _run_node(
+                    job,
+                    config.get(DRIVER_STARTED_KEY),
+                    load_resume_point(store, key),
+                    in_bundle=True,
+                )
+                break
+            except Exception as err:
+                if rank == 0 and attempt == attempts:
+                    text = str(err).strip().splitlines()
+                    message = f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+                    store.write_error(key, message, traceback.format_exc())
+
+
+def _run_node(
+    job: NodeJob, driver_started_at: Any, resume: Mapping[str, Any] | None, in_bundle: bool
+) -> None:
+    """One node on this worker, resuming from ``resume``; rank 0 records and writes its result.
+
+    Checkpoints: alone, a Train checkpoint (the Train run is named by the node key); in a
+    bundle, the node's resume point in the store (``save_resume_point``), and each report
+    carries ``node_key`` so Tune's callbacks know which node it is about.
+    """
     import ray.train
     import ray.train.torch
 
-    job = NodeJob.from_dict(config)
     node = job.node
-    if job.inject_failure:
-        raise RuntimeError(job.inject_failure)
-
     started = time.monotonic()
+    timing: dict[str, float] = {"worker_started_at": time.time(), "report_s": 0.0}
+    if isinstance(driver_started_at, int | float):
+        timing["driver_started_at"] = float(driver_started_at)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     store = StageStore(job.storage)
-    resume = _load_checkpoint(ray.train.get_checkpoint())
     resumed_from = int(resume["epoch"]) if resume is not None else 0
     earlier_wall_s = float(resume.get(WALL_KEY, 0.0)) if resume is not None else 0.0
     gpus = float(job.gpus_per_worker)
@@ -153,6 +231,14 @@ def train_node(config: Mapping[str, Any]) -> None:
     throttle = ReportThrottle(float(job.report_interval_s))
 
     def report(metrics: dict[str, float], checkpoint_state: dict[str, Any] | None) -> None:
+        entered = time.perf_counter()
+        try:
+            _report(metrics, checkpoint_state)
+        finally:
+            timing["report_s"] += time.perf_counter() - entered
+            timing["last_report_at"] = time.time()
+
+    def _report(metrics: dict[str, float], checkpoint_state: dict[str, Any] | None) -> None:
         if rank == 0:
             record = {
                 **metrics,
@@ -167,10 +253,18 @@ def train_node(config: Mapping[str, Any]) -> None:
             store.append_epoch(node.key, record)
         if not throttle.due(metrics, checkpoint_state is not None):
             return
-        if rank == 0 and checkpoint_state is not None:
-            state = {**checkpoint_state, WALL_KEY: earlier_wall_s + time.monotonic() - started}
+        if checkpoint_state is not None:
+            checkpoint_state = {
+                **checkpoint_state,
+                WALL_KEY: earlier_wall_s + time.monotonic() - started,
+            }
+        if in_bundle:
+            if rank == 0 and checkpoint_state is not None:
+                save_resume_point(store, node.key, checkpoint_state)
+            ray.train.report({**metrics, "node_key": node.key})
+        elif rank == 0 and checkpoint_state is not None:
             with tempfile.TemporaryDirectory(prefix=f"ckpt-{node.key}-") as folder:
-                torch.save(state, Path(folder) / CHECKPOINT_FILE)
+                torch.save(checkpoint_state, Path(folder) / CHECKPOINT_FILE)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
         else:
             ray.train.report(metrics)
@@ -186,8 +280,40 @@ def train_node(config: Mapping[str, Any]) -> None:
     )
     if rank == 0:
         wall_s = earlier_wall_s + time.monotonic() - started
-        metrics = {**result.metrics, "wall_s": wall_s, "gpu_s": wall_s * gpus * world}
+        timing["stage_ended_at"] = time.time()
+        metrics = {
+            **result.metrics,
+            "wall_s": wall_s,
+            "gpu_s": wall_s * gpus * world,
+            "timing": timing,
+        }
         store.write_result(node.key, result.state, metrics)
+        resume_path(store, node.key).unlink(missing_ok=True)
+
+
+def resume_path(store: StageStore, key: str) -> Path:
+    """``stages/<key>/resume.pt``: the node's last checkpoint state when it ran in a bundle."""
+    return store.node_dir(key) / RESUME_FILE
+
+
+def save_resume_point(store: StageStore, key: str, state: Mapping[str, Any]) -> None:
+    """Write the node's checkpoint state to its resume point, atomically (temp file + rename)."""
+    path = resume_path(store, key)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(dict(state), tmp)
+    os.replace(tmp, path)
+
+
+def load_resume_point(store: StageStore, key: str) -> dict[str, Any] | None:
+    """The node's resume point (``resume_path``) or None; one that does not load is ignored
+    (the node then starts over)."""
+    path = resume_path(store, key)
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception:
+        return None
 
 
 def run_stage(

@@ -353,7 +353,8 @@ def fit(
     ``evaluate_every_steps`` > 0 after every epoch in which the step count passed a multiple of
     it, and after the last epoch. Each epoch reports ``epoch``, ``steps`` (optimiser steps so
     far), ``loss`` (mean over the epoch's slices, all ranks), ``seconds`` (training time,
-    slowest rank) and ``slices_per_s`` (all ranks' slices / seconds).
+    slowest rank) and ``slices_per_s`` (all ranks' slices / seconds); an epoch that evaluated
+    adds ``eval_seconds`` (this rank's time in ``evaluate()``).
     """
     ctx, device, dist = run.ctx, run.device, run.dist
     batch_size = cfg.batch_size
@@ -396,7 +397,9 @@ def fit(
         else:
             due_eval = epoch % evaluate_every == 0
         if evaluate is not None and (due_eval or epoch == last_epoch):
+            evaluated_at = time.perf_counter()
             metrics.update(evaluate())
+            metrics["eval_seconds"] = time.perf_counter() - evaluated_at
         run.last_metrics = metrics
         due = epoch % ctx.checkpoint_every == 0 or epoch == last_epoch
         if ctx.report is not None:

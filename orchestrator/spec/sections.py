@@ -78,6 +78,9 @@ class Resources:
     ``max_concurrent_trials`` = None lets the executor derive it from the cluster's resources
     and ``workers_per_trial * (cpus|gpus)_per_worker``. ``max_failures`` applies to both Tune
     (a crashed trial driver) and Train (a dead worker group, resumed from its checkpoint).
+    ``nodes_per_run`` > 1: up to that many ready nodes of one stage kind (e.g. the siblings of
+    a parent) run one after another in one Tune trial's Train run, paying its start-up once
+    (``orchestrator.execute``); 1 (the default): one Train run per node. Never in node keys.
     """
 
     workers_per_trial: int = 1
@@ -86,6 +89,7 @@ class Resources:
     max_concurrent_trials: int | None = None
     checkpoint_every: int = 1
     max_failures: int = 1
+    nodes_per_run: int = 1
 
     def __post_init__(self) -> None:
         check_positive_int("resources", "workers_per_trial", self.workers_per_trial)
@@ -95,6 +99,7 @@ class Resources:
             check_positive_int("resources", "max_concurrent_trials", self.max_concurrent_trials)
         check_positive_int("resources", "checkpoint_every", self.checkpoint_every)
         check_non_negative_int("resources", "max_failures", self.max_failures)
+        check_positive_int("resources", "nodes_per_run", self.nodes_per_run)
         gpus = self.gpus_per_worker
         if gpus > 1 and gpus != int(gpus):
             raise ConfigError(

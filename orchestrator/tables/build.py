@@ -130,7 +130,7 @@ def collect(plan: Plan, store: StageStore) -> Tables:
             {
                 name: value
                 for name, value in sorted(final.items())
-                if name not in (*_TIME_KEYS, "steps")
+                if name not in (*_TIME_KEYS, "steps", "timing")
             }
         )
         for stage in stage_names():

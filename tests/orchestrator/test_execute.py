@@ -225,6 +225,101 @@ def test_train_node_in_train_local_mode(tmp_path: Path) -> None:
     assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
 
 
+def test_bundle_in_train_local_mode_isolates_failures_and_resumes(tmp_path: Path) -> None:
+    """Three sibling-like nodes in one Train run (``train_bundle``, Train's local mode): one
+    fails by injection, its bundle-mates complete; then an interrupted node (a resume point in
+    the store, as a killed bundle leaves it) resumes from it in a new bundle while the complete
+    ones are skipped."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator.progress import BUNDLE_KEY
+    from orchestrator.worker import (
+        WALL_KEY,
+        NodeJob,
+        resume_path,
+        run_stage,
+        save_resume_point,
+        train_node,
+    )
+    from trainers.config import DataConfig, from_dict
+    from trainers.data import prepare_slices
+
+    spec = load_spec(
+        write_spec(
+            tmp_path,
+            "bundle",
+            method="random",
+            label_fraction=[0.25, 0.5, 1.0],
+            stages={"finetune": {"epochs": 2, "batch_size": 4}},
+        ),
+        overrides={"storage": str(tmp_path / "storage")},
+    )
+    plan = build_plan(spec)
+    store = StageStore(spec.storage)
+    keys = [trial.nodes["finetune"] for trial in plan.trials]
+    data = prepare_slices(
+        from_dict(DataConfig, plan.nodes[keys[0]].data, "dataset"), store.cache_dir
+    )
+    cache = str(store.cache_dir / data.fingerprint)
+
+    def jobs(failing: str | None) -> list[dict[str, Any]]:
+        return [
+            NodeJob(
+                node=plan.nodes[key],
+                storage=str(store.root),
+                cache=cache,
+                inject_failure="injected failure here" if key == failing else None,
+            ).to_dict()
+            for key in keys
+        ]
+
+    def fit(loop_config: dict[str, Any]) -> None:
+        TorchTrainer(
+            train_node,
+            train_loop_config=loop_config,
+            scaling_config=ray.train.ScalingConfig(num_workers=0),
+            run_config=ray.train.RunConfig(name="bundle", storage_path=str(tmp_path / "train")),
+        ).fit()
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for key in keys:
+            store.write_node(plan.nodes[key])
+        fit({BUNDLE_KEY: jobs(failing=keys[1]), "max_failures": 1})
+        assert store.is_complete(keys[0]) and store.is_complete(keys[2])
+        assert not store.is_complete(keys[1])
+        assert "injected failure here" in (store.read_error(keys[1]) or "")
+        assert [r["epoch"] for r in store.read_epochs(keys[0])] == [1, 2]
+        done_at = {k: (store.node_dir(k) / "COMPLETE").stat().st_mtime_ns for k in keys[::2]}
+
+        # node 1 interrupted after its first epoch: its record and resume point are left
+        class Killed(Exception):
+            pass
+
+        def report(metrics: dict[str, float], state: dict[str, Any] | None) -> None:
+            store.append_epoch(keys[1], {**metrics, "resumed_from": 0})
+            if state is not None:
+                save_resume_point(store, keys[1], {**state, WALL_KEY: 5.0})
+                raise Killed
+
+        with pytest.raises(Killed):
+            run_stage(plan.nodes[keys[1]], cache, store, torch.device("cpu"), report=report)
+        assert resume_path(store, keys[1]).is_file()
+
+        fit({BUNDLE_KEY: jobs(failing=None), "max_failures": 0})
+    finally:
+        torch.set_num_threads(threads)
+    assert all(store.is_complete(key) for key in keys)
+    for key in keys[::2]:  # complete nodes were skipped
+        assert (store.node_dir(key) / "COMPLETE").stat().st_mtime_ns == done_at[key]
+    records = store.read_epochs(keys[1])
+    assert [(r["epoch"], r["resumed_from"]) for r in records] == [(1, 0), (2, 1)]
+    assert store.read_metrics(keys[1])["wall_s"] > 5.0  # the interrupted run's seconds kept
+    assert not resume_path(store, keys[1]).exists() and store.read_error(keys[1]) is None
+
+
 def test_tracking_callbacks_follow_the_spec(tmp_path: Path) -> None:
     import importlib.util
 
@@ -267,13 +362,23 @@ def test_unreachable_address_exits_2_and_writes_nothing(tmp_path: Path) -> None:
 # Ray: end-to-end sweeps on the session's Ray instance
 
 
+BUNDLING = {
+    "off": {},
+    # one node at a time, so the two ready fine-tunings share one Train run
+    "on": {"nodes_per_run": 4, "max_concurrent_trials": 1},
+}
+
+
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.parametrize("bundling", list(BUNDLING))
 def test_launch_with_a_failing_trial(
-    ray_cluster: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ray_cluster: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bundling: str
 ) -> None:
     """global -> finetune at two label fractions: one global node serves both trials; one
-    finetune node fails by injection, the other trial completes; exit 1; three tables."""
+    finetune node fails by injection, the other trial completes; exit 1; three tables. With
+    bundling on, the two fine-tunings run in one Train run: the failing one does not fail
+    its mate."""
     spec_path = write_spec(
         tmp_path,
         "e2e",
@@ -283,7 +388,7 @@ def test_launch_with_a_failing_trial(
             "global": {"epochs": 2, "batch_size": 16},
             "finetune": {"epochs": 2, "batch_size": 4},
         },
-        resources={"max_failures": 0},
+        resources={"max_failures": 0, **BUNDLING[bundling]},
     )
     storage = tmp_path / "storage"
     plan = build_plan(load_spec(spec_path, overrides={"storage": str(storage)}))
@@ -326,6 +431,8 @@ def test_launch_with_a_failing_trial(
     assert sorted(epochs["key"].unique()) == sorted([global_key, plan.trials[0].nodes["finetune"]])
     summary = pd.read_parquet(storage / "tables" / "summary.parquet")
     assert summary["n_trials"].sum() == 1
+    bundled = [line for line in result.stderr.splitlines() if "of a bundle)" in line]
+    assert len(bundled) == (2 if bundling == "on" else 0), result.stderr
 
 
 def _snapshot_checkpoints(storage: Path, key: str) -> int:
@@ -534,15 +641,22 @@ DDP_SCRIPT = textwrap.dedent(
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_two_node_ddp_with_strict_spread(tmp_path: Path) -> None:
-    """Two simulated nodes of 1 CPU; one finetune node as 2-rank gloo DDP, a rank per node."""
+@pytest.mark.parametrize("nodes_per_run", [1, 2], ids=["bundling-off", "bundling-on"])
+def test_two_node_ddp_with_strict_spread(tmp_path: Path, nodes_per_run: int) -> None:
+    """Two simulated nodes of 1 CPU; finetune nodes as 2-rank gloo DDP, a rank per node (with
+    bundling on, two nodes one after another in one Train run of 2 ranks)."""
     spec_path = write_spec(
         tmp_path,
         "ddp",
         method="random",
-        label_fraction=0.5,
+        label_fraction=0.5 if nodes_per_run == 1 else [0.25, 0.5],
         stages={"finetune": {"epochs": 2, "batch_size": 2}},
-        resources={"workers_per_trial": 2, "cpus_per_worker": 1, "max_failures": 0},
+        resources={
+            "workers_per_trial": 2,
+            "cpus_per_worker": 1,
+            "max_failures": 0,
+            "nodes_per_run": nodes_per_run,
+        },
     )
     storage = tmp_path / "storage"
     script = tmp_path / "ddp.py"
@@ -564,30 +678,31 @@ def test_two_node_ddp_with_strict_spread(tmp_path: Path) -> None:
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
     assert run.returncode == 0 and lines, run.stdout + run.stderr
     result = json.loads(lines[-1].removeprefix("RESULT "))
-    assert result["failed"] == {} and len(result["completed"]) == 1
-    key = result["completed"][0]
-
-    store = StageStore(storage)
-    records = store.read_epochs(key)
-    assert [r["epoch"] for r in records] == [1, 2]
-    ranks = records[0]["worker_nodes"].split(",")
-    assert records[0]["world_size"] == 2 and len(ranks) == 2
-    assert len(set(ranks)) == 2 and set(ranks) <= set(result["nodes"])  # one rank per node
-    metrics = store.read_metrics(key)
-    assert all(math.isfinite(v) for v in metrics.values() if isinstance(v, float))
-    state = store.load_state(key)
+    assert result["failed"] == {} and len(result["completed"]) == nodes_per_run
     from trainers.config import ModelConfig, from_dict
     from trainers.model import UNet
 
     reference = UNet(
         from_dict(ModelConfig, TINY["model"], "model"), in_channels=1, num_classes=3
     ).state_dict()
-    assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in reference.items()}
-    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    store = StageStore(storage)
+    for key in result["completed"]:
+        records = store.read_epochs(key)
+        assert [r["epoch"] for r in records] == [1, 2]
+        ranks = records[0]["worker_nodes"].split(",")
+        assert records[0]["world_size"] == 2 and len(ranks) == 2
+        assert len(set(ranks)) == 2 and set(ranks) <= set(result["nodes"])  # one rank per node
+        metrics = store.read_metrics(key)
+        assert all(math.isfinite(v) for v in metrics.values() if isinstance(v, float))
+        state = store.load_state(key)
+        assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in reference.items()}
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    drivers = {
+        store.read_metrics(key)["timing"]["driver_started_at"] for key in result["completed"]
+    }
+    assert len(drivers) == 1  # bundling on: both nodes ran under one driver, one Train run
 
 
-@pytest.mark.ray
-@pytest.mark.slow
 def readme_quickstart_table() -> tuple[str, str]:
     """(the machine it was recorded on, the table) of the README's quickstart output block."""
     text = (REPO_ROOT / "README.md").read_text()
@@ -596,6 +711,8 @@ def readme_quickstart_table() -> tuple[str, str]:
     return found.group(1), found.group(2)
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_quickstart_spec_end_to_end(ray_cluster: str, tmp_path: Path) -> None:
     """The README's first command, on the shipped search_spaces/quickstart.yaml: every trial ok,
     one trials row per trial, the shared global stage run once, a second launch runs nothing."""

@@ -149,21 +149,29 @@ METRICS = [
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("nodes_per_run", [1, 4], ids=["bundling-off", "bundling-on"])
 def test_random_kills_then_relaunch_equal_an_uninterrupted_run(
-    ray_cluster: str, tmp_path: Path
+    ray_cluster: str, tmp_path: Path, nodes_per_run: int
 ) -> None:
     """At least 5 ``kill -9`` at random moments, in turn of a Train worker (Train restarts the
     worker group from the last checkpoint) and of the driver (then relaunched), until the sweep
-    completes; its
-    trials table equals an uninterrupted run's exactly, and no node ran twice to completion."""
+    completes; its trials table equals an uninterrupted run's exactly, and no node ran twice to
+    completion. With bundling on, the two fine-tunings (one from random init, one after the
+    global stage) run in one Train run once the global node is complete, resuming from their
+    resume points in the store."""
     rng = random.Random(20261130)
     spec_path = write_tiny_spec(
         tmp_path,
         "chaos",
         method=["random", "global"],
         label_fraction=0.5,
-        stages={"global": {"epochs": 4}, "finetune": {"epochs": 6, "batch_size": 4}},
-        resources={"max_concurrent_trials": 1, "max_failures": 20},
+        # bundled nodes start no Train run of their own, so the sweep is quicker: more epochs
+        # leave room for the kills
+        stages={
+            "global": {"epochs": 4},
+            "finetune": {"epochs": 6 if nodes_per_run == 1 else 16, "batch_size": 4},
+        },
+        resources={"max_concurrent_trials": 1, "max_failures": 20, "nodes_per_run": nodes_per_run},
     )
     command = [sys.executable, "-m", "orchestrator", "launch", str(spec_path)]
     command += ["--address", ray_cluster]

@@ -108,3 +108,27 @@ def test_ready_fine_tunings_start_in_grid_order_not_by_depth(tmp_path: Path) -> 
     methods = [next(t.method for t in plan.trials if t.nodes["finetune"] == k) for k in started]
     assert methods == ["global", "global", "random", "random"]
     assert [plan.nodes[key].depth for key in started] == [1, 1, 0, 0]
+
+
+def test_next_bundle_takes_ready_nodes_of_one_kind_siblings_first() -> None:
+    parents = {"g": None, "a": "g", "b": "g", "c": None, "l": "g", "d": "g"}
+    stages = {"g": "global", "a": "finetune", "b": "finetune", "c": "finetune", "l": "local"}
+    stages["d"] = "finetune"
+    scheduler = DagScheduler(parents, stages)
+    assert scheduler.next_bundle(4) == ["g"]  # the only global node; c waits for a finetune bundle
+    assert scheduler.next_bundle(4) == ["c"]  # nothing else of its kind is ready yet
+    assert scheduler.next_bundle(4) is None
+    scheduler.finished("g", ok=True)
+    bundle = scheduler.next_bundle(2)
+    assert bundle[0] in ("a", "b", "d", "l") and len(bundle) <= 2
+    assert all(stages[key] == stages[bundle[0]] for key in bundle)
+    rest = scheduler.next_bundle(4)
+    assert rest is not None and {*bundle, *rest} <= {"a", "b", "d", "l"}
+    for key in [*bundle, *rest]:
+        scheduler.finished(key, ok=key != "a")
+    while (more := scheduler.next_bundle(4)) not in (None, DagScheduler.DONE):
+        for key in more:
+            scheduler.finished(key, ok=True)
+    scheduler.finished("c", ok=True)
+    assert scheduler.next_bundle(4) == DagScheduler.DONE
+    assert set(scheduler.completed) == {"g", "b", "c", "d", "l"} and set(scheduler.failed) == {"a"}
