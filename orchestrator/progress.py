@@ -267,11 +267,14 @@ class SweepState:
         if self.records.get(key):
             self.records[key] = self.records[key][-1:]  # the last, for its end line
 
-    def start(self, key: str) -> ProgressEvent:
+    def start(self, key: str, bundle: tuple[int, int] | None = None) -> ProgressEvent:
+        """Node ``key`` started; ``bundle``: its (position, size) in a bundle of nodes that run
+        one after another in one Train run."""
         self.started[key] = self.now()
         self.running[key] = None
         self.most_running = max(self.most_running, len(self.running))
-        return self._event("start", key, "start")
+        where = f" ({bundle[0]}/{bundle[1]} of a bundle)" if bundle is not None else ""
+        return self._event("start", key, f"start{where}")
 
     def result(self, key: str, result: Mapping[str, Any]) -> ProgressEvent | None:
         """A Tune result: an ``epoch`` event when it is an epoch's (has a loss); the node's
@@ -527,7 +530,12 @@ def progress_callback(
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             # a bundle's nodes run one after another: the first starts now, each next one with
             # its first report (``on_trial_result``)
-            self.view.event(self.state.start(trial_nodes(trial.config)[0]))
+            self._start(trial_nodes(trial.config)[0], trial)
+
+        def _start(self, key: str, trial: Any) -> None:
+            keys = trial_nodes(trial.config)
+            bundle = (keys.index(key) + 1, len(keys)) if len(keys) > 1 else None
+            self.view.event(self.state.start(key, bundle))
 
         def on_trial_result(
             self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
@@ -539,26 +547,29 @@ def progress_callback(
             if key not in self.state.running:
                 keys = trial_nodes(trial.config)
                 for earlier in keys[: keys.index(key)] if key in keys else []:
-                    self._close(earlier, crashed=False)
-                self.view.event(self.state.start(key))
+                    self._close(earlier, trial, crashed=False)
+                self._start(key, trial)
             event = self.state.result(key, result)
             if event is not None:
                 self.view.event(event)
 
-        def _close(self, key: str, crashed: bool) -> None:
-            """The node's end, once: ``done`` / ``failed`` from the store (or ``crashed``)."""
+        def _close(self, key: str, trial: Any, crashed: bool) -> None:
+            """The node's end, once: ``done`` / ``failed`` from the store (or ``crashed``); a
+            bundle-mate that ended before its first report gets its start line first."""
             if key in self.closed:
                 return
             self.closed.add(key)
+            if key not in self.state.running and len(trial_nodes(trial.config)) > 1:
+                self._start(key, trial)
             self.view.event(self.state.crashed(key) if crashed else self.state.complete(key))
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             for key in trial_nodes(trial.config):
-                self._close(key, crashed=False)
+                self._close(key, trial, crashed=False)
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             for key in trial_nodes(trial.config):
-                self._close(key, crashed=True)
+                self._close(key, trial, crashed=True)
 
     view = as_view(progress)
     state = SweepState(plan, store, sweep_start)
