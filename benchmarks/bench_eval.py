@@ -376,7 +376,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def print_table(report: dict[str, Any]) -> None:
     print(
-        "\n| impl | median s | min s | median CPU s | peak growth MiB | peak RSS MiB | Dice = old |",
+        "\n| impl | median s | min s | median CPU s | peak growth MiB | peak RSS MiB "
+        "| Dice = old |",
         file=sys.stderr,
     )
     print("|---|---|---|---|---|---|---|", file=sys.stderr)

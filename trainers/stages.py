@@ -124,8 +124,8 @@ def _device_slices(
 def eval_batch_size(device: torch.device) -> int:
     """Slices per forward pass of evaluation when the caller names none: 32 on CPU, where one
     batch's activations stay in cache (a base-16 U-Net on 64 x 64 slices ran about 1.5 x slower
-    per slice at 256; ``benchmarks/bench_eval.py``), 256 on an accelerator. Predictions do not depend
-    on it (logits are bitwise equal at every batch size on CPU)."""
+    per slice at 256; ``benchmarks/bench_eval.py``), 256 on an accelerator. Predictions do not
+    depend on it (logits are bitwise equal at every batch size on CPU)."""
     return 32 if torch.device(device).type == "cpu" else 256
 
 
