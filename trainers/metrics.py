@@ -19,6 +19,12 @@ differ in size or quality:
   medical-imaging literature; every volume weighs the same.
 
 Each ``*_mean`` is the mean over foreground classes of the per-class numbers (NaN skipped).
+
+Both aggregates come from one table of counts per volume, ``volume_confusion`` ((V, C, C):
+pixels of volume v with truth t and prediction p), which adds up over any split of the slices;
+``dice_scores`` turns it into the metrics. A caller that predicts batch by batch (the stages'
+evaluation) sums the tables of its batches and never holds all predictions at once;
+``evaluate_volumes`` is the same two steps over label maps already in memory.
 """
 
 from __future__ import annotations
@@ -57,6 +63,31 @@ def _confusion(
     c = num_classes
     flat = (group * c + target) * c + pred
     return torch.bincount(flat.reshape(-1), minlength=groups * c * c).view(groups, c, c)
+
+
+def volume_confusion(
+    pred: Tensor, target: Tensor, group: Tensor, groups: int, num_classes: int
+) -> Tensor:
+    """Per-volume confusion counts of a batch of label slices: (groups, C, C) int64 on
+    ``pred``'s device, entry [v, t, p] = pixels of slices with ``group`` v, truth t, prediction p.
+
+    Args:
+        pred, target: (B, H, W) integer label slices on one device, values in [0, num_classes).
+        group: (B,) integer index of each slice's volume in [0, groups).
+        groups: number of volumes of the whole evaluation (tables of batches add up).
+        num_classes: classes including background.
+    """
+    _check_num_classes(num_classes)
+    if pred.ndim != 3 or pred.shape != target.shape or group.shape != pred.shape[:1]:
+        raise ValueError(
+            f"pred, target must be (B, H, W) and group (B,), got {tuple(pred.shape)}, "
+            f"{tuple(target.shape)} and {tuple(group.shape)}"
+        )
+    _check_values("pred", pred, num_classes)
+    _check_values("target", target, num_classes)
+    if group.numel() and (group.min() < 0 or group.max() >= groups):
+        raise ValueError(f"group has values outside [0, {groups - 1}] for groups={groups}")
+    return _confusion(pred.long(), target.long(), group.long().view(-1, 1, 1), groups, num_classes)
 
 
 def _dice_from_confusion(confusion: Tensor) -> Tensor:
@@ -122,7 +153,21 @@ def evaluate_volumes(
     _check_values("target", target_t, num_classes)
 
     ids, group = torch.unique(volume_t, return_inverse=True)
-    confusion = _confusion(pred_t, target_t, group.view(-1, 1, 1), len(ids), num_classes)
+    return dice_scores(_confusion(pred_t, target_t, group.view(-1, 1, 1), len(ids), num_classes))
+
+
+def dice_scores(confusion: Tensor) -> dict[str, float]:
+    """The metrics of ``evaluate_volumes`` from per-volume confusion counts (V, C, C)
+    (``volume_confusion``, summed over every slice evaluated; V >= 1 volumes, C >= 2 classes):
+    ``dice_pooled_c{k}``, ``dice_pooled_mean``, ``dice_volume_c{k}``, ``dice_volume_mean`` and
+    ``n_volumes`` = V."""
+    if confusion.ndim != 3 or confusion.shape[1] != confusion.shape[2] or confusion.shape[1] < 2:
+        raise ValueError(
+            f"confusion must have shape (V, C, C), C >= 2, got {tuple(confusion.shape)}"
+        )
+    if confusion.shape[0] == 0:
+        raise ValueError("dice_scores needs the counts of at least one volume, got V = 0")
+    num_classes = confusion.shape[1]
     pooled = _dice_from_confusion(confusion.sum(dim=0))  # (C - 1,)
     per_volume = _dice_from_confusion(confusion).nanmean(dim=0)  # (V, C - 1) -> (C - 1,)
 
@@ -133,5 +178,5 @@ def evaluate_volumes(
     for k in range(1, num_classes):
         metrics[f"dice_volume_c{k}"] = float(per_volume[k - 1])
     metrics["dice_volume_mean"] = float(per_volume.nanmean())
-    metrics["n_volumes"] = len(ids)
+    metrics["n_volumes"] = confusion.shape[0]
     return metrics

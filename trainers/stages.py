@@ -35,14 +35,16 @@ heads unused) and every pass goes through the wrapper's ``forward`` (``UNet.forw
 ``output`` selector). ``batch_size`` is per rank: each epoch's permutation, equal on all ranks,
 is cut to a multiple of the world size and rank r takes every world-th index from r. Reported
 metrics are all-reduced (loss and slice counts summed, seconds maximised), so every rank reports
-the same numbers; validation and test evaluation run whole on every rank.
+the same numbers. Validation and test evaluation share the slices out among the ranks: each
+predicts its contiguous part and the per-volume confusion counts (integers) are summed, so every
+rank gets exactly the Dice of one process predicting all of them.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +65,7 @@ from trainers.augment import (
 from trainers.config import FinetuneConfig, GlobalConfig, LocalConfig, ModelConfig
 from trainers.data import SliceData
 from trainers.loop import (
+    Dist,
     StageContext,
     StageResult,
     Step,
@@ -81,7 +84,7 @@ from trainers.losses import (
     self_local_contrastive,
     supervised_local_contrastive,
 )
-from trainers.metrics import evaluate_volumes
+from trainers.metrics import dice_scores, volume_confusion
 from trainers.model import UNet, unwrap_model
 from trainers.registry import finetune_reads, global_reads, local_reads, resolve_volumes
 
@@ -118,33 +121,61 @@ def _device_slices(
 # evaluation
 
 
+def eval_batch_size(device: torch.device) -> int:
+    """Slices per forward pass of evaluation when the caller names none: 32 on CPU, where one
+    batch's activations stay in cache (a base-16 U-Net on 64 x 64 slices ran about 1.5 x slower
+    per slice at 256; ``benchmarks/bench_eval.py``), 256 on an accelerator. Predictions do not
+    depend on it (logits are bitwise equal at every batch size on CPU)."""
+    return 32 if torch.device(device).type == "cpu" else 256
+
+
+def _shard(num_slices: int, dist: Dist | None) -> tuple[int, int]:
+    """This rank's contiguous share [lo, hi) of ``num_slices`` (all of them in one process)."""
+    if dist is None or dist.world == 1:
+        return 0, num_slices
+    return num_slices * dist.rank // dist.world, num_slices * (dist.rank + 1) // dist.world
+
+
 def _predict_and_score(
     model: nn.Module,
-    images: Tensor,
-    labels: Tensor,
-    volume: Tensor,
+    fetch: Callable[[int, int], tuple[Tensor, Tensor]],
+    group: Tensor,
+    groups: int,
     num_classes: int,
     device: torch.device,
     batch_size: int,
+    dist: Dist | None = None,
 ) -> dict[str, float]:
-    """Argmax predictions of ``model`` on ``images`` (S, 1, H, W) in eval mode, batch by batch,
-    scored against ``labels`` (S, H, W) with ``evaluate_volumes`` (pooled and per-volume Dice)."""
+    """Dice (``dice_scores``: pooled and per-volume) of ``model``'s argmax predictions on S slices.
+
+    ``fetch(lo, hi)`` gives slices lo .. hi - 1 as images (b, 1, H, W) and integer labels
+    (b, H, W) on ``device``; ``group`` (S,) on ``device`` is each slice's volume index in
+    [0, groups). Batch by batch, in eval mode under ``torch.inference_mode`` (the model's mode is
+    restored), the predictions go straight into per-volume confusion counts
+    (``volume_confusion``): memory holds one batch, whatever S. With ``dist`` of world > 1
+    (every rank must call), rank r predicts its contiguous share of the slices and the counts,
+    integers, are summed across ranks, so every rank gets exactly the numbers of one process
+    predicting all of them.
+    """
     module = unwrap_model(model)
     was_training = module.training
     module.eval()
-    predictions = []
+    lo, hi = _shard(group.shape[0], dist)
     try:
         with torch.inference_mode(), autocast(device):
-            for start in range(0, images.shape[0], batch_size):
-                x = images[start : start + batch_size].to(device, non_blocking=True)
-                predictions.append(
-                    module(x.contiguous(memory_format=device_memory_format(device))).argmax(1)
-                )
+            counts = torch.zeros(
+                (groups, num_classes, num_classes), dtype=torch.int64, device=device
+            )
+            for start in range(lo, hi, batch_size):
+                stop = min(start + batch_size, hi)
+                x, y = fetch(start, stop)
+                pred = module(x.contiguous(memory_format=device_memory_format(device))).argmax(1)
+                counts += volume_confusion(pred, y, group[start:stop], groups, num_classes)
+            if dist is not None:
+                dist.all_reduce(counts)
     finally:
         module.train(was_training)
-    return evaluate_volumes(
-        torch.cat(predictions), labels.to(device), volume.to(device), num_classes
-    )
+    return dice_scores(counts)
 
 
 def evaluate_model(
@@ -152,21 +183,41 @@ def evaluate_model(
     data: SliceData,
     volumes: tuple[int, ...],
     device: torch.device,
-    batch_size: int = 256,
+    batch_size: int | None = None,
+    dist: Dist | None = None,
 ) -> dict[str, float]:
     """Dice of ``model``'s predictions on every slice of ``volumes`` (see ``evaluate_volumes``):
     ``dice_pooled_c{k}``, ``dice_pooled_mean``, ``dice_volume_c{k}``, ``dice_volume_mean``,
-    ``n_volumes``. An empty ``volumes`` gives {}. The model's train/eval mode is restored."""
+    ``n_volumes``. An empty ``volumes`` gives {}. The model's train/eval mode is restored.
+
+    Slices are read from ``data`` (memory-mapped) one batch of ``batch_size`` at a time (default
+    ``eval_batch_size(device)``); with ``dist`` the ranks share the slices (``_predict_and_score``).
+    """
+    device = torch.device(device)
+    if batch_size is None:
+        batch_size = eval_batch_size(device)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: must be an integer >= 1, got {batch_size!r}")
     if not volumes:
         return {}
     index = data.slices_of(volumes)
-    images = torch.from_numpy(np.ascontiguousarray(data.images[index])).unsqueeze(1)
-    labels = torch.from_numpy(data.labels[index].astype(np.int64))
-    volume = torch.from_numpy(data.volume[index].astype(np.int64))
+    ids, group = np.unique(data.volume[index], return_inverse=True)
+
+    def fetch(lo: int, hi: int) -> tuple[Tensor, Tensor]:
+        rows = index[lo:hi]
+        images = torch.from_numpy(np.ascontiguousarray(data.images[rows])).unsqueeze(1)
+        labels = torch.from_numpy(np.ascontiguousarray(data.labels[rows]))
+        return images.to(device), labels.to(device).long()
+
     return _predict_and_score(
-        model, images, labels, volume, data.num_classes, torch.device(device), batch_size
+        model,
+        fetch,
+        torch.from_numpy(group.astype(np.int64)).to(device),
+        len(ids),
+        data.num_classes,
+        device,
+        batch_size,
+        dist,
     )
 
 
@@ -343,7 +394,8 @@ def run_finetune(cfg: FinetuneConfig, model: ModelConfig, ctx: StageContext) -> 
     if ctx.split.val:
         index = ctx.data.slices_of(ctx.split.val)
         val = _device_slices(ctx.data, ctx.split.val, ctx.device, labels=True)
-        val_volume = torch.from_numpy(ctx.data.volume[index].astype(np.int64)).to(ctx.device)
+        val_ids, val_group = np.unique(ctx.data.volume[index], return_inverse=True)
+        val_group = torch.from_numpy(val_group.astype(np.int64)).to(ctx.device)
 
     last_val: dict[str, Any] = {}  # fit validates after its last epoch: that is the final model
 
@@ -351,7 +403,14 @@ def run_finetune(cfg: FinetuneConfig, model: ModelConfig, ctx: StageContext) -> 
         if val is None:
             return {}
         scores = _predict_and_score(
-            evaluated, val.images, val.labels, val_volume, num_classes, ctx.device, 256
+            evaluated,
+            lambda lo, hi: (val.images[lo:hi], val.labels[lo:hi]),
+            val_group,
+            len(val_ids),
+            num_classes,
+            ctx.device,
+            eval_batch_size(ctx.device),
+            run.dist,
         )
         last_val["scores"] = scores
         # per-epoch names: val_dice_mean / val_dice_pooled_mean (per-volume / pooled, as before),
@@ -379,9 +438,8 @@ def run_finetune(cfg: FinetuneConfig, model: ModelConfig, ctx: StageContext) -> 
     if last_val:  # no second pass over the validation volumes
         final_val = last_val["scores"]
     else:
-        final_val = evaluate_model(evaluated, ctx.data, ctx.split.val, ctx.device)
+        final_val = evaluate_model(evaluated, ctx.data, ctx.split.val, ctx.device, dist=run.dist)
     metrics.update(_prefixed("val", final_val))
-    metrics.update(
-        _prefixed("test", evaluate_model(evaluated, ctx.data, ctx.split.test, ctx.device))
-    )
+    test = evaluate_model(evaluated, ctx.data, ctx.split.test, ctx.device, dist=run.dist)
+    metrics.update(_prefixed("test", test))
     return StageResult(to_cpu(evaluated.state_dict()), metrics)

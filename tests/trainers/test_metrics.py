@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from trainers.metrics import dice_per_class, evaluate_volumes
+from tests.trainers.dice_reference import random_case, reference_scores
+from trainers.metrics import dice_per_class, dice_scores, evaluate_volumes, volume_confusion
 
 NAN = float("nan")
 
@@ -163,3 +164,63 @@ def test_evaluate_volumes_bad_shapes(shapes: tuple[tuple[int, ...], ...], match:
     pred, target, volume = (np.zeros(s, dtype=np.int64) for s in shapes)
     with pytest.raises(ValueError, match=match):
         evaluate_volumes(pred, target, volume, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# against the plain per-volume loop (tests/trainers/dice_reference.py)
+
+
+def assert_same_scores(got: dict[str, float], expected: dict[str, float]) -> None:
+    """Equal keys; every value equal within 1e-12 (NaN where the reference has NaN)."""
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        if math.isnan(value):
+            assert math.isnan(got[key]), key
+        else:
+            assert got[key] == pytest.approx(value, abs=1e-12, rel=0), key
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_evaluate_volumes_equals_the_reference_loop(seed: int) -> None:
+    pred, target, volume = random_case(seed)
+    expected = reference_scores(pred, target, volume, 4)
+    # the case covers what it claims: a NaN volume, a zero volume, a class absent everywhere
+    assert math.isnan(expected["dice_pooled_c3"]) and math.isnan(expected["dice_volume_c3"])
+    rows = volume == 3
+    assert not ((pred[rows] == 1).any() or (target[rows] == 1).any())
+    assert_same_scores(evaluate_volumes(pred, target, volume, 4), expected)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_confusion_of_batches_adds_up_to_the_reference(seed: int) -> None:
+    """What the stages' streamed evaluation does: per-batch tables at random cut points,
+    summed, then ``dice_scores``: equal to the loop over volumes."""
+    pred, target, volume = random_case(seed)
+    ids, group = np.unique(volume, return_inverse=True)
+    rng = np.random.default_rng(seed)
+    cuts = [0, *sorted(rng.choice(np.arange(1, len(volume)), size=5, replace=False)), len(volume)]
+    total = torch.zeros((len(ids), 4, 4), dtype=torch.int64)
+    for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
+        total += volume_confusion(
+            torch.from_numpy(pred[lo:hi]),
+            torch.from_numpy(target[lo:hi]),
+            torch.from_numpy(group[lo:hi]),
+            len(ids),
+            4,
+        )
+    assert int(total.sum()) == pred.size
+    assert_same_scores(dice_scores(total), reference_scores(pred, target, volume, 4))
+
+
+def test_volume_confusion_and_dice_scores_bad_inputs() -> None:
+    labels = torch.zeros((2, 3, 3), dtype=torch.long)
+    with pytest.raises(ValueError, match="outside"):
+        volume_confusion(labels, labels, torch.tensor([0, 2]), 2, 3)
+    with pytest.raises(ValueError, match="outside"):
+        volume_confusion(labels + 3, labels, torch.tensor([0, 1]), 2, 3)
+    with pytest.raises(ValueError, match=r"\(B, H, W\)"):
+        volume_confusion(labels, labels, torch.tensor([0]), 2, 3)
+    with pytest.raises(ValueError, match="V = 0"):
+        dice_scores(torch.zeros((0, 3, 3), dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\(V, C, C\)"):
+        dice_scores(torch.zeros((2, 3, 2), dtype=torch.long))

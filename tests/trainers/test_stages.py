@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.trainers.dice_reference import random_case, reference_scores
 from trainers import loop, seed_everything, stages
 from trainers.augment import global_views
 from trainers.config import (
@@ -166,6 +167,97 @@ def test_evaluate_model_scores_a_perfect_predictor_one(
     assert scores["dice_volume_mean"] == pytest.approx(1.0)
     assert scores["n_volumes"] == len(split.test)
     assert evaluate_model(Oracle(), synthetic_slices, (), CPU) == {}
+
+
+class _Lookup(torch.nn.Module):
+    """Predicts fixed labels: slice i's image holds i in every pixel; logits are the one-hot
+    ``predictions[i]`` (ties impossible), so evaluate_model's scores can be checked exactly."""
+
+    def __init__(self, predictions: np.ndarray, num_classes: int) -> None:
+        super().__init__()
+        self.predictions = torch.from_numpy(predictions).long()
+        self.num_classes = num_classes
+        self.seen = 0  # slices predicted
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen += x.shape[0]
+        rows = self.predictions[x[:, 0, 0, 0].round().long()]
+        return torch.nn.functional.one_hot(rows, self.num_classes).permute(0, 3, 1, 2).float()
+
+
+def _lookup_case(seed: int) -> tuple[SliceData, _Lookup, np.ndarray, tuple[int, ...]]:
+    """A SliceData of ``random_case``'s slices (4 classes) plus volumes holding nothing
+    evaluated, the model predicting its predictions, and the reference scores' inputs."""
+    pred, target, volume = random_case(seed)
+    count = len(volume)
+    images = np.broadcast_to(np.arange(count, dtype=np.float32)[:, None, None], target.shape).copy()
+    data = SliceData(
+        images=images,
+        labels=target.astype(np.uint8),
+        volume=volume.astype(np.int32),
+        position=np.zeros(count, dtype=np.float32),
+        cases=tuple(f"case{i}" for i in range(100)),
+        num_classes=4,
+        fingerprint=f"lookup-{seed}",
+    )
+    return data, _Lookup(pred, 4), pred, tuple(sorted(set(volume.tolist())))
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("batch_size", [None, 1, 7, 32, 1000])
+def test_evaluate_model_equals_the_reference_loop_at_any_batch_size(
+    seed: int, batch_size: int | None
+) -> None:
+    """Streamed evaluation (batches of predictions into per-volume counts) against the plain
+    loop over volumes, on random predictions with a volume missing a class in prediction and
+    truth (NaN, skipped) and one missing it in the truth only (0)."""
+    data, model, pred, volumes = _lookup_case(seed)
+    subset = volumes[1:]  # not every volume of the data: ids are regrouped
+    rows = np.isin(data.volume, subset)
+    expected = reference_scores(pred[rows], data.labels[rows], data.volume[rows], 4)
+    got = evaluate_model(model, data, subset, CPU, batch_size=batch_size)
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        if math.isnan(value):
+            assert math.isnan(got[key]), key
+        else:
+            assert got[key] == pytest.approx(value, abs=1e-12, rel=0), key
+
+
+def _sharded_eval_worker(rank: int, world: int, port: int, seed: int, out: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        data, model, _, volumes = _lookup_case(seed)
+        scores = evaluate_model(model, data, volumes, CPU, batch_size=4, dist=loop.Dist.current())
+        torch.save({"scores": scores, "seen": model.seen}, Path(out) / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ranks_share_the_evaluation_and_agree_with_one_process(tmp_path: Path) -> None:
+    """Under torch.distributed each rank predicts its share of the slices; the summed counts
+    give every rank exactly the scores of one process predicting them all."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.multiprocessing.spawn(_sharded_eval_worker, args=(3, port, 0, str(tmp_path)), nprocs=3)
+    data, model, _, volumes = _lookup_case(0)
+    alone = evaluate_model(model, data, volumes, CPU)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(3)]
+    assert sum(r["seen"] for r in ranks) == model.seen == len(data.volume)  # each slice once
+    assert all(0 < r["seen"] < model.seen for r in ranks)
+    for rank, result in enumerate(ranks):
+        got = result["scores"]
+        assert got.keys() == alone.keys()
+        assert all(
+            got[k] == alone[k] or (math.isnan(got[k]) and math.isnan(alone[k])) for k in alone
+        ), rank
 
 
 # ---------------------------------------------------------------------------------------------
