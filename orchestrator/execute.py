@@ -61,6 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from orchestrator.plan import datasets
 from orchestrator.progress import (
     BUNDLE_KEY,
     ProgressView,
@@ -311,14 +312,13 @@ def node_title(trial: Any) -> str:
 
 
 def _prepare_caches(nodes: list[StageNode], store: StageStore, cache: dict[str, str]) -> None:
-    """Preprocess each distinct dataset of ``nodes`` once; fills ``cache`` (data JSON -> folder)."""
-    from trainers.config import DataConfig, from_dict
+    """Preprocess each distinct dataset of ``nodes`` once; fills ``cache`` (``data_ident`` ->
+    slice cache folder)."""
     from trainers.data import prepare_slices
 
-    for node in nodes:
-        ident = json.dumps(node.data, sort_keys=True)
+    for ident, config in datasets(nodes).items():
         if ident not in cache:
-            data = prepare_slices(from_dict(DataConfig, node.data, "dataset"), store.cache_dir)
+            data = prepare_slices(config, store.cache_dir)
             cache[ident] = str((store.cache_dir / data.fingerprint).absolute())
 
 
@@ -533,7 +533,7 @@ def _run_nodes(
             node.key: NodeJob(
                 node=node,
                 storage=str(store.root.absolute()),
-                cache=caches[json.dumps(node.data, sort_keys=True)],
+                cache=caches[node.data_ident],
                 checkpoint_every=resources.checkpoint_every,
                 report_interval_s=float(env[TRAIN_POLL_ENV]),
                 gpus_per_worker=resources.gpus_per_worker,

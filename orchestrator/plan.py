@@ -28,13 +28,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.spec import Spec
 from trainers import STAGE_CODE_VERSION
-from trainers.config import DataConfig, hash_form, to_dict
+from trainers.config import DataConfig, from_dict, hash_form, to_dict
 from trainers.data import data_fingerprint
 from trainers.registry import get_stage, stage_names
 
@@ -69,6 +69,12 @@ class StageNode:
         out = dataclasses.asdict(self)
         out["init_parts"] = list(self.init_parts)
         return out
+
+    @property
+    def data_ident(self) -> str:
+        """Its dataset and preprocessing as one string: nodes that read the same slices share
+        it (``datasets``)."""
+        return json.dumps(self.data, sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> StageNode:
@@ -160,6 +166,15 @@ class Plan:
         trials = [Trial.from_dict(t) for t in data.get("trials", [])]
         nodes = {key: StageNode.from_dict(n) for key, n in data.get("nodes", {}).items()}
         return cls(spec=spec, trials=trials, nodes=nodes, levels=_levels(nodes))
+
+
+def datasets(nodes: Iterable[StageNode]) -> dict[str, DataConfig]:
+    """The distinct datasets ``nodes`` read: ``data_ident`` -> its ``DataConfig``."""
+    found: dict[str, DataConfig] = {}
+    for node in nodes:
+        if node.data_ident not in found:
+            found[node.data_ident] = from_dict(DataConfig, node.data, "dataset")
+    return found
 
 
 def node_key(material: Mapping[str, Any]) -> str:

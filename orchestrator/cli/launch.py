@@ -152,11 +152,11 @@ def launch(
 
 def check_datasets(plan: Plan, store: Any) -> None:
     """Read and check each distinct dataset of ``plan`` not yet cached in ``store``."""
-    from trainers.config import DataConfig, from_dict
+    from orchestrator.plan import datasets
     from trainers.data import check_dataset
 
-    for data in {json.dumps(node.data, sort_keys=True) for node in plan.nodes.values()}:
-        check_dataset(from_dict(DataConfig, json.loads(data), "dataset"), store.cache_dir)
+    for data in datasets(plan.nodes.values()).values():
+        check_dataset(data, store.cache_dir)
 
 
 def _run_locked(
