@@ -5,7 +5,9 @@ Array", MLSys 2021), each giving what ``trainers.stages.run_finetune`` gives it 
 The K members' parameters are stacked along a new leading dimension
 (``torch.func.stack_module_state``) and one forward pass runs all of them:
 ``torch.func.vmap`` over ``functional_call`` of the U-Net, which batches each convolution of
-the K members into one grouped convolution. The loss is the sum of the members' losses; as no
+the K members into one grouped convolution (the "vmap" pass, the default on CUDA; on CPU, where
+grouped convolutions are slower than K plain ones, the "loop" pass runs one ``functional_call``
+per member instead, still with one backward and one optimiser step). The loss is the sum of the members' losses; as no
 tensor mixes members, its gradient with respect to member k's slice is member k's own gradient.
 Adam is elementwise, so one Adam over the stacked parameters is K Adams (same ``lr``,
 ``weight_decay`` and step count for all: the members share the config and run the same number of
@@ -16,8 +18,8 @@ Each member keeps everything a separate run has of its own: the seed before its 
 augment and host generators derived from (seed, "finetune", epoch) as ``trainers.loop.fit``
 derives them. Members may hold different numbers of labelled slices, hence different steps per
 epoch and last-batch sizes: training is driven by the global optimiser step, each member walking
-its own epochs. When all members' batches of a step have one size they run through ``vmap``;
-otherwise each member runs ``functional_call`` on its slice of the stacked parameters (the same
+its own epochs. When all members' batches of a step have one size they run through ``vmap``
+(with that pass); otherwise each member runs ``functional_call`` on its slice of the stacked parameters (the same
 gradients, K smaller passes). At its own epoch boundaries a member reports the metrics and
 checkpoint state ``fit`` reports (``StageContext.report``; a checkpoint resumes a separate run
 as well as a fused one), validates at the epochs a separate run validates, and at the end gets
@@ -78,6 +80,11 @@ from trainers.stages import (
 )
 
 STAGE = "finetune"
+# "vmap": one vmapped pass (grouped convolutions) when the members' batches have one size;
+# "loop": one functional_call per member (K passes, one backward, one Adam step); "auto": vmap
+# on CUDA, loop on CPU, where grouped convolutions ran 2.5-3 x slower than K separate ones
+# (a base-16 U-Net, K = 4, batch 8, 64 x 64, one thread; benchmarks/bench_fused.py).
+FUSED_PASSES = ("auto", "vmap", "loop")
 
 
 class FusedRunError(RuntimeError):
@@ -195,13 +202,18 @@ class _Member:
 class _Fused:
     """The stacked parameters, their Adam and the fused forward passes."""
 
-    def __init__(self, cfg: FinetuneConfig, members: list[_Member]) -> None:
+    def __init__(self, cfg: FinetuneConfig, members: list[_Member], fused_pass: str) -> None:
         models = [m.run.model for m in members]
         params, buffers = stack_module_state(models)
         self.params: dict[str, Tensor] = params
         self.buffers: dict[str, Tensor] = buffers
         self.base = copy.deepcopy(models[0]).to("meta")  # the structure; weights come stacked
         self.device = members[0].run.device
+        if fused_pass not in FUSED_PASSES:
+            raise ValueError(f"fused_pass: must be one of {FUSED_PASSES}, got {fused_pass!r}")
+        if fused_pass == "auto":
+            fused_pass = "vmap" if self.device.type == "cuda" else "loop"
+        self.fused_pass = fused_pass
         self.optimizer = torch.optim.Adam(
             list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay
         )
@@ -251,10 +263,11 @@ class _Fused:
         member.run.optimizer.load_state_dict(self.member_optimiser_state(k))
 
     def logits(self, inputs: list[Tensor]) -> list[Tensor]:
-        """Each member's logits (float32) of its input: one vmapped pass when all inputs have
-        one shape, else one ``functional_call`` per member on its parameter slice."""
+        """Each member's logits (float32) of its input: with the "vmap" pass one vmapped pass
+        when all inputs have one shape, else one ``functional_call`` per member on its
+        parameter slice."""
         with autocast(self.device):
-            if len({tuple(x.shape) for x in inputs}) == 1:
+            if self.fused_pass == "vmap" and len({tuple(x.shape) for x in inputs}) == 1:
                 out = self._batched(self.params, self.buffers, torch.stack(inputs)).float()
                 return list(out.unbind(0))
             return [
@@ -275,7 +288,10 @@ class _Fused:
 
 
 def run_finetunes_fused(
-    cfg: FinetuneConfig, model_cfg: ModelConfig, ctxs: Sequence[StageContext]
+    cfg: FinetuneConfig,
+    model_cfg: ModelConfig,
+    ctxs: Sequence[StageContext],
+    fused_pass: str = "auto",
 ) -> list[StageResult]:
     """Train the fine-tunings ``ctxs`` fused (module docstring); ``results[k]`` equals
     ``run_finetune(cfg, model_cfg, ctxs[k])`` to float tolerance, and each ``ctxs[k].report``
@@ -283,7 +299,8 @@ def run_finetunes_fused(
 
     Raises ``ValueError`` with ``fusable``'s reason when they cannot be fused, and
     ``FusedRunError`` (holding the others' results) when members fail; an exception raised by a
-    ``report`` callback ends the whole run (as it ends a separate one).
+    ``report`` callback ends the whole run (as it ends a separate one). ``fused_pass``: how
+    the members' forward passes run (``FUSED_PASSES``).
     """
     reason = fusable(cfg, model_cfg, ctxs)
     if reason is not None:
@@ -303,7 +320,7 @@ def run_finetunes_fused(
             math.ceil(total / per_epoch),
         )
         members.append(member)
-    fused = _Fused(cfg, members)
+    fused = _Fused(cfg, members, fused_pass)
     total = members[0].total
     step = _resume_step(ctxs[0].resume, members[0].per_epoch, total)
     paused = 0.0  # seconds spent in members' validation and reports: not training time
@@ -366,8 +383,8 @@ def _end_epoch(cfg: FinetuneConfig, fused: _Fused, m: _Member, step: int, paused
     """Member ``m``'s epoch ends at ``step`` optimiser steps: what ``fit`` does after an epoch
     (loss check, metrics, validation when due, report with a checkpoint when due)."""
     run, ctx, epoch = m.run, m.run.ctx, m.epoch
+    mean_loss = float(m.loss_sum.item()) / m.seen  # the epoch's one host synchronisation
     seconds = time.perf_counter() - m.started - (paused - m.paused_at_start)
-    mean_loss = float(m.loss_sum.item()) / m.seen
     if not math.isfinite(mean_loss):
         m.failed = FloatingPointError(f"{STAGE}: loss is {mean_loss} in epoch {epoch}")
         return

@@ -97,16 +97,19 @@ def _assert_same_reports(fused: list[tuple[dict, Any]], alone: list[tuple[dict, 
                     torch.testing.assert_close(fc["optimizer"]["state"][i][key], value, **TOL)
 
 
+@pytest.mark.parametrize("fused_pass", ["vmap", "loop"])
 @pytest.mark.parametrize("regulariser, lr_schedule", [("none", "poly"), ("mixup", "constant")])
 def test_fused_equals_separate_runs(
-    regulariser: str, lr_schedule: str, synthetic_slices: SliceData, split: Split
+    regulariser: str, lr_schedule: str, fused_pass: str, synthetic_slices: SliceData, split: Split
 ) -> None:
     cfg = FinetuneConfig(
         steps=8, batch_size=8, lr=1e-3, regulariser=regulariser, lr_schedule=lr_schedule
     )
     fused_logs: list[list] = [[] for _ in MEMBERS]
     alone_logs: list[list] = [[] for _ in MEMBERS]
-    fused = run_finetunes_fused(cfg, TINY, _contexts(synthetic_slices, split, fused_logs))
+    fused = run_finetunes_fused(
+        cfg, TINY, _contexts(synthetic_slices, split, fused_logs), fused_pass
+    )
     alone = [run_finetune(cfg, TINY, ctx) for ctx in _contexts(synthetic_slices, split, alone_logs)]
     assert len({len(log) for log in alone_logs}) > 1  # members of different epoch counts
     for f, a in zip(fused, alone, strict=True):
@@ -136,7 +139,7 @@ def test_equal_batches_take_the_vmapped_pass_and_equal_separate_runs(
         "tests.trainers.test_fused.MEMBERS", [(0, 0.2), (5, 0.2), (9, 0.2)], raising=True
     )
     cfg = FinetuneConfig(epochs=2, batch_size=8, lr=1e-3, val_every=2)
-    fused = run_finetunes_fused(cfg, TINY, _contexts(synthetic_slices, split))
+    fused = run_finetunes_fused(cfg, TINY, _contexts(synthetic_slices, split), "vmap")
     assert calls["vmap"] > 0
     alone = [run_finetune(cfg, TINY, ctx) for ctx in _contexts(synthetic_slices, split)]
     for f, a in zip(fused, alone, strict=True):
@@ -151,7 +154,7 @@ def test_resumed_fused_run_equals_uninterrupted(synthetic_slices: SliceData, spl
     original = list(MEMBERS)
     MEMBERS[:] = monkey
     try:
-        full = run_finetunes_fused(cfg, TINY, _contexts(synthetic_slices, split))
+        full = run_finetunes_fused(cfg, TINY, _contexts(synthetic_slices, split), "vmap")
         saved: dict[int, Any] = {}
 
         class Interrupted(Exception):
@@ -173,7 +176,7 @@ def test_resumed_fused_run_equals_uninterrupted(synthetic_slices: SliceData, spl
             dataclasses.replace(ctx, report=None, resume=saved[k])
             for k, ctx in enumerate(_contexts(synthetic_slices, split))
         ]
-        resumed = run_finetunes_fused(cfg, TINY, resumed_ctxs)
+        resumed = run_finetunes_fused(cfg, TINY, resumed_ctxs, "vmap")
         for r, f in zip(resumed, full, strict=True):
             _assert_same(r, f)
         alone = run_finetune(cfg, TINY, resumed_ctxs[1])
@@ -196,6 +199,8 @@ def test_fusable_reasons(synthetic_slices: SliceData, split: Split) -> None:
     assert "different optimiser steps" in fusable(cfg, TINY, resumed)
     with pytest.raises(ValueError, match="cannot be fused: regulariser mean_teacher"):
         run_finetunes_fused(mt, TINY, ctxs)
+    with pytest.raises(ValueError, match="fused_pass"):
+        run_finetunes_fused(cfg, TINY, ctxs, "grouped")
 
 
 def test_a_failing_member_fails_alone(
