@@ -41,7 +41,9 @@ the nodes one after another in this Train run: COMPLETE ones skipped, each resum
 checkpointing to its own ``stages/<key>/resume.pt`` (``save_resume_point``, atomic; removed
 once the node is complete) instead of Train's checkpoints, each report carrying ``node_key``;
 a node that raises is retried ``max_failures`` times, then its error is stored and the loop
-goes on.
+goes on. With ``resources.fuse_finetunes`` the bundle's fusable fine-tunings first train as one
+fused model (``_run_fused_groups``, ``trainers.fused``), each written as an ordinary node whose
+metrics and epoch records add ``fused`` (K) and whose ``wall_s`` is its 1 / K share.
 
 Failure injection (tests): ``NodeJob.inject_failure`` set to a message makes every rank raise
 ``RuntimeError(message)`` before training, so a failing trial goes through the real Train /
@@ -213,7 +215,10 @@ class _NodeRecorder:
     epoch records, reports to Train, checkpoints and, at the end, its result with timing.
 
     ``share``: the node's share of this worker's wall time (1 alone; 1 / K for each of K fused
-    fine-tunings, so that ``wall_s`` and ``gpu_s`` summed over nodes stay the worker's)."""
+    fine-tunings, so that ``wall_s`` and ``gpu_s`` summed over nodes stay the worker's).
+    ``throttle``: fused members share one (``_run_fused``): their epochs end together, and K
+    Train reports in a row would each wait for Train's poll; a fused member's checkpoint goes to
+    its resume point whether or not that epoch is reported to Train."""
 
     def __init__(
         self,
@@ -222,6 +227,7 @@ class _NodeRecorder:
         resume: Mapping[str, Any] | None,
         in_bundle: bool,
         share: float = 1.0,
+        throttle: ReportThrottle | None = None,
     ) -> None:
         import ray.train
 
@@ -240,7 +246,8 @@ class _NodeRecorder:
         self.worker_nodes = ",".join(_gather_strings(node_id))
         if self.rank == 0:
             truncate_epochs(self.store, self.node.key, keep_through=self.resumed_from)
-        self.throttle = ReportThrottle(float(job.report_interval_s))
+        self.shared_throttle = throttle is not None
+        self.throttle = throttle or ReportThrottle(float(job.report_interval_s))
 
     def wall_s(self) -> float:
         return self.earlier_wall_s + (time.monotonic() - self.started) * self.share
@@ -271,10 +278,16 @@ class _NodeRecorder:
             if self.share != 1.0:
                 record["fused"] = round(1.0 / self.share)
             store.append_epoch(node.key, record)
-        if not self.throttle.due(metrics, checkpoint_state is not None):
-            return
         if checkpoint_state is not None:
             checkpoint_state = {**checkpoint_state, WALL_KEY: self.wall_s()}
+        if self.shared_throttle:  # a fused member (always in a bundle)
+            if rank == 0 and checkpoint_state is not None:
+                save_resume_point(store, node.key, checkpoint_state)
+            if self.throttle.due(metrics, False):
+                ray.train.report({**metrics, "node_key": node.key})
+            return
+        if not self.throttle.due(metrics, checkpoint_state is not None):
+            return
         if self.in_bundle:
             if rank == 0 and checkpoint_state is not None:
                 save_resume_point(store, node.key, checkpoint_state)
@@ -369,8 +382,9 @@ def _run_fused(
 
     device = ray.train.torch.get_device()
     share = 1.0 / len(members)
+    throttle = ReportThrottle(float(members[0][0].report_interval_s))
     recorders = [
-        _NodeRecorder(job, driver_started_at, resume, in_bundle=True, share=share)
+        _NodeRecorder(job, driver_started_at, resume, True, share, throttle)
         for job, resume in members
     ]
     contexts: list[StageContext] = []

@@ -141,6 +141,40 @@ def test_fused_bundle_writes_ordinary_nodes_equal_to_the_unfused_bundle(tmp_path
         assert not (fused.node_dir(key) / "resume.pt").exists()
 
 
+def test_a_failing_fused_member_reruns_alone_and_the_others_complete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Member 1's loss turns non-finite in the fused run (a poisoned loss there only): members
+    0 and 2 complete fused; member 1 reruns in the bundle's ordinary loop, where it completes
+    unfused with the unfused bundle's result."""
+    import trainers.fused as fused_module
+
+    original = fused_module.targets_loss
+    calls = {"n": 0}
+
+    def poisoned(logits: torch.Tensor, targets: Any, dice_weight: float) -> torch.Tensor:
+        calls["n"] += 1
+        loss = original(logits, targets, dice_weight)
+        return loss * float("nan") if calls["n"] % 3 == 2 else loss
+
+    monkeypatch.setattr(fused_module, "targets_loss", poisoned)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        store, keys = _bundle(tmp_path, "poisoned", fuse=True)
+        plain, _ = _bundle(tmp_path, "plain", fuse=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert calls["n"] > 0 and all(store.is_complete(key) for key in keys)
+    assert [store.read_metrics(key).get("fused") for key in keys] == [3, None, 3]
+    alone, expected = store.read_metrics(keys[1]), plain.read_metrics(keys[1])
+    for name, value in _untimed(expected).items():
+        assert alone[name] == pytest.approx(value, rel=1e-4, abs=1e-4), name
+    records = store.read_epochs(keys[1])
+    assert [r["epoch"] for r in records] == [r["epoch"] for r in plain.read_epochs(keys[1])]
+    assert all("fused" not in r for r in records)
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_launch_with_fused_finetunes_gives_the_unfused_trials_table(
