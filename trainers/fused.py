@@ -270,13 +270,15 @@ class _Fused:
             if self.fused_pass == "vmap" and len({tuple(x.shape) for x in inputs}) == 1:
                 out = self._batched(self.params, self.buffers, torch.stack(inputs)).float()
                 return list(out.unbind(0))
+            # unbind: one view per member of each stacked tensor, whose backward stacks the
+            # members' gradients once (indexing p[k] per member would scatter into a full-size
+            # zero tensor K times)
+            params = {n: p.unbind(0) for n, p in self.params.items()}
+            buffers = {n: b.unbind(0) for n, b in self.buffers.items()}
             return [
                 functional_call(
                     self.base,
-                    (
-                        {n: p[k] for n, p in self.params.items()},
-                        {n: b[k] for n, b in self.buffers.items()},
-                    ),
+                    ({n: p[k] for n, p in params.items()}, {n: b[k] for n, b in buffers.items()}),
                     (x,),
                 ).float()
                 for k, x in enumerate(inputs)
@@ -325,7 +327,7 @@ def run_finetunes_fused(
     step = _resume_step(ctxs[0].resume, members[0].per_epoch, total)
     paused = 0.0  # seconds spent in members' validation and reports: not training time
 
-    while step < total:
+    while step < total and any(m.failed is None for m in members):
         inputs: list[Tensor] = []
         targets: list[Targets] = []
         for m in members:
