@@ -82,8 +82,9 @@ from trainers.stages import (
 STAGE = "finetune"
 # "vmap": one vmapped pass (grouped convolutions) when the members' batches have one size;
 # "loop": one functional_call per member (K passes, one backward, one Adam step); "auto": vmap
-# on CUDA, loop on CPU, where grouped convolutions ran 2.5-3 x slower than K separate ones
-# (a base-16 U-Net, K = 4, batch 8, 64 x 64, one thread; benchmarks/bench_fused.py).
+# on CUDA, loop on CPU, where the vmapped pass was the slower (a base-16 U-Net, batch 8,
+# 64 x 64, one thread: forward + backward alone 2.5-3 x slower at K = 4, whole training steps
+# 4-12 % slower than separate runs, the loop pass even; benchmarks/bench_fused.py).
 FUSED_PASSES = ("auto", "vmap", "loop")
 
 
