@@ -182,9 +182,9 @@ def test_launch_with_fused_finetunes_gives_the_unfused_trials_table(
 ) -> None:
     tables = {}
     for fuse in (False, True):
-        spec_path = write_spec(
-            tmp_path,
-            f"fuse-{fuse}",
+        spec_path = write_spec(  # one sweep name: the tables' "sweep" column
+            _mkdir(tmp_path / f"fuse-{fuse}"),
+            "fused-e2e",
             method="random",
             label_fraction=FRACTIONS,
             stages={"finetune": FINETUNE},
