@@ -375,35 +375,37 @@ def _run_fused(
     members: list[tuple[NodeJob, Mapping[str, Any] | None]], driver_started_at: Any
 ) -> None:
     """One fused run of ``members`` (jobs with their resume points); each member that completes
-    is written to the store as an ordinary node (``_NodeRecorder.write_result``)."""
+    is written to the store as an ordinary node (``_NodeRecorder.write_result``). Anything
+    raised on the way (a missing parent, the fused run itself) leaves the members to the
+    bundle's ordinary loop, which records their own errors."""
     import ray.train.torch
 
     from trainers.fused import FusedRunError, fusable, run_finetunes_fused
 
-    device = ray.train.torch.get_device()
-    share = 1.0 / len(members)
-    throttle = ReportThrottle(float(members[0][0].report_interval_s))
-    recorders = [
-        _NodeRecorder(job, driver_started_at, resume, True, share, throttle)
-        for job, resume in members
-    ]
-    contexts: list[StageContext] = []
-    for (job, resume), recorder in zip(members, recorders, strict=True):
-        cfg, model_cfg, ctx = node_context(
-            job.node,
-            job.cache,
-            recorder.store,
-            device,
-            recorder.report,
-            resume,
-            int(job.checkpoint_every),
-        )
-        contexts.append(ctx)
-    reason = fusable(cfg, model_cfg, contexts)
-    if reason is not None:
-        print(f"fuse_finetunes: {len(members)} nodes run one by one: {reason}", flush=True)
-        return
     try:
+        device = ray.train.torch.get_device()
+        share = 1.0 / len(members)
+        throttle = ReportThrottle(float(members[0][0].report_interval_s))
+        recorders = [
+            _NodeRecorder(job, driver_started_at, resume, True, share, throttle)
+            for job, resume in members
+        ]
+        contexts: list[StageContext] = []
+        for (job, resume), recorder in zip(members, recorders, strict=True):
+            cfg, model_cfg, ctx = node_context(
+                job.node,
+                job.cache,
+                recorder.store,
+                device,
+                recorder.report,
+                resume,
+                int(job.checkpoint_every),
+            )
+            contexts.append(ctx)
+        reason = fusable(cfg, model_cfg, contexts)
+        if reason is not None:
+            print(f"fuse_finetunes: {len(members)} nodes run one by one: {reason}", flush=True)
+            return
         results: list[StageResult | None] = list(run_finetunes_fused(cfg, model_cfg, contexts))
     except FusedRunError as err:
         results = err.results

@@ -60,7 +60,9 @@ def test_fuse_finetunes_is_checked_and_stays_out_of_node_keys(tmp_path: Path) ->
     assert plans[0].spec.spec_hash == plans[1].spec.spec_hash
 
 
-def _bundle(tmp_path: Path, name: str, fuse: bool) -> tuple[StageStore, list[str]]:
+def _bundle(
+    tmp_path: Path, name: str, fuse: bool, finetune: dict[str, Any] = FINETUNE
+) -> tuple[StageStore, list[str]]:
     """The three fine-tunings of FRACTIONS as one bundle in Train's local mode."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -76,7 +78,7 @@ def _bundle(tmp_path: Path, name: str, fuse: bool) -> tuple[StageStore, list[str
             name,
             method="random",
             label_fraction=FRACTIONS,
-            stages={"finetune": FINETUNE},
+            stages={"finetune": finetune},
         ),
         overrides={"storage": str(tmp_path / name)},
     )
@@ -206,3 +208,18 @@ def test_launch_with_fused_finetunes_gives_the_unfused_trials_table(
             np.testing.assert_allclose(fused[column], plain[column], rtol=1e-4, atol=1e-4)
         else:
             assert list(fused[column]) == list(plain[column]), column
+
+
+def test_unfusable_fine_tunings_run_one_after_another(tmp_path: Path) -> None:
+    """An epoch budget over different labelled counts gives different step budgets: fusing is
+    refused and the bundle runs its nodes one by one, as without the option."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        store, keys = _bundle(
+            tmp_path, "epochs", fuse=True, finetune={"epochs": 1, "batch_size": 4}
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert all(store.is_complete(key) for key in keys)
+    assert all("fused" not in store.read_metrics(key) for key in keys)
