@@ -57,11 +57,11 @@ from trainers.loop import (
     StageContext,
     StageResult,
     Step,
-    _epoch_batches,
-    _steps_per_epoch,
     autocast,
+    batches_per_epoch,
     build_run,
     derived_seed,
+    epoch_batches,
     final_metrics,
     lr_factor,
     to_cpu,
@@ -69,9 +69,9 @@ from trainers.loop import (
 )
 from trainers.registry import finetune_reads, resolve_volumes
 from trainers.stages import (
+    DeviceSlices,
     Targets,
     Validation,
-    _DeviceSlices,
     finetune_batch,
     finetune_train_slices,
     finish_finetune,
@@ -108,7 +108,7 @@ def _budget(cfg: FinetuneConfig, ctx: StageContext) -> tuple[int, int]:
     """(steps per epoch, total optimiser steps) of a separate run of ``ctx`` (as ``fit``)."""
     volumes = resolve_volumes(finetune_reads(cfg), ctx.split, ctx.labelled)["train"]
     num_slices = int(ctx.data.slices_of(volumes).size)
-    per_epoch = _steps_per_epoch(num_slices, cfg.batch_size, 1, Dist())
+    per_epoch = batches_per_epoch(num_slices, cfg.batch_size, 1, Dist())
     if per_epoch == 0:
         return 0, 0
     total = cfg.steps if cfg.steps is not None else cfg.epochs * per_epoch
@@ -169,7 +169,7 @@ class _Member:
 
     index: int
     run: Run
-    train: _DeviceSlices
+    train: DeviceSlices
     validation: Validation
     batch_size: int
     per_epoch: int
@@ -191,7 +191,7 @@ class _Member:
         ctx, device, rank = self.run.ctx, self.run.device, self.run.dist.rank
         self.epoch = epoch
         order = torch_generator(device, ctx.seed, STAGE, epoch, "order")
-        batches = _epoch_batches(len(self.train), self.batch_size, 1, order, self.run.dist, device)
+        batches = epoch_batches(len(self.train), self.batch_size, 1, order, self.run.dist, device)
         self.done_before = (epoch - 1) * self.per_epoch
         self.batches = batches[: self.total - self.done_before]
         self.gen = torch_generator(device, ctx.seed, STAGE, epoch, "augment", rank)

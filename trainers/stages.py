@@ -89,7 +89,7 @@ from trainers.registry import finetune_reads, global_reads, local_reads, resolve
 
 
 @dataclass
-class _DeviceSlices:
+class DeviceSlices:
     """Slices on the training device: images (S, 1, H, W) float32, labels (S, H, W) int64 or
     None, position (S,) float32 in [0, 1)."""
 
@@ -103,7 +103,7 @@ class _DeviceSlices:
 
 def _device_slices(
     data: SliceData, volumes: tuple[int, ...], device: torch.device, labels: bool
-) -> _DeviceSlices:
+) -> DeviceSlices:
     """Copy the slices of ``volumes`` to ``device`` once (the arrays may be memory-mapped)."""
     index = data.slices_of(volumes)
     if index.size == 0:
@@ -113,7 +113,7 @@ def _device_slices(
         torch.from_numpy(data.labels[index].astype(np.int64)).to(device) if labels else None
     )
     position = torch.from_numpy(np.ascontiguousarray(data.position[index])).to(device)
-    return _DeviceSlices(images, label_maps, position)
+    return DeviceSlices(images, label_maps, position)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,7 +315,7 @@ def _ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
             t.copy_(s)
 
 
-def finetune_batch(cfg: FinetuneConfig, train: _DeviceSlices, s: Step) -> tuple[Tensor, Tensor]:
+def finetune_batch(cfg: FinetuneConfig, train: DeviceSlices, s: Step) -> tuple[Tensor, Tensor]:
     """The step's labelled batch: images (b, 1, H, W) and labels (b, H, W) of ``s.batch``,
     through ``spatial_augment`` / ``intensity_augment`` (``cfg.augment``) drawing on ``s.gen``."""
     x, y = train.images[s.batch], train.labels[s.batch]
@@ -357,7 +357,7 @@ class Validation:
     def __init__(self, ctx: StageContext) -> None:
         self.ctx = ctx
         self.num_classes = ctx.data.num_classes
-        self.val: _DeviceSlices | None = None
+        self.val: DeviceSlices | None = None
         self.last: dict[str, float] | None = None
         if ctx.split.val:
             index = ctx.data.slices_of(ctx.split.val)
@@ -416,7 +416,7 @@ def finish_finetune(
     return out
 
 
-def finetune_train_slices(cfg: FinetuneConfig, ctx: StageContext) -> _DeviceSlices:
+def finetune_train_slices(cfg: FinetuneConfig, ctx: StageContext) -> DeviceSlices:
     """The labelled training slices of a fine-tuning on ``ctx.device``."""
     volumes = resolve_volumes(finetune_reads(cfg), ctx.split, ctx.labelled)["train"]
     return _device_slices(ctx.data, volumes, ctx.device, labels=True)
@@ -447,7 +447,7 @@ def run_finetune(cfg: FinetuneConfig, model: ModelConfig, ctx: StageContext) -> 
     train = finetune_train_slices(cfg, ctx)
 
     teacher: UNet | None = None
-    unlabelled: _DeviceSlices | None = None
+    unlabelled: DeviceSlices | None = None
     if cfg.regulariser == "mean_teacher":
         teacher = copy.deepcopy(run.model).requires_grad_(False)
         run.add_extra("teacher", teacher)
