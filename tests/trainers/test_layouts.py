@@ -21,7 +21,6 @@ from trainers.data import (
     SliceGeometry,
     _resize_slices,
     check_dataset,
-    data_fingerprint,
     normalise_intensity,
     prepare_slices,
 )
