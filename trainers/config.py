@@ -142,14 +142,16 @@ def _numbers(value: Any, count: int) -> bool:
 def _positive_pair(section: str, key: str, value: Any) -> tuple[float, float]:
     """Two finite numbers > 0 (e.g. an in-plane voxel size in mm)."""
     if not _numbers(value, 2) or min(value) <= 0:
-        _fail(section, key, f"must be two numbers > 0 ([mm, mm]), got {value!r}")
+        shown = list(value) if isinstance(value, tuple) else value
+        _fail(section, key, f"must be two numbers > 0 ([mm, mm]), got {shown!r}")
     return (float(value[0]), float(value[1]))
 
 
 def _window(section: str, key: str, value: Any) -> tuple[float, float]:
     """An intensity window [lo, hi] of finite numbers with lo < hi."""
     if not _numbers(value, 2) or not value[0] < value[1]:
-        _fail(section, key, f"must be [lo, hi], two numbers with lo < hi, got {value!r}")
+        shown = list(value) if isinstance(value, tuple) else value
+        _fail(section, key, f"must be [lo, hi], two numbers with lo < hi, got {shown!r}")
     return (float(value[0]), float(value[1]))
 
 
