@@ -186,18 +186,19 @@ def predict_folder(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise PredictError(f"--batch-size: must be an integer >= 1, got {batch_size!r}")
     torch_device = resolve_device(device)
-    cases = group_images(list_images(images))
+    files_found = list_images(images)
     out = Path(out)
     check_storage(out, writable=True)
     if out.resolve() == Path(images).resolve():
         raise PredictError(f"--out {out}: is the --images folder; give another folder")
+    model = load_finetuned(store, chosen.node).to(torch_device)
+    cases = group_images(files_found)
     targets = {files: output_path(out, case) for case, files in cases}
     if not force:
         existing = [target for target in targets.values() if target.exists()]
         if existing:
             more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
             raise PredictError(f"{existing[0]}: exists{more}; --force overwrites")
-    model = load_finetuned(store, chosen.node).to(torch_device)
     cfg = node_data_config(chosen.node)
     norms = node_norms(chosen.node, cfg, model.in_channels)
     for _, files in cases:  # every input read and checked before the model runs

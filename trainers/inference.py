@@ -103,11 +103,12 @@ _CHANNEL_NAME = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
 def group_images(files: Sequence[Path]) -> list[tuple[str, tuple[Path, ...]]]:
-    """Cases of an images folder: (case, its files). When every file is named
-    ``<case>_NNNN`` (nnU-Net v2) the files are grouped by case in channel order and the case
-    is the name without ``_NNNN``; otherwise each file is one case named after the file. A
-    case whose channel numbers are not 0 .. C-1 raises ``DatasetError`` naming the missing
-    file."""
+    """Cases of an images folder: (case, its files).
+
+    nnU-Net v2 naming, when every file is named ``<case>_NNNN``: the files are grouped by case
+    in channel order and the case is named without ``_NNNN``; a case whose channel numbers are
+    not 0 .. C-1 raises ``DatasetError`` naming the missing file (``read_case`` then checks C
+    against the model). Otherwise each file is one case named after the file."""
     matches = [_CHANNEL_NAME.match(case_name(path)) for path in files]
     if not files or any(match is None for match in matches):
         return [(case_name(path), (path,)) for path in files]
@@ -116,14 +117,16 @@ def group_images(files: Sequence[Path]) -> list[tuple[str, tuple[Path, ...]]]:
         by_case.setdefault(match["case"], {})[int(match["channel"])] = path  # type: ignore[index]
     groups = []
     for case, channels in sorted(by_case.items()):
-        for channel in range(max(channels) + 1):
+        last = max(channels)
+        for channel in range(last + 1):
             if channel not in channels:
-                ending = next(s for s in NIFTI_SUFFIXES if channels[max(channels)].name.endswith(s))
-                missing = channels[max(channels)].parent / f"{case}_{channel:04d}{ending}"
+                ending = next(s for s in NIFTI_SUFFIXES if channels[last].name.endswith(s))
+                missing = channels[last].parent / f"{case}_{channel:04d}{ending}"
                 raise DatasetError(
-                    f"{missing}: channel file missing (case {case!r} has channel {max(channels)})"
+                    f"{missing}: channel file missing (case {case!r} has channel {last}; files "
+                    "named <case>_NNNN are read as one case's nnU-Net channel files)"
                 )
-        groups.append((case, tuple(channels[c] for c in sorted(channels))))
+        groups.append((case, tuple(channels[c] for c in range(last + 1))))
     return groups
 
 
