@@ -105,3 +105,38 @@ def test_export_records_the_channels_and_geometry(sweep, tmp_path: Path) -> None
     assert record["in_channels"] == 2 and record["input"]["layout"] == "(B, 2, H, W)"
     assert record["reorient"] == "canonical" and record["spacing"] == [1.0, 1.0]
     assert record["ct_window"] == [-100.0, 200.0]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_launch_and_predict_a_two_channel_ct_dataset(ray_cluster: str, tmp_path: Path) -> None:
+    """A real (tiny) sweep through the CLI on a two-channel nnU-Net folder whose second channel
+    is CT, reoriented and windowed; then ``predict`` on its own images."""
+    root = write_synthetic_msd(
+        tmp_path / "data", num_cases=6, shape=(12, 14, 8), layout="nnunet", channels=2, ct=True
+    )
+    spec = tmp_path / "two.yaml"
+    spec.write_text(
+        f"""
+name: two-channel
+dataset: {{kind: msd, root: {root}, image_size: 16, reorient: canonical,
+           ct_window: [-100, 200]}}
+split: {{train: 0.5, val: 0.25, test: 0.25, repeats: 1}}
+model: {{base_channels: 4, depth: 2, embed_dim: 8, global_hidden: 16, local_hidden: 8}}
+method: random
+label_fraction: [1.0]
+seed: 0
+stages:
+  finetune: {{epochs: 2, batch_size: 4}}
+"""
+    )
+    storage = tmp_path / "storage"
+    result = CliRunner().invoke(app, ["launch", str(spec), "--storage", str(storage)])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "labels"
+    args = ["predict", str(storage), "--images", str(root / "imagesTr"), "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == [f"synth_{i:03d}.nii.gz" for i in range(6)]
+    label = nib.load(str(root / "labelsTr" / "synth_000.nii.gz"))
+    assert nib.load(str(out / "synth_000.nii.gz")).shape == label.shape
