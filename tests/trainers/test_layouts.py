@@ -301,9 +301,16 @@ def test_data_synth_layout_option(tmp_path: Path) -> None:
         app, ["data", "synth", str(tmp_path / "d"), "--cases", "2", "--layout", "nnunet"]
     )
     assert result.exit_code == 0, result.output
-    assert "2 synthetic cases (seed 0, nnunet layout)" in result.stdout
+    assert "2 synthetic cases (seed 0, nnunet layout, 1 channel: MRI)" in result.stdout
     result = runner.invoke(app, ["data", "check", str(tmp_path / "d")])
     assert result.exit_code == 0, result.output
     assert "2 cases, all readable" in result.stdout and "1 anterior" in result.stdout
     result = runner.invoke(app, ["data", "synth", str(tmp_path / "e"), "--layout", "png"])
     assert result.exit_code == 2 and "layout: must be one of msd, nnunet" in result.stderr
+    args = ["data", "synth", str(tmp_path / "f"), "--cases", "2", "--channels", "3", "--ct"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "msd layout, 3 channels: MRI, T2, CT" in result.stdout
+    result = runner.invoke(app, ["data", "check", str(tmp_path / "f")])
+    assert result.exit_code == 0, result.output
+    assert "channels: 3 (MRI, T2, CT); CT channels need dataset.ct_window" in result.stdout
