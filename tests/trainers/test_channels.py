@@ -352,3 +352,20 @@ def test_a_missing_channel_file_of_a_folder_to_segment_is_named(tmp_path: Path) 
     (folder / "case_0001.nii.gz").unlink()
     with pytest.raises(DatasetError, match=r"case_0001.nii.gz: channel file missing"):
         group_images(sorted(folder.iterdir()))
+
+
+def test_an_msd_4d_input_gives_a_3d_map_with_its_affine(tmp_path: Path) -> None:
+    data = np.random.default_rng(0).random((*SHAPE, 2), dtype=np.float32)
+    nib.save(nib.Nifti1Image(data, NON_RAS), str(tmp_path / "case.nii.gz"))
+    image = read_case([tmp_path / "case.nii.gz"], 2)
+    assert image.image.shape == (2, *SHAPE) and image.shape == SHAPE
+    np.testing.assert_array_equal(image.image[1], data[..., 1])
+    torch.manual_seed(0)
+    model = UNet(TINY, in_channels=2, num_classes=2).eval()
+    cfg = DataConfig(kind="msd", image_size=16, reorient="canonical")
+    labels = predict_volume(model, image.image, cfg, affine=image.affine)
+    written = nib.load(str(write_label_map(labels, image, tmp_path / "out.nii.gz")))
+    assert written.shape == SHAPE
+    np.testing.assert_array_equal(written.affine, nib.load(str(tmp_path / "case.nii.gz")).affine)
+    with pytest.raises(DatasetError, match=r"case.nii.gz: the model expects 1 channel, .* has 2"):
+        read_case([tmp_path / "case.nii.gz"], 1)
