@@ -89,7 +89,7 @@ def old_evaluate_model(
     if not volumes:
         return {}
     index = data.slices_of(volumes)
-    images = torch.from_numpy(np.ascontiguousarray(data.images[index])).unsqueeze(1)
+    images = torch.from_numpy(np.ascontiguousarray(data.images[index]))
     labels = torch.from_numpy(data.labels[index].astype(np.int64))
     volume = torch.from_numpy(data.volume[index].astype(np.int64))
     module = unwrap_model(model)
@@ -135,7 +135,7 @@ def train_briefly(model: UNet, data: SliceData, split: Any, steps: int, seed: in
     volumes, so that the evaluated predictions look like a trained node's; the last loss.
     (The weights are saved beside the slice cache and reused by later runs.)"""
     index = data.slices_of(labelled_subset(split, 0.2))
-    images = torch.from_numpy(np.ascontiguousarray(data.images[index])).unsqueeze(1)
+    images = torch.from_numpy(np.ascontiguousarray(data.images[index]))
     labels = torch.from_numpy(data.labels[index].astype(np.int64))
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     gen = torch.Generator().manual_seed(seed)
@@ -187,7 +187,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     model.load_state_dict(torch.load(spec["weights"], weights_only=True))
     warm_batch = 256 if spec["impl"] == "old" else 32
     with torch.inference_mode():
-        model.eval()(torch.from_numpy(np.ascontiguousarray(data.images[:warm_batch])).unsqueeze(1))
+        model.eval()(torch.from_numpy(np.ascontiguousarray(data.images[:warm_batch])))
     base_rss = rss_bytes()
     load_before = os.getloadavg()[0]
     with RssSampler() as sampler:

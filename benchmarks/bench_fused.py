@@ -174,7 +174,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     flush=True,
                 )
     load_after = uptime()
-    one = statistics.median(x["slices_per_s"] for x in rounds["separate K=1"])
+    one = (  # separate K = 1: the reference of vs_one (None when --k leaves it out)
+        statistics.median(x["slices_per_s"] for x in rounds["separate K=1"])
+        if "separate K=1" in rounds
+        else None
+    )
     results = []
     for k in args.k:
         row: dict[str, Any] = {"k": k}
@@ -189,7 +193,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for arm in fused_arms:
                 fused = row[arm]["slices_per_s_median"]
                 row[arm]["speedup"] = fused / row["separate"]["slices_per_s_median"]
-                row[arm]["vs_one"] = fused / one
+                row[arm]["vs_one"] = fused / one if one is not None else None
         results.append(row)
     return {
         "benchmark": "bench_fused",
@@ -220,7 +224,9 @@ def print_table(report: dict[str, Any]) -> None:
                 continue
             line = f"{row['k']:>3} {arm:>12} {figures['slices_per_s_median']:10.1f}"
             if "speedup" in figures:
-                line += f" {figures['speedup']:8.2f} {figures['vs_one']:7.2f}"
+                line += f" {figures['speedup']:8.2f}"
+                if figures["vs_one"] is not None:
+                    line += f" {figures['vs_one']:7.2f}"
             print(line, file=sys.stderr)
 
 

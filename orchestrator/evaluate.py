@@ -122,7 +122,9 @@ def load_finetuned(store: StageStore, node: StageNode) -> UNet:
         cfg = from_dict(ModelConfig, node.model, "model")
     except ConfigError as err:
         raise ExternalEvalError(f"{store.node_dir(node.key) / 'node.json'}: {err}") from None
-    model = UNet(cfg, in_channels=1, num_classes=model_classes(state, path))
+    first = state.get("encoder.levels.0.0.weight")  # (base, in_channels, 3, 3)
+    in_channels = int(first.shape[1]) if first is not None and first.ndim == 4 else 1
+    model = UNet(cfg, in_channels=in_channels, num_classes=model_classes(state, path))
     try:
         transfer_weights(state, model, SEGMENTATION_PARTS)
     except ValueError as err:

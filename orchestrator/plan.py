@@ -226,7 +226,7 @@ def build_plan(spec: Spec, reuse: bool = True) -> Plan:
             fingerprints[point.data] = data_fingerprint(point.data)
         fingerprint = fingerprints[point.data]
         split_key = {k: v for k, v in to_dict(point.split).items() if k != "repeats"}
-        data = to_dict(point.data)
+        data = hash_form(to_dict(point.data))  # settings added later: only when set
         data["label_remap"] = [list(pair) for pair in point.data.label_remap]
         chain: dict[str, str] = {}
         parent: StageNode | None = None

@@ -7,7 +7,9 @@ trials table's ``val_dice_pooled_mean``: chosen on validation, never on test dat
 (``orchestrator.evaluate.load_finetuned``), with the node's preprocessing (``node_data_config``).
 
 ``predict_folder`` segments every NIfTI image of a folder with ``trainers.inference``:
-one ``<case>.nii.gz`` uint8 label map per input, of the input's exact shape and affine. Every
+one ``<case>.nii.gz`` uint8 label map per input, of the input's exact shape and affine (an
+nnU-Net v2 folder's ``<case>_0000`` .. ``<case>_000{C-1}`` files are one case, ``<case>``;
+a case whose channel count is not the model's is refused naming the file). Every
 input is read and checked before the model runs, nothing is written unless every case
 succeeded (the maps are built in a hidden folder beside ``--out`` and moved in at the end), and
 an existing map is overwritten only with ``force``.
@@ -38,17 +40,19 @@ from orchestrator.plan import Plan, StageNode, Trial
 from orchestrator.store import StageStore, atomic_write, atomic_write_text, check_storage
 from orchestrator.tables import trial_status
 from trainers.config import ConfigError, DataConfig, from_dict
+from trainers.data import channel_norms
 from trainers.inference import (
     EXPORT_FORMAT,
-    case_name,
+    group_images,
     list_images,
     predict_volume,
     preprocessing_record,
-    read_image,
+    read_case,
     trace_model,
     write_label_map,
 )
 from trainers.model import UNet
+from trainers.msd import channel_modalities
 
 # ``--best`` names that stand for a trials-table column
 METRIC_ALIASES = {"val_dice": "val_dice_pooled_mean"}
@@ -125,12 +129,15 @@ def choose_trial(
 
 def node_data_config(node: StageNode) -> DataConfig:
     """The preprocessing the node's model was trained with (``image_size``, ``axis``,
-    ``label_remap``), as a ``DataConfig``."""
+    ``label_remap``, ``reorient``, ``spacing``, ``ct_window``), as a ``DataConfig``."""
     settings = {
         "image_size": node.data.get("image_size", DataConfig.image_size),
         "axis": node.data.get("axis", DataConfig.axis),
         "label_remap": [tuple(pair) for pair in node.data.get("label_remap", ())],
     }
+    for name in ("reorient", "spacing", "ct_window"):  # recorded only when set
+        if node.data.get(name) is not None:
+            settings[name] = node.data[name]
     try:
         return from_dict(DataConfig, settings, "dataset")
     except ConfigError as err:
@@ -139,6 +146,25 @@ def node_data_config(node: StageNode) -> DataConfig:
 
 def output_path(out: Path, case: str) -> Path:
     return out / f"{case}.nii.gz"
+
+
+def node_norms(node: StageNode, cfg: DataConfig, in_channels: int) -> tuple:
+    """Each input channel's normalisation as in training: with a ``ct_window`` the training
+    dataset's ``dataset.json`` says which channels are CT; without one every channel is
+    normalised per volume (a CT dataset without a window was refused at training time)."""
+    if cfg.ct_window is None:
+        return (None,) * in_channels
+    root = node.data.get("root", "")
+    modalities = channel_modalities(root) if root else None
+    if modalities is None or len(modalities) != in_channels:
+        raise PredictError(
+            f"{root or 'dataset.root'}/dataset.json: needed to tell the CT channels for "
+            f"dataset.ct_window, but it is missing or does not declare {in_channels} channels"
+        )
+    try:
+        return channel_norms(modalities, cfg, f"{root}/dataset.json")
+    except (ConfigError, ValueError) as err:
+        raise PredictError(str(err)) from None
 
 
 def predict_folder(
@@ -160,37 +186,41 @@ def predict_folder(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise PredictError(f"--batch-size: must be an integer >= 1, got {batch_size!r}")
     torch_device = resolve_device(device)
-    files = list_images(images)
+    files_found = list_images(images)
     out = Path(out)
     check_storage(out, writable=True)
     if out.resolve() == Path(images).resolve():
         raise PredictError(f"--out {out}: is the --images folder; give another folder")
-    targets = {path: output_path(out, case_name(path)) for path in files}
+    model = load_finetuned(store, chosen.node).to(torch_device)
+    cases = group_images(files_found)
+    targets = {files: output_path(out, case) for case, files in cases}
     if not force:
         existing = [target for target in targets.values() if target.exists()]
         if existing:
             more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
             raise PredictError(f"{existing[0]}: exists{more}; --force overwrites")
-    model = load_finetuned(store, chosen.node).to(torch_device)
     cfg = node_data_config(chosen.node)
-    for path in files:  # every input read and checked before the model runs
-        read_image(path, model.in_channels)
-    say(f"predicting {len(files)} images with {chosen.reason} (node {chosen.node.key})")
+    norms = node_norms(chosen.node, cfg, model.in_channels)
+    for _, files in cases:  # every input read and checked before the model runs
+        read_case(files, model.in_channels)
+    say(f"predicting {len(cases)} images with {chosen.reason} (node {chosen.node.key})")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.predict-", dir=out.parent))
     try:
-        for number, path in enumerate(files, start=1):
-            image = read_image(path, model.in_channels)
-            labels = predict_volume(model, image.image, cfg, batch_size, torch_device)
-            write_label_map(labels, image, staging / targets[path].name)
-            say(f"  [{number}/{len(files)}] {path.name} {image.image.shape}")
+        for number, (_, files) in enumerate(cases, start=1):
+            image = read_case(files, model.in_channels)
+            labels = predict_volume(
+                model, image.image, cfg, batch_size, torch_device, image.affine, norms
+            )
+            write_label_map(labels, image, staging / targets[files].name)
+            say(f"  [{number}/{len(cases)}] {files[0].name} {image.image.shape[1:]}")
         out.mkdir(parents=True, exist_ok=True)
-        for path in files:
-            os.replace(staging / targets[path].name, targets[path])
+        for _, files in cases:
+            os.replace(staging / targets[files].name, targets[files])
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return [targets[path] for path in files]
+    return [targets[files] for _, files in cases]
 
 
 def export_record(plan: Plan, chosen: Chosen, model: UNet, pt_name: str) -> dict[str, Any]:

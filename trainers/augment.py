@@ -12,6 +12,9 @@ per image as device tensors: no host synchronisation and no CPU tensors per call
 - ``spatial_augment``: one random spatial transform (flips, rotation, scaling, elastic
   deformation) applied alike to images (bilinear) and label maps (nearest) for fine-tuning.
 
+With C > 1 input channels every channel of an image gets the same spatial transform (one grid)
+and its own intensity change.
+
 Spatial transforms are expressed as one sampling grid (``affine_grid`` plus an elastic
 displacement) and applied with a single ``grid_sample`` per tensor; samples from outside the
 image read 0 (background, both for min-max-normalised images and for labels).
@@ -56,11 +59,13 @@ def _uniform(n: int, low: float, high: float, g: torch.Generator, device: torch.
 def _intensity(
     x: Tensor, g: torch.Generator, brightness: float, gamma: tuple[float, float], noise_std: float
 ) -> Tensor:
-    """Per image: v = max(x + b, 0) ** gamma + noise, b ~ U(-brightness, brightness),
-    gamma ~ U(gamma), noise ~ N(0, noise_std^2) per pixel. Shape and dtype of ``x``."""
-    n = x.shape[0]
-    shift = _uniform(n, -brightness, brightness, g, x.device).view(n, 1, 1, 1)
-    exponent = _uniform(n, gamma[0], gamma[1], g, x.device).view(n, 1, 1, 1)
+    """Per image and channel: v = max(x + b, 0) ** gamma + noise, b ~ U(-brightness,
+    brightness), gamma ~ U(gamma), noise ~ N(0, noise_std^2) per pixel. Shape and dtype of
+    ``x``. Each channel (modality) gets its own b and gamma; one channel draws exactly what it
+    drew before channels existed."""
+    n, c = x.shape[0], x.shape[1]
+    shift = _uniform(n * c, -brightness, brightness, g, x.device).view(n, c, 1, 1)
+    exponent = _uniform(n * c, gamma[0], gamma[1], g, x.device).view(n, c, 1, 1)
     noise = torch.randn(x.shape, generator=g, device=x.device) * noise_std
     out = (x.float() + shift).clamp_min(0).pow(exponent) + noise
     return out.to(x.dtype)
@@ -84,7 +89,8 @@ def intensity_views(
     """Two intensity-augmented views of ``x`` (B, C, H, W), each (B, C, H, W), pixel-aligned.
 
     Each view of each image independently: ``v = max(x + b, 0) ** gamma + e`` with
-    ``b ~ U(-brightness, brightness)``, ``gamma ~ U(gamma[0], gamma[1])`` (per image) and
+    ``b ~ U(-brightness, brightness)``, ``gamma ~ U(gamma[0], gamma[1])`` (per image and
+    channel) and
     ``e ~ N(0, noise_std^2)`` (per pixel). No spatial change.
     """
     _check_images(x)

@@ -130,6 +130,31 @@ def _pair(section: str, key: str, value: Any, minimum: float) -> tuple[float, fl
     return (float(low), float(high))
 
 
+def _numbers(value: Any, count: int) -> bool:
+    return (
+        isinstance(value, list | tuple)
+        and len(value) == count
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+        and all(math.isfinite(v) for v in value)
+    )
+
+
+def _positive_pair(section: str, key: str, value: Any) -> tuple[float, float]:
+    """Two finite numbers > 0 (e.g. an in-plane voxel size in mm)."""
+    if not _numbers(value, 2) or min(value) <= 0:
+        shown = list(value) if isinstance(value, tuple) else value
+        _fail(section, key, f"must be two numbers > 0 ([mm, mm]), got {shown!r}")
+    return (float(value[0]), float(value[1]))
+
+
+def _window(section: str, key: str, value: Any) -> tuple[float, float]:
+    """An intensity window [lo, hi] of finite numbers with lo < hi."""
+    if not _numbers(value, 2) or not value[0] < value[1]:
+        shown = list(value) if isinstance(value, tuple) else value
+        _fail(section, key, f"must be [lo, hi], two numbers with lo < hi, got {shown!r}")
+    return (float(value[0]), float(value[1]))
+
+
 def from_dict(cls: type[T], data: Mapping[str, Any] | None, section: str) -> T:
     """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError."""
     data = dict(data or {})
@@ -173,11 +198,17 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 # Settings added after sweeps had been stored, at the value that reproduces what ran before:
 # left out of node keys and spec hashes (``hash_form``), so adding them reruns nothing stored.
-LATE_DEFAULTS: dict[str, Any] = {"lr_schedule": "constant"}
+LATE_DEFAULTS: dict[str, Any] = {
+    "lr_schedule": "constant",
+    # DataConfig
+    "reorient": "none",
+    "spacing": None,
+    "ct_window": None,
+}
 
 
 def hash_form(config: dict[str, Any]) -> dict[str, Any]:
-    """``config`` (a stage config's plain dict) without the ``LATE_DEFAULTS`` it holds."""
+    """``config`` (a stage or data config's plain dict) without the ``LATE_DEFAULTS`` it holds."""
     return {
         name: value
         for name, value in config.items()
@@ -305,6 +336,7 @@ class AugmentConfig:
 # The choices of the configs' ``choice`` fields (validated by ``check_choices``).
 LR_SCHEDULES = ("constant", "poly", "cosine")  # a stage's lr over its budget (stages.lr_factor)
 DATA_KINDS = ("msd", "synthetic")
+REORIENTATIONS = ("none", "canonical")
 SLICE_AXES = (-3, -2, -1, 0, 1, 2)
 NORMS = ("instance", "batch", "group", "none")
 DECODER_NORMS = ("same", "none")
@@ -349,6 +381,24 @@ class DataConfig:
     the anterior and posterior hippocampus and lie apart along A (axis 1; their centroids are
     ~36 % of the crop apart), so an A flip puts class 1 where class 2 lives. The synthetic data's
     tube runs along axis 1 with its head/tail classes likewise, so its default is ``(0,)`` too.
+
+    ``reorient``: "none" (the default) reads every volume as stored; "canonical" turns images
+    and labels alike to the closest RAS orientation (``nibabel.as_closest_canonical``) first, so
+    that ``axis`` and ``flip_axes`` mean the same anatomical directions in every case.
+    ``predict`` writes its label maps back in each input's own orientation.
+
+    ``spacing``: None (the default) or the in-plane voxel size [mm along the first, mm along
+    the second slice axis] to resample every slice to (from the NIfTI header's zooms) before it
+    is padded to a square and resized to ``image_size``: the slice keeps its true physical
+    aspect ratio. ``predict`` resamples its logits back to the input's own grid.
+
+    ``ct_window``: [lo, hi] in the CT channels' units (Hounsfield units): every channel that
+    ``dataset.json`` declares as CT is clipped to it and scaled to [0, 1]; other channels are
+    normalised per volume (``trainers.data.normalise_intensity``). A dataset with a CT channel
+    and no window is refused (see ``trainers.data.channel_norms``). None by default.
+
+    The three were added after sweeps had been stored: at their defaults they are left out of
+    spec hashes, node data and the data fingerprint (``LATE_DEFAULTS``).
     """
 
     kind: str = choice("synthetic", DATA_KINDS)
@@ -359,9 +409,16 @@ class DataConfig:
     synthetic_cases: int = 24
     synthetic_seed: int = 0
     flip_axes: tuple[int, ...] | None = None
+    reorient: str = choice("none", REORIENTATIONS)
+    spacing: tuple[float, float] | None = None
+    ct_window: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         check_choices("dataset", self)
+        if self.spacing is not None:
+            object.__setattr__(self, "spacing", _positive_pair("dataset", "spacing", self.spacing))
+        if self.ct_window is not None:
+            object.__setattr__(self, "ct_window", _window("dataset", "ct_window", self.ct_window))
         if self.flip_axes is None:
             object.__setattr__(self, "flip_axes", (0,) if self.kind == "synthetic" else ())
         object.__setattr__(self, "flip_axes", _axes("dataset", "flip_axes", self.flip_axes))

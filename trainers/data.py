@@ -7,19 +7,27 @@ Pipeline (``prepare_slices``), one volume at a time (steps 1-3 for a volume, the
    ``imagesTr`` paired with ``labelsTr`` by file name; nnU-Net v2: ``imagesTr/<case>_0000``
    with ``labelsTr/<case>``), ``trainers.msd.iter_checked`` reads each image and label with
    nibabel and checks them; any bad input raises ``DatasetError`` naming the file.
-2. Each volume is normalised on its own (``normalise_intensity``): clip to its 0.5 / 99.5
-   percentiles, then min-max scale to [0, 1]. Hippocampus intensities span five orders of
-   magnitude across cases, and a few hot voxels would otherwise squash a plain min-max.
-3. Volumes are cut into 2D slices along ``DataConfig.axis`` and every slice is resized to
+   With ``DataConfig.reorient: canonical`` image and label are turned to the closest RAS
+   orientation as they are read.
+2. Each channel of each volume is normalised on its own (``normalise_channels``): a CT channel
+   (declared "CT" in ``dataset.json``) is clipped to ``DataConfig.ct_window`` and scaled to
+   [0, 1]; any other channel is clipped to its 0.5 / 99.5 percentiles, then min-max scaled to
+   [0, 1] (``normalise_intensity``). Hippocampus intensities span five orders of magnitude
+   across cases, and a few hot voxels would otherwise squash a plain min-max.
+3. Volumes are cut into 2D slices along ``DataConfig.axis``; with ``DataConfig.spacing`` each
+   slice is first resampled to that in-plane voxel size (from the affine's voxel sizes) and
+   padded to a square (``SliceGeometry``); every slice is then resized to
    ``image_size x image_size``: images bilinearly (antialiased when shrinking), labels by
    nearest neighbour (``nearest-exact``), so no label value is ever invented.
 4. The slices are cached as ``.npy`` files in ``cache_dir/<fingerprint>/`` (built in a temporary
    folder, renamed into place, ``meta.json`` last); later calls with the same fingerprint
    memory-map them without touching nibabel. ``load_slice_cache`` opens such a folder directly.
 
-Shapes: S slices, H = W = image_size. ``SliceData.images`` float32 (S, H, W) in [0, 1],
-``labels`` uint8 (S, H, W), ``volume`` int32 (S,), ``position`` float32 (S,) =
-slice index / slices in its volume, in [0, 1) (Chaitanya et al.'s partitions).
+Shapes: S slices, C input channels, H = W = image_size. ``SliceData.images`` float32
+(S, C, H, W) in [0, 1], ``labels`` uint8 (S, H, W), ``volume`` int32 (S,), ``position`` float32
+(S,) = slice index / slices in its volume, in [0, 1) (Chaitanya et al.'s partitions). A
+one-channel cache stores its images as (S, H, W), byte for byte as before channels existed,
+and is read back as (S, 1, H, W).
 
 Splits are by volume (``make_split``); the labelled volumes are a nested, seeded subset of the
 training volumes (``labelled_subset``).
@@ -41,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from trainers.config import ConfigError, DataConfig, DatasetError, SplitConfig
-from trainers.msd import Volume, count_classes, iter_checked, scan_layout
+from trainers.msd import Layout, Volume, count_classes, is_ct, iter_checked, scan_layout
 from trainers.synthetic import DEFAULT_SHAPE, SYNTHETIC_VERSION, write_synthetic_msd
 
 # Bumped whenever preprocessing changes what ends up in the slice cache.
@@ -87,8 +95,9 @@ def _file_digest(path: Path) -> str:
 def data_fingerprint(cfg: DataConfig) -> str:
     """A 32-hex-digit digest of everything that determines ``prepare_slices``'s output.
 
-    Covers ``PREPROCESS_VERSION``, ``kind``, ``image_size``, ``axis`` (as 0..2), ``label_remap``
-    and either the synthetic generator's version and parameters (kind="synthetic": no file is
+    Covers ``PREPROCESS_VERSION``, ``kind``, ``image_size``, ``axis`` (as 0..2), ``label_remap``,
+    ``reorient`` / ``spacing`` / ``ct_window`` when set (left out at their defaults, so that
+    the digests of datasets fingerprinted before they existed stay the same) and either the synthetic generator's version and parameters (kind="synthetic": no file is
     read, so a dry run can call it) or the relative path and sha256 of every input file,
     ``dataset.json`` included (kind="msd"; the folder's location does not count).
     """
@@ -99,12 +108,17 @@ def data_fingerprint(cfg: DataConfig) -> str:
         "axis": cfg.axis % 3,
         "label_remap": sorted([list(pair) for pair in cfg.label_remap]),
     }
+    if cfg.reorient != "none":
+        identity["reorient"] = cfg.reorient
+    for name in ("spacing", "ct_window"):
+        if getattr(cfg, name) is not None:
+            identity[name] = list(getattr(cfg, name))
     if cfg.kind == "synthetic":
         identity["synthetic"] = _synthetic_parameters(cfg)
     else:
         layout = scan_layout(cfg.root)
         files = [layout.dataset_json] if layout.dataset_json else []
-        files += [path for case in layout.cases for path in (case.image, case.label)]
+        files += [path for case in layout.cases for path in (*case.images, case.label)]
         identity["files"] = [
             [p.relative_to(layout.root).as_posix(), _file_digest(p)] for p in files
         ]
@@ -132,43 +146,176 @@ def normalise_intensity(volume: np.ndarray) -> np.ndarray:
     return np.clip(scaled, 0.0, 1.0).astype(np.float32)
 
 
+def channel_norms(
+    channels: tuple[str, ...], cfg: DataConfig, where: object = "dataset.json"
+) -> tuple[tuple[float, float] | None, ...]:
+    """Each channel's normalisation: the CT window (lo, hi) for a channel declared "CT", None
+    (per volume, ``normalise_intensity``) for any other.
+
+    A CT channel without ``cfg.ct_window`` is refused rather than normalised per volume: CT
+    intensities are physical units whose meaning a per-volume percentile window throws away,
+    and guessing a window from the training set (nnU-Net's foreground percentiles) would need a
+    pass over every volume before any slice could be cached. A ``ct_window`` for a dataset with
+    no CT channel is refused too: it would silently do nothing. ``where`` names the file that
+    declares the channels in the messages."""
+    ct = [index for index, name in enumerate(channels) if is_ct(name)]
+    if ct and cfg.ct_window is None:
+        raise DatasetError(
+            f"{where}: channel {ct[0]} is CT; set dataset.ct_window: [lo, hi] (Hounsfield "
+            "units, e.g. [-160, 240] for abdominal soft tissue)"
+        )
+    if not ct and cfg.ct_window is not None:
+        raise ConfigError(
+            f"dataset.ct_window: {where} declares no CT channel "
+            f"(channels: {', '.join(name or '?' for name in channels)})"
+        )
+    return tuple(cfg.ct_window if index in ct else None for index in range(len(channels)))
+
+
+def normalise_window(volume: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    """``x -> (clip(x, lo, hi) - lo) / (hi - lo)``, float32 in [0, 1] (a CT channel)."""
+    lo, hi = window
+    return ((np.clip(volume, lo, hi) - lo) / (hi - lo)).astype(np.float32)
+
+
+def normalise_channels(
+    image: np.ndarray, norms: tuple[tuple[float, float] | None, ...]
+) -> np.ndarray:
+    """(C, ...) -> (C, ...) float32 in [0, 1]: channel c by ``normalise_window(norms[c])``,
+    or ``normalise_intensity`` when ``norms[c]`` is None."""
+    if len(norms) != image.shape[0]:
+        raise ValueError(f"{len(norms)} channel normalisations for {image.shape[0]} channels")
+    out = np.empty(image.shape, dtype=np.float32)
+    for index, window in enumerate(norms):
+        channel = image[index]
+        out[index] = (
+            normalise_intensity(channel) if window is None else normalise_window(channel, window)
+        )
+    return out
+
+
 def resize_images(images: np.ndarray, size: int) -> np.ndarray:
-    """(n, h, w) normalised image slices -> (n, size, size) float32 in [0, 1]: bilinear,
-    antialiased when shrinking (``align_corners=False``). The one image resize of the slice
-    cache and of ``trainers.inference``."""
+    """(n, h, w) or (n, C, h, w) normalised image slices -> (n, size, size) / (n, C, size, size)
+    float32 in [0, 1]: bilinear, antialiased when shrinking (``align_corners=False``), each
+    channel alike. The one image resize of the slice cache and of ``trainers.inference``."""
     import torch
+
+    flat = images.ndim == 3
+    image_t = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+    image_t = _interpolate(image_t[:, None] if flat else image_t, (size, size), "bilinear")
+    return (image_t[:, 0] if flat else image_t).clamp_(0.0, 1.0).numpy()
+
+
+def _interpolate(x: Any, size: tuple[int, int], mode: str) -> Any:
+    """(n, C, h, w) tensor -> (n, C, *size): bilinear (antialiased) or nearest-exact."""
     import torch.nn.functional as F
 
-    image_t = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))[:, None]
-    if image_t.shape[-2:] != (size, size):
-        image_t = F.interpolate(
-            image_t, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    if mode == "bilinear":
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return F.interpolate(x, size=size, mode=mode)
+
+
+@dataclass(frozen=True)
+class SliceGeometry:
+    """How one volume's (h, w) slices become square model inputs under ``DataConfig.spacing``:
+    resampled to ``resampled`` (h', w') = the slice's extent at the target voxel size, then
+    zero-padded by ``pad`` (top, left) to ``square`` x ``square``, so that every slice keeps its
+    physical aspect ratio through the resize to ``image_size``. Without a spacing the slice is
+    resized directly (``resampled`` = (h, w), no padding, ``square`` = 0)."""
+
+    in_plane: tuple[int, int]
+    resampled: tuple[int, int]
+    pad: tuple[int, int]
+    square: int
+
+    @classmethod
+    def of(
+        cls,
+        in_plane: tuple[int, int],
+        zooms: tuple[float, float],
+        spacing: tuple[float, float] | None,
+    ) -> SliceGeometry:
+        in_plane = (int(in_plane[0]), int(in_plane[1]))
+        if spacing is None:
+            return cls(in_plane, in_plane, (0, 0), 0)
+        height, width = (
+            max(1, round(n * zoom / target))
+            for n, zoom, target in zip(in_plane, zooms, spacing, strict=True)
         )
-    return image_t[:, 0].clamp_(0.0, 1.0).numpy()
+        square = max(height, width)
+        return cls(
+            in_plane, (height, width), ((square - height) // 2, (square - width) // 2), square
+        )
+
+
+def _to_square(x: Any, geometry: SliceGeometry, mode: str) -> Any:
+    """(n, C, h, w) -> resampled and padded (n, C, square, square) (``SliceGeometry``)."""
+    import torch.nn.functional as F
+
+    if not geometry.square:
+        return x
+    x = _interpolate(x, geometry.resampled, mode)
+    top, left = geometry.pad
+    bottom = geometry.square - geometry.resampled[0] - top
+    right = geometry.square - geometry.resampled[1] - left
+    return F.pad(x, (left, right, top, bottom))
+
+
+def from_square(x: Any, geometry: SliceGeometry) -> Any:
+    """(n, K, square, square) logits -> (n, K, h, w): ``_to_square`` undone (the padding
+    cropped, resampled bilinearly back to the slice's own grid). Without a spacing: unchanged."""
+    if not geometry.square:
+        return x
+    top, left = geometry.pad
+    height, width = geometry.resampled
+    x = x[:, :, top : top + height, left : left + width]
+    return _interpolate(x, geometry.in_plane, "bilinear")
+
+
+def fit_images(images: np.ndarray, size: int, geometry: SliceGeometry) -> np.ndarray:
+    """(n, C, h, w) normalised slices -> (n, C, size, size) model inputs: resampled to the
+    target spacing and padded to a square when ``geometry`` says so, then ``resize_images``."""
+    import torch
+
+    if not geometry.square:
+        return resize_images(images, size)
+    image_t = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+    square = _to_square(image_t, geometry, "bilinear").clamp_(0.0, 1.0).numpy()
+    return resize_images(square, size)
 
 
 def _resize_slices(
-    images: np.ndarray, labels: np.ndarray, size: int
+    images: np.ndarray, labels: np.ndarray, size: int, geometry: SliceGeometry
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(n, h, w) images / labels -> (n, size, size): bilinear (antialiased) / nearest-exact."""
+    """(n, C, h, w) images / (n, h, w) labels -> (n, C, size, size) / (n, size, size): bilinear
+    (antialiased) / nearest-exact, after ``geometry``'s resampling and padding."""
     import torch
-    import torch.nn.functional as F
 
     label_t = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.float32))[:, None]
-    if label_t.shape[-2:] != (size, size):
-        label_t = F.interpolate(label_t, size=(size, size), mode="nearest-exact")
+    label_t = _to_square(label_t, geometry, "nearest-exact")
+    label_t = _interpolate(label_t, (size, size), "nearest-exact")
     resized_labels = label_t[:, 0].round().numpy().astype(np.uint8)
-    return resize_images(images, size), resized_labels
+    return fit_images(images, size, geometry), resized_labels
+
+
+def in_plane_zooms(zooms: tuple[float, float, float], axis: int) -> tuple[float, float]:
+    """The voxel sizes of the two in-plane axes left after removing slice ``axis``."""
+    kept = [z for index, z in enumerate(zooms) if index != axis % 3]
+    return (kept[0], kept[1])
 
 
 def _slice_volumes(
-    volumes: Iterable[Volume], size: int, axis: int
+    volumes: Iterable[Volume], cfg: DataConfig, norms: tuple[tuple[float, float] | None, ...]
 ) -> tuple[dict[str, np.ndarray], list[str], int]:
-    """The volumes' slices along ``axis``: the four cache arrays (see ``SliceData``), the case
-    names and the largest label value. ``volumes`` is consumed one volume at a time and no
-    volume is kept: only its resized slices are, so the peak holds one volume plus the output."""
+    """The volumes' slices along ``cfg.axis``: the four cache arrays (see ``SliceData``;
+    images (S, C, H, W)), the case names and the largest label value. ``volumes`` is consumed
+    one volume at a time and no volume is kept: only its resized slices are, so the peak holds
+    one volume plus the output."""
     import torch
 
+    size, axis = cfg.image_size, cfg.axis % 3
     parts: dict[str, list[np.ndarray]] = {name: [] for name in _CACHE_ARRAYS}
     cases: list[str] = []
     max_label = 0
@@ -177,10 +324,14 @@ def _slice_volumes(
             index = len(cases)
             cases.append(volume.case)
             max_label = max(max_label, int(volume.label.max()))
-            images = np.moveaxis(normalise_intensity(volume.image), axis, 0)
+            # (C, X, Y, Z) -> (n, C, h, w): the slices along axis
+            images = np.moveaxis(normalise_channels(volume.image, norms), 1 + axis, 0)
             labels = np.moveaxis(volume.label, axis, 0)
+            geometry = SliceGeometry.of(
+                labels.shape[1:], in_plane_zooms(volume.zooms, axis), cfg.spacing
+            )
             del volume  # the next volume is read while this loop waits on the generator
-            images, labels = _resize_slices(images, labels, size)
+            images, labels = _resize_slices(images, labels, size, geometry)
             count = images.shape[0]
             parts["images"].append(images)
             parts["labels"].append(labels)
@@ -197,9 +348,11 @@ def _slice_volumes(
 class SliceData:
     """Preprocessed 2D slices of every volume (often memory-mapped, read-only).
 
-    images float32 (S, H, W) in [0, 1]; labels uint8 (S, H, W) class ids < num_classes;
-    volume int32 (S,) index into ``cases``; position float32 (S,) = slice index / slices of its
-    volume, in [0, 1); cases: the volumes' case names; fingerprint: ``data_fingerprint``.
+    images float32 (S, C, H, W) in [0, 1] (C input channels; images given as (S, H, W) are
+    taken as one channel, a view (S, 1, H, W)); labels uint8 (S, H, W) class ids <
+    num_classes; volume int32 (S,) index into ``cases``; position float32 (S,) = slice index /
+    slices of its volume, in [0, 1); cases: the volumes' case names; fingerprint:
+    ``data_fingerprint``.
     """
 
     images: np.ndarray
@@ -216,10 +369,13 @@ class SliceData:
             array = getattr(self, name)
             if not isinstance(array, np.ndarray) or array.dtype != dtype:
                 raise ValueError(f"SliceData.{name}: must be a {np.dtype(dtype).name} array")
+        if self.images.ndim == 3:
+            object.__setattr__(self, "images", self.images[:, None])
         count = self.images.shape[0]
-        if self.images.ndim != 3 or self.labels.shape != self.images.shape:
+        if self.images.ndim != 4 or self.labels.shape != (count, *self.images.shape[2:]):
             raise ValueError(
-                f"SliceData.labels: shape {self.labels.shape} must equal images shape {self.images.shape} (S, H, W)"
+                f"SliceData.labels: shape {self.labels.shape} must be images shape "
+                f"{self.images.shape} (S, C, H, W) without C"
             )
         for name in ("volume", "position"):
             if getattr(self, name).shape != (count,):
@@ -240,6 +396,10 @@ class SliceData:
     @property
     def num_volumes(self) -> int:
         return len(self.cases)
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.images.shape[1])
 
     def slices_of(self, volumes: Iterable[int]) -> np.ndarray:
         """Sorted int64 indices of every slice belonging to one of ``volumes``."""
@@ -325,8 +485,14 @@ def check_dataset(cfg: DataConfig, cache_dir: str | os.PathLike[str]) -> None:
     checked when it was cached, and a synthetic one is generated: neither is read."""
     if cfg.kind == "synthetic" or (Path(cache_dir) / data_fingerprint(cfg) / "meta.json").is_file():
         return
-    for volume in iter_checked(scan_layout(_data_root(cfg)), cfg.label_remap):
+    layout = scan_layout(_data_root(cfg))
+    _layout_norms(layout, cfg)
+    for volume in iter_checked(layout, cfg.label_remap, cfg.reorient):
         del volume  # checked; one volume in memory at a time
+
+
+def _layout_norms(layout: Layout, cfg: DataConfig) -> tuple[tuple[float, float] | None, ...]:
+    return channel_norms(layout.channels, cfg, layout.dataset_json or layout.root)
 
 
 def prepare_slices(cfg: DataConfig, cache_dir: str | os.PathLike[str]) -> SliceData:
@@ -334,8 +500,8 @@ def prepare_slices(cfg: DataConfig, cache_dir: str | os.PathLike[str]) -> SliceD
 
     kind="synthetic" first writes the dataset at ``cfg.root`` unless it is already there.
     A cache miss reads and checks the cases one at a time (``trainers.msd.iter_checked``),
-    normalising each volume (``normalise_intensity``), slicing it along ``cfg.axis`` and resizing
-    its slices to ``cfg.image_size`` before the next is read (memory: one volume plus the
+    normalising each volume's channels (``normalise_channels``), slicing it along ``cfg.axis``
+    and resizing its slices to ``cfg.image_size`` before the next is read (memory: one volume plus the
     output), then writes the cache; either way the returned arrays are memory-mapped from the
     cache folder.
     """
@@ -346,8 +512,11 @@ def prepare_slices(cfg: DataConfig, cache_dir: str | os.PathLike[str]) -> SliceD
     folder = Path(cache_dir) / fingerprint
     if not (folder / "meta.json").is_file():
         layout = scan_layout(root)
-        volumes = iter_checked(layout, cfg.label_remap)
-        arrays, cases, max_label = _slice_volumes(volumes, cfg.image_size, cfg.axis)
+        norms = _layout_norms(layout, cfg)
+        volumes = iter_checked(layout, cfg.label_remap, cfg.reorient)
+        arrays, cases, max_label = _slice_volumes(volumes, cfg, norms)
+        if arrays["images"].shape[1] == 1:  # one channel: stored (S, H, W), as before channels
+            arrays["images"] = arrays["images"][:, 0]
         num_classes = count_classes(layout, cfg.label_remap, max_label)
         meta = {
             "format": _CACHE_FORMAT,

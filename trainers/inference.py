@@ -2,11 +2,18 @@
 writing NIfTI label maps, Dice on the original voxel grid, and a TorchScript export.
 
 ``predict_volume`` preprocesses a volume exactly as ``trainers.data.prepare_slices`` does for
-training (``normalise_intensity`` per volume, slices along ``DataConfig.axis``, each slice
-resized to ``image_size`` by ``resize_images``), runs the model batch by batch under
-``torch.inference_mode``, resizes each slice's logits back to the slice's own in-plane size
-(bilinear, antialiased when shrinking, ``align_corners=False``) and takes the argmax there, then
-restacks the slices along ``axis``: the label map has exactly the input's shape.
+training (turned to the canonical orientation under ``DataConfig.reorient: canonical``; each
+channel normalised per volume or by the CT window, ``normalise_channels``; slices along
+``DataConfig.axis``, resampled to ``DataConfig.spacing`` and padded to a square when it is set,
+each slice resized to ``image_size`` by ``resize_images``), runs the model batch by batch under
+``torch.inference_mode``, takes each slice's logits back to the slice's own in-plane grid
+(resize, crop the padding, resample: bilinear, ``align_corners=False``) and the argmax there,
+restacks the slices along ``axis`` and turns the label map back to the stored orientation: it
+has exactly the input's shape, on the input's voxel grid.
+
+Inputs with several channels: one 4D file (X, Y, Z, C) per case, or nnU-Net v2's one file per
+channel, ``<case>_0000`` .. ``<case>_000{C-1}`` (``group_images``; the output is
+``<case>.nii.gz``).
 
 Imports no Ray and nothing of ``orchestrator``; nibabel is imported where a file is read or
 written.
@@ -15,6 +22,7 @@ written.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +34,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainers.config import DataConfig, DatasetError
-from trainers.data import CLIP_PERCENTILES, normalise_intensity, resize_images
+from trainers.data import (
+    CLIP_PERCENTILES,
+    SliceGeometry,
+    channel_norms,
+    fit_images,
+    from_square,
+    in_plane_zooms,
+    normalise_channels,
+)
 from trainers.metrics import evaluate_volumes
-from trainers.msd import Volume, read_volume
+from trainers.msd import Volume, from_canonical, read_channels, to_canonical, voxel_sizes
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 # what a reader of an exported model needs to know to feed it (``export_record``)
@@ -37,8 +53,10 @@ EXPORT_FORMAT = 1
 
 @dataclass(frozen=True, eq=False)
 class InputImage:
-    """One image to segment: ``image`` float32 3D as stored, with the file's ``affine`` and header;
-    ``shape`` is the file's own (``image.shape`` plus any trailing 1s, e.g. (X, Y, Z, 1))."""
+    """One image to segment: ``image`` float32 (C, X, Y, Z) as stored, with the (first) file's
+    ``affine`` and header; ``shape`` is the label map's shape in the file: (X, Y, Z), plus the
+    trailing 1s of a one-channel file stored as e.g. (X, Y, Z, 1); ``paths`` its files (one, or
+    one per channel)."""
 
     case: str
     path: Path
@@ -46,6 +64,7 @@ class InputImage:
     affine: np.ndarray
     header: Any
     shape: tuple[int, ...]
+    paths: tuple[Path, ...] = ()
 
 
 def case_name(path: Path) -> str:
@@ -80,13 +99,46 @@ def list_images(folder: str | os.PathLike[str]) -> list[Path]:
     return files
 
 
-def read_image(path: str | os.PathLike[str], in_channels: int = 1) -> InputImage:
-    """Read one NIfTI image to segment, checked: ``DatasetError`` naming the file when it cannot
-    be read, is not a 3D volume (a 4D file of several channels when the model takes
-    ``in_channels``: "expects 1 channel, <file> has 2"), or holds NaN / infinite values."""
+_CHANNEL_NAME = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+def group_images(files: Sequence[Path]) -> list[tuple[str, tuple[Path, ...]]]:
+    """Cases of an images folder: (case, its files).
+
+    nnU-Net v2 naming, when every file is named ``<case>_NNNN``: the files are grouped by case
+    in channel order and the case is named without ``_NNNN``; a case whose channel numbers are
+    not 0 .. C-1 raises ``DatasetError`` naming the missing file (``read_case`` then checks C
+    against the model). Otherwise each file is one case named after the file."""
+    matches = [_CHANNEL_NAME.match(case_name(path)) for path in files]
+    if not files or any(match is None for match in matches):
+        return [(case_name(path), (path,)) for path in files]
+    by_case: dict[str, dict[int, Path]] = {}
+    for path, match in zip(files, matches, strict=True):
+        by_case.setdefault(match["case"], {})[int(match["channel"])] = path  # type: ignore[index]
+    groups = []
+    for case, channels in sorted(by_case.items()):
+        last = max(channels)
+        for channel in range(last + 1):
+            if channel not in channels:
+                ending = next(s for s in NIFTI_SUFFIXES if channels[last].name.endswith(s))
+                missing = channels[last].parent / f"{case}_{channel:04d}{ending}"
+                raise DatasetError(
+                    f"{missing}: channel file missing (case {case!r} has channel {last}; files "
+                    "named <case>_NNNN are read as one case's nnU-Net channel files)"
+                )
+        groups.append((case, tuple(channels[c] for c in range(last + 1))))
+    return groups
+
+
+def read_case(files: Sequence[str | os.PathLike[str]], in_channels: int = 1) -> InputImage:
+    """Read one case to segment, checked: ``DatasetError`` naming the file when it cannot be
+    read, holds a channel count other than ``in_channels`` ("the model expects 2 channels,
+    <file> has 1"), or holds NaN / infinite values. ``files``: one file (3D, or 4D with its
+    channels last), or one 3D file per channel."""
     import nibabel as nib
 
-    path = Path(path)
+    paths = tuple(Path(f) for f in files)
+    path = paths[0]
     try:
         header_image = nib.load(str(path))
         shape = tuple(int(n) for n in header_image.shape)
@@ -97,17 +149,34 @@ def read_image(path: str | os.PathLike[str], in_channels: int = 1) -> InputImage
     squeezed = list(shape)
     while len(squeezed) > 3 and squeezed[-1] == 1:
         squeezed.pop()
-    if len(squeezed) == 4 and squeezed[3] != in_channels:
+    found = len(paths) if len(paths) > 1 else (squeezed[3] if len(squeezed) == 4 else 1)
+    if found != in_channels:
+        plural = "s" * (in_channels != 1)
+        has = f"has {found} channel file{'s' * (found != 1)}" if len(paths) > 1 else f"has {found}"
         raise DatasetError(
-            f"{path}: the model expects {in_channels} channel{'s' * (in_channels != 1)}, "
-            f"{path.name} has {squeezed[3]} (shape {shape})"
+            f"{path}: the model expects {in_channels} channel{plural}, {path.name} {has} "
+            f"(shape {shape})"
         )
-    image = read_volume(path, np.float32)
-    if not np.isfinite(image).all():
-        raise DatasetError(f"{path}: image holds NaN or infinite values")
+    image, _ = read_channels(paths, in_channels)
+    finite = np.isfinite(image).reshape(len(image), -1).all(axis=1)
+    if not finite.all():
+        bad = paths[int(np.argmin(finite))] if len(paths) > 1 else path
+        raise DatasetError(f"{bad}: image holds NaN or infinite values")
+    out_shape = shape if len(squeezed) == 3 else tuple(squeezed[:3])
     return InputImage(
-        case_name(path), path, image, np.asarray(header_image.affine), header_image.header, shape
+        case_name(path),
+        path,
+        image,
+        np.asarray(header_image.affine),
+        header_image.header,
+        out_shape,
+        paths,
     )
+
+
+def read_image(path: str | os.PathLike[str], in_channels: int = 1) -> InputImage:
+    """``read_case`` of one file (3D, or 4D with its ``in_channels`` channels last)."""
+    return read_case([path], in_channels)
 
 
 def write_label_map(labels: np.ndarray, like: InputImage, path: str | os.PathLike[str]) -> Path:
@@ -116,8 +185,8 @@ def write_label_map(labels: np.ndarray, like: InputImage, path: str | os.PathLik
     NIfTI version), another format's affine becomes a NIfTI-1 sform. Returns ``path``."""
     import nibabel as nib
 
-    if labels.shape != like.image.shape:
-        raise ValueError(f"labels shape {labels.shape} != image shape {like.image.shape}")
+    if labels.shape != like.image.shape[1:]:
+        raise ValueError(f"labels shape {labels.shape} != image shape {like.image.shape[1:]}")
     data = np.asarray(labels, dtype=np.uint8).reshape(like.shape)  # the file's own shape
     if isinstance(like.header, nib.Nifti1Header):  # NIfTI-1 or NIfTI-2 (its subclass)
         # the input's header as it is (qform, sform and their codes, units, description):
@@ -137,19 +206,23 @@ def write_label_map(labels: np.ndarray, like: InputImage, path: str | os.PathLik
 def _slice_logits(
     model: nn.Module,
     slices: torch.Tensor,
-    size: tuple[int, int],
+    geometry: SliceGeometry,
     batch_size: int,
     device: torch.device,
 ) -> torch.Tensor:
-    """(n, S, S) model-sized slices -> (n, h, w) uint8 argmax of the logits resized to ``size``."""
-    out = torch.empty((slices.shape[0], *size), dtype=torch.uint8)
+    """(n, C, S, S) model-sized slices -> (n, h, w) uint8 argmax of the logits taken back to
+    the slices' own grid (``geometry``: resized to its square and the padding undone, or
+    resized straight to (h, w))."""
+    out = torch.empty((slices.shape[0], *geometry.in_plane), dtype=torch.uint8)
+    back = (geometry.square, geometry.square) if geometry.square else geometry.in_plane
     for start in range(0, slices.shape[0], batch_size):
-        batch = slices[start : start + batch_size, None].to(device)
+        batch = slices[start : start + batch_size].to(device)
         logits = model(batch).float()
-        if tuple(logits.shape[-2:]) != size:
+        if tuple(logits.shape[-2:]) != back:
             logits = F.interpolate(
-                logits, size=size, mode="bilinear", align_corners=False, antialias=True
+                logits, size=back, mode="bilinear", align_corners=False, antialias=True
             )
+        logits = from_square(logits, geometry)
         out[start : start + batch_size] = logits.argmax(dim=1).to(torch.uint8).cpu()
     return out
 
@@ -160,31 +233,55 @@ def predict_volume(
     data_cfg: DataConfig,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
+    affine: np.ndarray | None = None,
+    norms: Sequence[tuple[float, float] | None] | None = None,
 ) -> np.ndarray:
-    """Segment a 3D volume as the model was trained to see it; uint8 labels of ``image.shape``.
+    """Segment a volume as the model was trained to see it; uint8 labels of its (X, Y, Z) shape.
 
-    ``image``: the volume as stored (any real dtype). Normalised per volume
-    (``normalise_intensity``), sliced along ``data_cfg.axis``, each slice resized to
-    ``data_cfg.image_size`` (``resize_images``); the logits of each slice are resized back to
-    its in-plane size (bilinear) and the argmax taken there, then the slices are restacked.
-    The model runs in eval mode under ``torch.inference_mode``; its mode is restored.
+    ``image``: (X, Y, Z) or (C, X, Y, Z) as stored (any real dtype); ``affine``: its
+    voxel -> world matrix (needed for ``data_cfg.reorient: canonical`` and ``spacing``);
+    ``norms``: each channel's CT window or None (``trainers.data.channel_norms``; default: all
+    per volume). Turned to the canonical orientation when ``data_cfg.reorient`` says so, each
+    channel normalised, sliced along ``data_cfg.axis``, resampled to ``data_cfg.spacing`` and
+    padded to a square when set, each slice resized to ``data_cfg.image_size``; the logits of
+    each slice are taken back to its own in-plane grid (bilinear) and the argmax taken there,
+    the slices restacked and the map turned back to the stored orientation. The model runs in
+    eval mode under ``torch.inference_mode``; its mode is restored.
     """
-    if image.ndim != 3:
-        raise ValueError(f"image: expected a 3D volume, got shape {image.shape}")
+    image = np.asarray(image)
+    if image.ndim == 3:
+        image = image[None]
+    if image.ndim != 4:
+        raise ValueError(f"image: expected a (C, X, Y, Z) or 3D volume, got shape {image.shape}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: must be an integer >= 1, got {batch_size!r}")
+    if affine is None and (data_cfg.reorient != "none" or data_cfg.spacing is not None):
+        raise ValueError("affine: needed for dataset.reorient / dataset.spacing")
+    stored_affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+    norms = tuple(norms) if norms is not None else (None,) * image.shape[0]
     device = torch.device(device)
-    slices = np.moveaxis(normalise_intensity(np.asarray(image, dtype=np.float32)), data_cfg.axis, 0)
-    in_plane = (int(slices.shape[1]), int(slices.shape[2]))
-    resized = torch.from_numpy(resize_images(slices, data_cfg.image_size))
+    grid_affine = stored_affine
+    if data_cfg.reorient == "canonical":
+        image, grid_affine = to_canonical(image, stored_affine)
+    axis = data_cfg.axis % 3
+    normalised = normalise_channels(np.asarray(image, dtype=np.float32), norms)
+    slices = np.moveaxis(normalised, 1 + axis, 0)  # (n, C, h, w)
+    del normalised
+    geometry = SliceGeometry.of(
+        slices.shape[2:], in_plane_zooms(voxel_sizes(grid_affine), axis), data_cfg.spacing
+    )
+    resized = torch.from_numpy(fit_images(slices, data_cfg.image_size, geometry))
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            labels = _slice_logits(model, resized, in_plane, batch_size, device)
+            labels = _slice_logits(model, resized, geometry, batch_size, device)
     finally:
         model.train(was_training)
-    return np.ascontiguousarray(np.moveaxis(labels.numpy(), 0, data_cfg.axis))
+    out = np.moveaxis(labels.numpy(), 0, axis)
+    if data_cfg.reorient == "canonical":
+        out = from_canonical(out, stored_affine)
+    return np.ascontiguousarray(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,8 +328,21 @@ def evaluate_native(
 ) -> dict[str, float]:
     """``model``'s Dice on checked volumes (``trainers.msd.load_msd``) at their own resolution:
     ``predict_volume`` of each image against its label map as stored (``native_dice``), where
-    ``trainers.stages.evaluate_model`` scores the resized ``image_size`` slices."""
-    preds = [predict_volume(model, v.image, data_cfg, batch_size, device) for v in volumes]
+    ``trainers.stages.evaluate_model`` scores the resized ``image_size`` slices. Each volume's
+    ``affine`` and channel modalities (``Volume.channels``) steer orientation, spacing and
+    normalisation as in training."""
+    preds = [
+        predict_volume(
+            model,
+            v.image,
+            data_cfg,
+            batch_size,
+            device,
+            affine=v.affine,
+            norms=channel_norms(v.channels, data_cfg, v.image_path),
+        )
+        for v in volumes
+    ]
     return native_dice(preds, [v.label for v in volumes], num_classes)
 
 
@@ -283,6 +393,18 @@ def preprocessing_record(
         "negative counts from the end); predictions are restacked along it",
         "image_size": data_cfg.image_size,
         "in_channels": in_channels,
+        "reorient": data_cfg.reorient,
+        "reorient_note": "canonical: each volume (and its channels) is turned to the closest RAS "
+        "orientation (nibabel.as_closest_canonical) before slicing, and the label map turned "
+        "back to the stored orientation; none: the volume as stored",
+        "spacing": list(data_cfg.spacing) if data_cfg.spacing else None,
+        "spacing_note": "when set: each slice is resampled (bilinear, antialiased) to this "
+        "in-plane voxel size in mm (from the affine's voxel sizes) and zero-padded to a centred "
+        "square before the resize; the logits are resized to that square, cropped and "
+        "resampled back",
+        "ct_window": list(data_cfg.ct_window) if data_cfg.ct_window else None,
+        "ct_window_note": "channels declared CT are clipped to [lo, hi] and scaled to [0, 1] "
+        "instead of the per-volume normalisation below",
         "normalisation": {
             "kind": "per_volume_percentile_minmax",
             "percentiles": [lo, hi],

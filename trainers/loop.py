@@ -207,7 +207,7 @@ def build_run(stage: str, cfg: Any, model_cfg: ModelConfig, ctx: StageContext) -
     """Seed, build the UNet, load the parent's parts, create Adam (``cfg.lr``,
     ``cfg.weight_decay``; ``cfg.lr_schedule`` applied by ``fit``), wrap in DDP, resume."""
     seed_everything(ctx.seed)
-    model = UNet(model_cfg, in_channels=1, num_classes=ctx.data.num_classes)
+    model = UNet(model_cfg, in_channels=ctx.data.in_channels, num_classes=ctx.data.num_classes)
     if ctx.init_parts:
         transfer_weights(ctx.init_state, model, ctx.init_parts)
     model = model.to(ctx.device, memory_format=device_memory_format(ctx.device))

@@ -11,14 +11,19 @@ and tells the two layouts apart by ``dataset.json``:
   ``channel_names`` is given; cases are ``imagesTr/<case>_0000<file_ending>`` with labels
   ``labelsTr/<case><file_ending>``, and ``numTraining`` must count them.
 
-One input channel is supported: a dataset declaring two or more channels (``channel_names`` /
-``modality``), a case with a ``_0001`` file, or a 4D image with more than one channel is
-refused with a line naming the key or file.
+Input channels: ``dataset.json``'s ``channel_names`` (nnU-Net v2) or ``modality`` (MSD) declare
+them, ``{"0": "T2", "1": "ADC"}`` (one channel when neither is given); their names are the
+channels' modalities (``Layout.channels``; "CT" selects the CT window of ``trainers.data``). An
+MSD image holds its channels as a 4D file (X, Y, Z, C); an nnU-Net v2 case has one 3D file per
+channel, ``<case>_0000`` .. ``<case>_000{C-1}``. A file whose channel count differs from the
+declared one, a missing or undeclared channel file, or channel files of different shapes are
+refused with a line naming the file.
 
 ``iter_checked`` reads one case at a time with nibabel (imported where it is used, so that
 planning a sweep imports neither nibabel nor torch) and checks shapes, finiteness and label
 values against ``dataset.json``'s ``labels`` and the spec's ``label_remap``; ``load_checked``
-keeps them all.
+keeps them all. With ``reorient="canonical"`` images and labels are turned alike to the closest
+RAS orientation (``to_canonical``) as they are read.
 """
 
 from __future__ import annotations
@@ -46,20 +51,36 @@ _READ_ERRORS = (OSError, EOFError, zlib.error, struct.error, ValueError)
 
 @dataclass(frozen=True, eq=False)
 class Volume:
-    """One checked case: ``image`` float32 (X, Y, Z) as stored, ``label`` uint8 (X, Y, Z) of classes."""
+    """One checked case: ``image`` float32 (C, X, Y, Z) (C input channels), ``label`` uint8
+    (X, Y, Z) of classes, both as stored or both reoriented (``iter_checked``); ``affine`` the
+    voxel -> world matrix of that grid (``zooms`` gives its voxel sizes)."""
 
     case: str
     image: np.ndarray
     label: np.ndarray
     image_path: str
     label_path: str
+    affine: np.ndarray = field(default_factory=lambda: np.eye(4))
+    channels: tuple[str, ...] = ("",)  # each channel's declared modality (``Layout.channels``)
+
+    @property
+    def zooms(self) -> tuple[float, float, float]:
+        return voxel_sizes(self.affine)
 
 
 @dataclass(frozen=True)
 class Case:
+    """One case's files: ``image`` (channel 0's file, or the MSD 4D file), ``label``, and
+    ``extra`` the files of channels 1.. (nnU-Net v2 only)."""
+
     name: str
     image: Path
     label: Path
+    extra: tuple[Path, ...] = ()
+
+    @property
+    def images(self) -> tuple[Path, ...]:
+        return (self.image, *self.extra)
 
 
 @dataclass(frozen=True)
@@ -72,6 +93,11 @@ class Layout:
     declared_labels: frozenset[int] | None  # dataset.json "labels" class ids, when given
     kind: str = "msd"  # "msd" or "nnunet" (nnU-Net v2)
     class_names: dict[int, str] = field(default_factory=dict)  # from dataset.json "labels"
+    channels: tuple[str, ...] = ("",)  # each input channel's modality ("" when not declared)
+
+    @property
+    def in_channels(self) -> int:
+        return len(self.channels)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,9 +132,6 @@ def _read_dataset_json(path: Path) -> dict[str, Any]:
     return meta
 
 
-_ONE_CHANNEL = "semicon-sweep trains on one channel today"
-
-
 def _is_nnunet(meta: dict[str, Any]) -> bool:
     """nnU-Net v2's dataset.json: ``channel_names``, or ``labels`` mapping names to ids."""
     labels = meta.get("labels")
@@ -118,20 +141,48 @@ def _is_nnunet(meta: dict[str, Any]) -> bool:
     return "channel_names" in meta or name_to_id
 
 
-def _check_channels(path: Path, meta: dict[str, Any]) -> None:
-    """Refuse a dataset.json declaring more than one input channel."""
+def _declared_channels(path: Path, meta: dict[str, Any]) -> tuple[str, ...] | None:
+    """The modalities of ``channel_names`` / ``modality`` ({"0": "T2", "1": "ADC"}), in
+    channel order; None when neither is given. The keys must be 0 .. C-1."""
+    found: dict[str, tuple[str, ...]] = {}
     for key in ("channel_names", "modality"):
         if key not in meta:
             continue
         channels = meta[key]
+        example = '{"0": "MRI"}'
         if not isinstance(channels, dict) or not channels:
             raise DatasetError(
-                f'{path}: {key}: must map channel numbers to names, e.g. {{"0": "MRI"}}, '
+                f"{path}: {key}: must map channel numbers to names, e.g. {example}, "
                 f"got {channels!r}"
             )
-        if len(channels) > 1:
-            names = ", ".join(str(channels[k]) for k in sorted(channels, key=str))
-            raise DatasetError(f"{path}: {key}: {len(channels)} channels ({names}); {_ONE_CHANNEL}")
+        try:
+            numbers = sorted(int(k) for k in channels)
+        except ValueError:
+            numbers = []
+        if numbers != list(range(len(channels))):
+            raise DatasetError(
+                f"{path}: {key}: keys must be the channel numbers 0..{len(channels) - 1}, "
+                f"got {sorted(channels)}"
+            )
+        by_number = {int(k): str(v) for k, v in channels.items()}
+        found[key] = tuple(by_number[i] for i in range(len(by_number)))
+    if len(found) == 2 and len(found["channel_names"]) != len(found["modality"]):
+        raise DatasetError(
+            f"{path}: channel_names declares {len(found['channel_names'])} channels but "
+            f"modality {len(found['modality'])}"
+        )
+    return found.get("channel_names") or found.get("modality")
+
+
+def is_ct(modality: str) -> bool:
+    """Whether a channel's declared name marks it as CT (as nnU-Net's "CT" does)."""
+    return modality.strip().upper() == "CT"
+
+
+def _channels_text(channels: tuple[str, ...]) -> str:
+    count = len(channels)
+    names = ", ".join(name or "?" for name in channels)
+    return f"{count} channel{'s' * (count != 1)} ({names})"
 
 
 def _class_ids(path: Path, labels: dict[str, Any]) -> dict[int, str]:
@@ -264,10 +315,12 @@ def _files_ending(folder: Path, ending: str) -> list[Path]:
     ]
 
 
-def _nnunet_cases(root: Path, path: Path, meta: dict[str, Any]) -> list[Case]:
-    """``imagesTr/<case>_0000<ending>`` paired with ``labelsTr/<case><ending>``."""
+def _nnunet_cases(
+    root: Path, path: Path, meta: dict[str, Any], channels: tuple[str, ...]
+) -> list[Case]:
+    """``imagesTr/<case>_0000<ending>`` .. ``_000{C-1}`` paired with ``labelsTr/<case><ending>``."""
     ending = _file_ending(path, meta)
-    images: dict[str, Path] = {}
+    by_case: dict[str, dict[int, Path]] = {}
     for image in _files_ending(root / "imagesTr", ending):
         match = _CHANNEL_FILE.match(image.name[: -len(ending)])
         if match is None:
@@ -275,12 +328,25 @@ def _nnunet_cases(root: Path, path: Path, meta: dict[str, Any]) -> list[Case]:
                 f"{image}: not named <case>_0000{ending} (nnU-Net v2 layout: the channel "
                 f"number after the case name, as declared by {path.name}'s channel_names)"
             )
-        if match["channel"] != "0000":
+        channel = int(match["channel"])
+        if channel >= len(channels):
             raise DatasetError(
-                f"{image}: channel {int(match['channel'])} of case {match['case']!r}; "
-                f"{_ONE_CHANNEL}"
+                f"{image}: channel {channel} of case {match['case']!r}, but {path.name} "
+                f"declares {_channels_text(channels)}"
             )
-        images[match["case"]] = image
+        by_case.setdefault(match["case"], {})[channel] = image
+    images: dict[str, Path] = {}
+    extra: dict[str, tuple[Path, ...]] = {}
+    for name, files in by_case.items():
+        for channel in range(len(channels)):
+            if channel not in files:
+                missing = root / "imagesTr" / f"{name}_{channel:04d}{ending}"
+                raise DatasetError(
+                    f"{missing}: channel file missing ({path.name} declares "
+                    f"{_channels_text(channels)})"
+                )
+        images[name] = files[0]
+        extra[name] = tuple(files[c] for c in range(1, len(channels)))
     labels = {p.name[: -len(ending)]: p for p in _files_ending(root / "labelsTr", ending)}
     for name, image in images.items():
         if name not in labels:
@@ -298,7 +364,7 @@ def _nnunet_cases(root: Path, path: Path, meta: dict[str, Any]) -> list[Case]:
         raise DatasetError(
             f"{path}: numTraining is {count!r} but imagesTr/labelsTr hold {len(images)} cases"
         )
-    return [Case(name, images[name], labels[name]) for name in sorted(images)]
+    return [Case(name, images[name], labels[name], extra[name]) for name in sorted(images)]
 
 
 def scan_layout(root: str | os.PathLike[str]) -> Layout:
@@ -312,15 +378,16 @@ def scan_layout(root: str | os.PathLike[str]) -> Layout:
     dataset_json = root / "dataset.json"
     names: dict[int, str] | None = None
     kind = "msd"
+    channels: tuple[str, ...] = ("",)
     if dataset_json.exists():
         meta = _read_dataset_json(dataset_json)
-        _check_channels(dataset_json, meta)
+        channels = _declared_channels(dataset_json, meta) or channels
         names = _declared_labels(dataset_json, meta)
         if "training" in meta:
             cases = _listed_cases(root, dataset_json, meta["training"])
         elif _is_nnunet(meta):
             kind = "nnunet"
-            cases = _nnunet_cases(root, dataset_json, meta)
+            cases = _nnunet_cases(root, dataset_json, meta, channels)
         else:
             cases = _paired_cases(root)
     else:
@@ -337,7 +404,44 @@ def scan_layout(root: str | os.PathLike[str]) -> Layout:
     if duplicates:
         raise DatasetError(f"{dataset_json or root}: case listed more than once: {duplicates[0]}")
     declared = frozenset(names) if names is not None else None
-    return Layout(root, tuple(cases), dataset_json, declared, kind, dict(names or {}))
+    return Layout(root, tuple(cases), dataset_json, declared, kind, dict(names or {}), channels)
+
+
+def channel_modalities(root: str | os.PathLike[str]) -> tuple[str, ...] | None:
+    """``root/dataset.json``'s declared channel modalities; None when the file is absent,
+    unreadable or declares none (``scan_layout`` reports a bad one)."""
+    try:
+        meta = json.loads((Path(root) / "dataset.json").read_text())
+        return _declared_channels(Path(root) / "dataset.json", meta)
+    except (OSError, ValueError, AttributeError, TypeError, DatasetError):
+        return None
+
+
+def _load(path: Path) -> Any:
+    import nibabel as nib
+    from nibabel.filebasedimages import ImageFileError
+    from nibabel.spatialimages import HeaderDataError
+
+    try:
+        return nib.load(str(path))
+    except (ImageFileError, HeaderDataError, *_READ_ERRORS) as err:
+        raise DatasetError(f"{path}: cannot read NIfTI file ({type(err).__name__}: {err})") from err
+
+
+def _fdata(path: Path, image: Any, dtype: type[np.floating]) -> np.ndarray:
+    from nibabel.filebasedimages import ImageFileError
+    from nibabel.spatialimages import HeaderDataError
+
+    try:
+        return image.get_fdata(dtype=dtype, caching="unchanged")
+    except (ImageFileError, HeaderDataError, *_READ_ERRORS) as err:
+        raise DatasetError(f"{path}: cannot read NIfTI file ({type(err).__name__}: {err})") from err
+
+
+def _squeezed(data: np.ndarray) -> np.ndarray:
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    return data
 
 
 def read_volume(path: Path, dtype: type[np.floating]) -> np.ndarray:
@@ -345,23 +449,88 @@ def read_volume(path: Path, dtype: type[np.floating]) -> np.ndarray:
 
     A 4D file whose trailing dimensions are 1 is squeezed to 3D; anything else not 3D is an error.
     """
-    import nibabel as nib
-    from nibabel.filebasedimages import ImageFileError
-    from nibabel.spatialimages import HeaderDataError
-
-    try:
-        data = nib.load(str(path)).get_fdata(dtype=dtype, caching="unchanged")
-    except (ImageFileError, HeaderDataError, *_READ_ERRORS) as err:
-        raise DatasetError(f"{path}: cannot read NIfTI file ({type(err).__name__}: {err})") from err
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
+    data = _squeezed(_fdata(path, _load(path), dtype))
     if data.ndim == 4 and min(data.shape) >= 1:
         raise DatasetError(
-            f"{path}: a 4D image of {data.shape[3]} channels (shape {data.shape}); {_ONE_CHANNEL}"
+            f"{path}: a 4D image of {data.shape[3]} channels (shape {data.shape}) where one "
+            "3D volume is expected"
         )
     if data.ndim != 3 or min(data.shape) < 1:
         raise DatasetError(f"{path}: expected a 3D volume, got shape {data.shape}")
     return data
+
+
+def voxel_sizes(affine: np.ndarray) -> tuple[float, float, float]:
+    """The voxel size along each array axis of ``affine``'s grid (norms of its columns)."""
+    sizes = np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
+    return (float(sizes[0]), float(sizes[1]), float(sizes[2]))
+
+
+def to_canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``array`` (its last three axes a volume on ``affine``'s grid) turned to the closest RAS
+    orientation, with the affine of the new grid (as ``nibabel.as_closest_canonical``; axes
+    are only permuted and flipped, never resampled). ``from_canonical`` undoes it."""
+    from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
+
+    ornt = io_orientation(affine)
+    if (ornt == [[0, 1], [1, 1], [2, 1]]).all():
+        return array, np.asarray(affine)
+    lead = array.ndim - 3
+    moved = np.moveaxis(array, tuple(range(lead)), tuple(range(3, 3 + lead)))
+    turned = np.moveaxis(
+        apply_orientation(moved, ornt), tuple(range(3, 3 + lead)), tuple(range(lead))
+    )
+    return np.ascontiguousarray(turned), np.asarray(affine) @ inv_ornt_aff(ornt, array.shape[lead:])
+
+
+def from_canonical(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """A 3D ``array`` on the canonical grid of ``affine`` (``to_canonical``) back on
+    ``affine``'s own grid."""
+    from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+
+    ornt = ornt_transform(axcodes2ornt("RAS"), io_orientation(affine))
+    return np.ascontiguousarray(apply_orientation(array, ornt))
+
+
+def read_channels(
+    files: tuple[Path, ...], channels: int, dtype: type[np.floating] = np.float32
+) -> tuple[np.ndarray, np.ndarray]:
+    """The image of one case as (C, X, Y, Z) ``dtype`` with the affine of its (first) file.
+
+    One file: a 3D volume (C = 1) or a 4D one holding its channels along the last axis (MSD).
+    Several files: one 3D volume per channel, of equal shapes (nnU-Net v2). A channel count
+    other than ``channels`` raises ``DatasetError`` naming the file."""
+    first = _load(files[0])
+    if len(files) == 1:
+        data = _squeezed(_fdata(files[0], first, dtype))
+        count = data.shape[3] if data.ndim == 4 else 1
+        if data.ndim not in (3, 4) or min(data.shape) < 1:
+            raise DatasetError(
+                f"{files[0]}: expected a 3D volume (or 4D, X Y Z C), got shape {data.shape}"
+            )
+        if count != channels:
+            raise DatasetError(
+                f"{files[0]}: {count} channel{'s' * (count != 1)} (shape {data.shape}), but "
+                f"{channels} {'are' if channels != 1 else 'is'} declared"
+                + (
+                    " (dataset.json modality / channel_names)"
+                    if channels != 1
+                    else "; declare the channels in dataset.json (modality / channel_names)"
+                )
+            )
+        stack = data[None] if data.ndim == 3 else np.moveaxis(data, 3, 0)
+        return np.ascontiguousarray(stack, dtype=dtype), np.asarray(first.affine)
+    stack = np.empty((len(files), *first.shape[:3]), dtype=dtype) if len(first.shape) >= 3 else None
+    for index, path in enumerate(files):
+        volume = read_volume(path, dtype)
+        if stack is None or volume.shape != stack.shape[1:]:
+            raise DatasetError(
+                f"{path}: shape {volume.shape} differs from channel 0 {files[0].name} "
+                f"shape {tuple(first.shape)}"
+            )
+        stack[index] = volume
+        del volume
+    return stack, np.asarray(first.affine)
 
 
 def _validate_remap(label_remap: tuple[tuple[int, int], ...]) -> dict[int, int]:
@@ -426,29 +595,47 @@ def _allowed_classes(layout: Layout, remap: dict[int, int]) -> frozenset[int] | 
 
 
 def _check_case(
-    case: Case, remap: dict[int, int], allowed: frozenset[int] | None, declared_in: Path | None
+    case: Case,
+    remap: dict[int, int],
+    allowed: frozenset[int] | None,
+    declared_in: Path | None,
+    modalities: tuple[str, ...],
+    reorient: str,
 ) -> Volume:
-    image = read_volume(case.image, np.float32)
+    image, affine = read_channels(case.images, len(modalities))
     raw_label = read_volume(case.label, np.float64)
-    if image.shape != raw_label.shape:
+    if image.shape[1:] != raw_label.shape:
         raise DatasetError(
-            f"{case.image}: image shape {image.shape} does not match label {case.label} "
+            f"{case.image}: image shape {image.shape[1:]} does not match label {case.label} "
             f"shape {raw_label.shape}"
         )
-    if not np.isfinite(image).all():
-        raise DatasetError(f"{case.image}: image holds NaN or infinite values")
+    finite = np.isfinite(image).reshape(len(image), -1).all(axis=1)
+    if not finite.all():
+        bad = case.images[int(np.argmin(finite))] if len(case.images) > 1 else case.image
+        raise DatasetError(f"{bad}: image holds NaN or infinite values")
     label = _check_label(case.label, raw_label, remap, allowed, declared_in)
-    return Volume(case.name, image, label, str(case.image), str(case.label))
+    del raw_label
+    if reorient == "canonical":
+        image, _ = to_canonical(image, affine)
+        label, affine = to_canonical(label, affine)
+    return Volume(case.name, image, label, str(case.image), str(case.label), affine, modalities)
 
 
-def iter_checked(layout: Layout, label_remap: tuple[tuple[int, int], ...]) -> Iterator[Volume]:
+def iter_checked(
+    layout: Layout, label_remap: tuple[tuple[int, int], ...], reorient: str = "none"
+) -> Iterator[Volume]:
     """Read and check the cases one at a time, in ``layout.cases`` order: a volume is read only
     after the caller asked for the next one, and this generator keeps no reference to the
-    volumes it yielded (a caller that drops each one holds one volume at a time)."""
+    volumes it yielded (a caller that drops each one holds one volume at a time).
+
+    ``reorient``: "none" keeps each volume as stored; "canonical" turns image and label alike
+    to the closest RAS orientation (``to_canonical``)."""
+    if reorient not in ("none", "canonical"):
+        raise ConfigError(f"dataset.reorient: must be none or canonical, got {reorient!r}")
     remap = _validate_remap(label_remap)
     allowed = _allowed_classes(layout, remap)
     for case in layout.cases:
-        volume = _check_case(case, remap, allowed, layout.dataset_json)
+        volume = _check_case(case, remap, allowed, layout.dataset_json, layout.channels, reorient)
         yield volume
         del volume
 
@@ -478,7 +665,7 @@ def load_msd(
 
     ``label_remap``: (raw value, class) pairs applied to every label map; non-zero raw values it
     does not map are an error. Raises ``DatasetError`` naming the file for a missing folder or
-    file, no cases, more than one channel, an unreadable or corrupt file, a volume that is not
+    file, no cases, a channel count other than the declared one, an unreadable or corrupt file, a volume that is not
     3D, an image/label shape mismatch, non-integer label values, or label values not declared
     in ``dataset.json``.
     """

@@ -90,7 +90,7 @@ from trainers.registry import finetune_reads, global_reads, local_reads, resolve
 
 @dataclass
 class DeviceSlices:
-    """Slices on the training device: images (S, 1, H, W) float32, labels (S, H, W) int64 or
+    """Slices on the training device: images (S, C, H, W) float32, labels (S, H, W) int64 or
     None, position (S,) float32 in [0, 1)."""
 
     images: Tensor
@@ -108,7 +108,7 @@ def _device_slices(
     index = data.slices_of(volumes)
     if index.size == 0:
         raise ValueError(f"volumes {list(volumes)[:8]} hold no slices")
-    images = torch.from_numpy(np.ascontiguousarray(data.images[index])).unsqueeze(1).to(device)
+    images = torch.from_numpy(np.ascontiguousarray(data.images[index])).to(device)
     label_maps = (
         torch.from_numpy(data.labels[index].astype(np.int64)).to(device) if labels else None
     )
@@ -204,7 +204,7 @@ def evaluate_model(
 
     def fetch(lo: int, hi: int) -> tuple[Tensor, Tensor]:
         rows = index[lo:hi]
-        images = torch.from_numpy(np.ascontiguousarray(data.images[rows])).unsqueeze(1)
+        images = torch.from_numpy(np.ascontiguousarray(data.images[rows]))
         labels = torch.from_numpy(np.ascontiguousarray(data.labels[rows]))
         return images.to(device), labels.to(device).long()
 

@@ -21,6 +21,14 @@ learnable but not trivial:
 
 Every case draws from its own generator seeded by ``(seed, case index)``: the bytes depend only
 on the seed, the case index and the shape (nibabel writes gzip with a fixed timestamp).
+
+``channels`` > 1 adds further MRI-like contrasts of the same anatomy (``extra_channel``, each
+from its own generator seeded by ``(seed, case, channel)``, so channel 0 is the one-channel
+dataset's image): a darker structure on brighter tissue whose head and tail differ more than
+in channel 0. ``ct=True`` makes the last channel CT-like, in Hounsfield units (air -1000 around
+a soft-tissue body of about 40 HU, the structure 60-75 HU), declared "CT" in ``dataset.json``
+(train it with ``dataset.ct_window``, e.g. [-100, 200]). An MSD folder stores the channels as
+one 4D image (X, Y, Z, C) per case, an nnU-Net v2 folder as ``<case>_0000`` .. ``_000{C-1}``.
 """
 
 from __future__ import annotations
@@ -46,8 +54,24 @@ LAYOUTS = ("msd", "nnunet")
 _CENTRE_LINE_POINTS = 48
 
 
+MRI_NAMES = ("MRI", "T2", "ADC", "FLAIR")
+
+
+def channel_names(channels: int, ct: bool = False) -> list[str]:
+    """The modality of each synthetic channel: MRI contrasts, the last one "CT" when ``ct``."""
+    names = [MRI_NAMES[c] if c < len(MRI_NAMES) else f"MR{c}" for c in range(channels)]
+    if ct:
+        names[-1] = "CT"
+    return names
+
+
 def _marker(
-    num_cases: int, seed: int, shape: tuple[int, int, int], layout: str = "msd"
+    num_cases: int,
+    seed: int,
+    shape: tuple[int, int, int],
+    layout: str = "msd",
+    channels: int = 1,
+    ct: bool = False,
 ) -> dict[str, Any]:
     """What ``dataset.json`` records about how it was generated (compared on reuse). The MSD
     layout's marker names no layout, so its dataset.json (hashed by the data fingerprint) is
@@ -61,6 +85,10 @@ def _marker(
     }
     if layout != "msd":
         marker["layout"] = layout
+    if channels != 1:
+        marker["channels"] = channels
+    if ct:
+        marker["ct"] = True
     return marker
 
 
@@ -174,6 +202,34 @@ def synthetic_case(
     return image.astype(np.float32), label
 
 
+def extra_channel(
+    seed: int, case: int, channel: int, label: np.ndarray, ct: bool = False
+) -> np.ndarray:
+    """Channel ``channel`` (>= 1) of case ``case``: another contrast of ``label``'s anatomy,
+    float32 of its shape (see the module docstring); CT-like in Hounsfield units when ``ct``."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng([seed, case, channel])
+    dims = label.shape
+    grid = np.stack(
+        np.meshgrid(*(np.linspace(0, 1, d, dtype=np.float32) for d in dims), indexing="ij")
+    )
+    soft = [gaussian_filter((label == k).astype(np.float32), 0.8) for k in (1, 2)]
+    if ct:
+        radii = rng.uniform(0.6, 0.7, size=3)[:, None, None, None]
+        body = ((grid - 0.5) ** 2 / radii**2).sum(0) < 1
+        image = np.where(body, 40.0 + 15.0 * _smooth_field(rng, grid), -1000.0)
+        image += soft[0] * rng.uniform(25, 35) + soft[1] * rng.uniform(15, 25)
+        image += rng.normal(0.0, 12.0, size=dims)
+        return image.astype(np.float32)
+    tissue = 0.6 + 0.1 * _smooth_field(rng, grid)
+    head, tail = 0.2 + rng.uniform(-0.03, 0.03), 0.38 + rng.uniform(-0.03, 0.03)
+    image = tissue * (1 - soft[0] - soft[1]) + head * soft[0] + tail * soft[1]
+    image += rng.normal(0.0, rng.uniform(0.05, 0.08), size=dims)
+    image *= np.exp(0.2 * _smooth_field(rng, grid))
+    return (np.maximum(image, 0.0) * 10 ** rng.uniform(1, 4)).astype(np.float32)
+
+
 def _is_same_dataset(dataset_json: Path, marker: dict[str, Any]) -> bool:
     """True when ``dataset_json`` records exactly this generator, version and arguments."""
     try:
@@ -189,12 +245,16 @@ def write_synthetic_msd(
     seed: int = 0,
     shape: tuple[int, int, int] = DEFAULT_SHAPE,
     layout: str = "msd",
+    channels: int = 1,
+    ct: bool = False,
 ) -> Path:
     """Write the synthetic dataset to ``root`` and return ``root``.
 
     ``layout``: "msd" (dataset.json with a ``training`` list, ``imagesTr/<case>.nii.gz``) or
     "nnunet" (nnU-Net v2: ``imagesTr/<case>_0000.nii.gz``, ``labels`` as name -> id); the
-    volumes are the same either way.
+    volumes are the same either way. ``channels``: input channels (MSD: one 4D image per case;
+    nnU-Net: ``_0000`` .. ``_000{C-1}``), declared in ``dataset.json`` (``modality`` /
+    ``channel_names``); ``ct``: the last channel CT-like (module docstring).
 
     The folder is built under a temporary sibling name and renamed into place with
     ``dataset.json`` written last, so ``root`` is never a half-written dataset. If ``root``
@@ -206,9 +266,13 @@ def write_synthetic_msd(
     dims = _validate(num_cases, seed, shape)
     if layout not in LAYOUTS:
         raise ValueError(f"layout: must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if isinstance(channels, bool) or not isinstance(channels, int) or not 1 <= channels <= 16:
+        raise ValueError(f"channels: must be an integer in 1..16, got {channels!r}")
     nnunet = layout == "nnunet"
     root = Path(root)
-    marker = _marker(num_cases, seed, dims, layout)
+    marker = _marker(num_cases, seed, dims, layout, channels, bool(ct))
+    names = channel_names(channels, bool(ct))
+    declared = {str(c): name for c, name in enumerate(names)}
     if _existing_matches(root, marker):
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -221,20 +285,30 @@ def write_synthetic_msd(
         training = []
         for case in range(num_cases):
             image, label = synthetic_case(seed, case, dims)
+            images = [image] + [
+                extra_channel(seed, case, c, label, ct=ct and c == channels - 1)
+                for c in range(1, channels)
+            ]
+            if ct and channels == 1:
+                images = [extra_channel(seed, case, 1, label, ct=True)]
             name = f"synth_{case:03d}.nii.gz"
-            image_name = f"synth_{case:03d}_0000.nii.gz" if nnunet else name
-            image_nii = nib.Nifti1Image(image, affine)
-            image_nii.header.set_data_dtype(np.float32)
+            if nnunet:
+                files = {f"synth_{case:03d}_{c:04d}.nii.gz": data for c, data in enumerate(images)}
+            else:
+                files = {name: images[0] if channels == 1 else np.stack(images, axis=-1)}
+            for file_name, data in files.items():
+                image_nii = nib.Nifti1Image(data, affine)
+                image_nii.header.set_data_dtype(np.float32)
+                nib.save(image_nii, staging / "imagesTr" / file_name)
             label_nii = nib.Nifti1Image(label, affine)
             label_nii.header.set_data_dtype(np.uint8)
-            nib.save(image_nii, staging / "imagesTr" / image_name)
             nib.save(label_nii, staging / "labelsTr" / name)
             training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
         dataset: dict[str, Any] = {
             "name": "Synthetic",
             "description": "Synthetic Hippocampus-like tubes split into anterior and posterior parts",
             "tensorImageSize": "3D",
-            "modality": {"0": "MRI"},
+            "modality": declared,
             "labels": LABELS,
             "numTraining": num_cases,
             "numTest": 0,
@@ -246,7 +320,7 @@ def write_synthetic_msd(
             dataset = {
                 "name": dataset["name"],
                 "description": dataset["description"],
-                "channel_names": {"0": "MRI"},
+                "channel_names": declared,
                 "labels": {name: int(value) for value, name in LABELS.items()},
                 "numTraining": num_cases,
                 "file_ending": ".nii.gz",
@@ -277,7 +351,8 @@ def _existing_matches(root: Path, marker: dict[str, Any]) -> bool:
         raise DatasetError(
             f"{dataset_json}: not the synthetic dataset asked for "
             f"(num_cases={marker['num_cases']}, seed={marker['seed']}, shape={marker['shape']}, "
-            f"version={marker['version']}, layout={marker.get('layout', 'msd')}); "
+            f"version={marker['version']}, layout={marker.get('layout', 'msd')}, "
+            f"channels={marker.get('channels', 1)}, ct={marker.get('ct', False)}); "
             "use another root or remove this folder"
         )
     if any(root.iterdir()):

@@ -21,13 +21,34 @@ def data_synth(
         str,
         typer.Option(help="Folder layout: msd (Medical Segmentation Decathlon) or nnunet (v2)."),
     ] = "msd",
+    channels: Annotated[
+        int,
+        typer.Option(
+            help="Input channels: MRI-like contrasts of the same anatomy (MSD: one 4D image "
+            "per case; nnunet: <case>_0000 .. _000N files)."
+        ),
+    ] = 1,
+    ct: Annotated[
+        bool,
+        typer.Option(
+            "--ct",
+            help="Make the last channel CT-like (Hounsfield units, declared CT; train it with "
+            "dataset.ct_window).",
+        ),
+    ] = False,
 ) -> None:
     """Write a synthetic dataset (Hippocampus-like, 3 classes) in the MSD or nnU-Net v2 layout."""
-    from trainers.synthetic import write_synthetic_msd
+    from trainers.synthetic import channel_names, write_synthetic_msd
 
     with bad_input(ValueError):
-        root = write_synthetic_msd(folder, num_cases=cases, seed=seed, layout=layout)
-    typer.echo(f"{root}: {cases} synthetic cases (seed {seed}, {layout} layout)")
+        root = write_synthetic_msd(
+            folder, num_cases=cases, seed=seed, layout=layout, channels=channels, ct=ct
+        )
+    names = ", ".join(channel_names(channels, ct))
+    typer.echo(
+        f"{root}: {cases} synthetic cases (seed {seed}, {layout} layout, "
+        f"{channels} channel{'s' * (channels != 1)}: {names})"
+    )
 
 
 @data_app.command("check")
@@ -39,16 +60,24 @@ def data_check(
 
     with bad_input():
         layout = scan_layout(root)
-        summary = describe_volumes(root, iter_checked(layout, ()), layout.class_names)
+        summary = describe_volumes(
+            root, iter_checked(layout, ()), layout.class_names, layout.channels
+        )
     typer.echo(summary)
 
 
 def describe_volumes(
-    root: Path, volumes: Iterable[Any], names: dict[int, str] | None = None
+    root: Path,
+    volumes: Iterable[Any],
+    names: dict[int, str] | None = None,
+    channels: tuple[str, ...] = ("",),
 ) -> str:
-    """Cases, classes with their voxel shares, and the range of volume shapes. ``volumes`` is
-    read once, one volume at a time; ``names``: class id -> name (default: dataset.json's)."""
+    """Cases, classes with their voxel shares, the range of volume shapes and, for more than
+    one channel or a CT one, the channels. ``volumes`` is read once, one volume at a time;
+    ``names``: class id -> name (default: dataset.json's); ``channels``: their modalities."""
     import numpy as np
+
+    from trainers.msd import is_ct
 
     names = _class_names(root) if names is None else names
     voxels: Counter[int] = Counter()
@@ -56,7 +85,7 @@ def describe_volumes(
     for volume in volumes:
         values, counts = np.unique(volume.label, return_counts=True)
         voxels.update({int(v): int(c) for v, c in zip(values, counts, strict=True)})
-        shape_list.append(volume.image.shape)
+        shape_list.append(volume.label.shape)
         del volume
     total = sum(voxels.values()) or 1
     classes = ", ".join(
@@ -74,6 +103,14 @@ def describe_volumes(
             f"classes: {classes}",
             f"shapes: {extent}",
         ]
+        + (
+            [
+                f"channels: {len(channels)} ({', '.join(name or '?' for name in channels)})"
+                + ("; CT channels need dataset.ct_window" if any(map(is_ct, channels)) else "")
+            ]
+            if len(channels) > 1 or any(map(is_ct, channels))
+            else []
+        )
     )
 
 

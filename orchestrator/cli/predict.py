@@ -56,9 +56,11 @@ def predict(
     """Segment every image of a folder with one trial's fine-tuned model.
 
     Writes one uint8 label map per image, <case>.nii.gz, with the image's shape and affine,
-    preprocessed as the model was trained (per-volume normalisation, slices along the node's
-    axis resized to its image_size; logits resized back before the argmax). Nothing is written
-    unless every image was read; existing maps are kept unless --force. Prints each path.
+    preprocessed as the model was trained (orientation, per-channel normalisation, slices along
+    the node's axis resampled to its spacing and resized to its image_size; logits taken back
+    to the image's grid before the argmax). nnU-Net channel files <case>_0000, <case>_0001, ...
+    are one case. Nothing is written unless every image was read; existing maps are kept unless
+    --force. Prints each path.
     """
     from orchestrator.predict import choose_trial, predict_folder
     from orchestrator.store import invalid_nodes

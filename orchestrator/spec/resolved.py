@@ -20,13 +20,14 @@ def _resolved(spec: Spec, for_hash: bool) -> dict[str, Any]:
     """The spec with every default filled in, as plain data.
 
     ``for_hash``: drop storage / ray / resources / tracking, the dataset's root (a location;
-    the node keys carry the data's content fingerprint) and stage settings at their
-    ``trainers.config.LATE_DEFAULTS``.
+    the node keys carry the data's content fingerprint) and stage and dataset settings at
+    their ``trainers.config.LATE_DEFAULTS``.
     """
     dataset = to_dict(spec.dataset)
     dataset["label_remap"] = [list(pair) for pair in spec.dataset.label_remap]
     if for_hash:
         dataset.pop("root")
+        dataset = hash_form(dataset)
     out: dict[str, Any] = {
         "name": spec.name,
         "dataset": dataset,

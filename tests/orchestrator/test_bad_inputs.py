@@ -73,17 +73,37 @@ def _spec_replacing(old: str, new: str) -> Callable[[Path], list[str]]:
     return lambda folder: _spec(folder, SPEC.replace(old, new))
 
 
-def _msd_spec(damage: Callable[[Path], None], layout: str = "msd") -> Callable[[Path], list[str]]:
-    """A spec over a small synthetic MSD (or nnU-Net v2) folder at ``folder/data`` damaged by
-    ``damage``."""
+def _msd_spec(
+    damage: Callable[[Path], None], layout: str = "msd", channels: int = 1, settings: str = ""
+) -> Callable[[Path], list[str]]:
+    """A spec over a small synthetic MSD (or nnU-Net v2) folder at ``folder/data`` of
+    ``channels`` channels damaged by ``damage``; ``settings``: more dataset keys ("k: v, ...")."""
 
     def build(folder: Path) -> list[str]:
-        root = write_synthetic_msd(folder / "data", num_cases=6, shape=(16, 18, 12), layout=layout)
+        root = write_synthetic_msd(
+            folder / "data", num_cases=6, shape=(16, 18, 12), layout=layout, channels=channels
+        )
         damage(root)
         text = SPEC.replace("{kind: synthetic, image_size: 32, synthetic_cases: 8}", "{}")
-        return _spec(folder, text.replace("dataset: {}", f"dataset: {{kind: msd, root: {root}}}"))
+        extra = f", {settings}" if settings else ""
+        dataset = f"dataset: {{kind: msd, root: {root}{extra}}}"
+        return _spec(folder, text.replace("dataset: {}", dataset))
 
     return build
+
+
+def _declare_ct(root: Path) -> None:
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["modality"] = {"0": "CT"}
+    (root / "dataset.json").write_text(json.dumps(meta))
+
+
+def _channel_of_another_shape(root: Path) -> None:
+    import nibabel as nib
+    import numpy as np
+
+    path = root / "imagesTr" / "synth_004_0001.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((16, 18, 5), np.float32), np.eye(4)), str(path))
 
 
 def _truncate(root: Path) -> None:
@@ -137,6 +157,15 @@ def _four_d_image(root: Path) -> None:
     image = nib.load(str(path))
     data = np.asarray(image.dataobj)
     nib.save(nib.Nifti1Image(np.stack([data, data], axis=-1), image.affine), str(path))
+
+
+def _first_channel_only(root: Path) -> None:
+    import nibabel as nib
+    import numpy as np
+
+    path = root / "imagesTr" / "synth_003.nii.gz"
+    image = nib.load(str(path))
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[..., 0], image.affine), str(path))
 
 
 def _storage_file(folder: Path) -> list[str]:
@@ -232,6 +261,17 @@ def _two_channels(folder: Path, images: Path) -> None:
     nib.save(nib.Nifti1Image(data, np.eye(4)), str(images / "case_d.nii.gz"))
 
 
+def _two_channel_files(folder: Path, images: Path) -> None:
+    import nibabel as nib
+    import numpy as np
+
+    for path in images.iterdir():
+        path.unlink()
+    data = np.random.default_rng(0).random((16, 16, 4), dtype=np.float32)
+    for channel in range(2):
+        nib.save(nib.Nifti1Image(data, np.eye(4)), str(images / f"case_{channel:04d}.nii.gz"))
+
+
 def _cut_image(folder: Path, images: Path) -> None:
     path = images / "case_b.nii.gz"
     path.write_bytes(path.read_bytes()[:-150])
@@ -279,6 +319,24 @@ CASES: dict[str, Case] = {
             "wrong type",
             _spec_replacing("base_channels: 4", "base_channels: four"),
             "model.base_channels",
+        ),
+        Case(
+            "spec",
+            "dataset.ct_window not a [lo, hi] pair",
+            _spec_replacing("synthetic_cases: 8}", "synthetic_cases: 8, ct_window: [200, -100]}"),
+            "dataset.ct_window: must be [lo, hi]",
+        ),
+        Case(
+            "spec",
+            "dataset.spacing not two positive numbers",
+            _spec_replacing("synthetic_cases: 8}", "synthetic_cases: 8, spacing: [1]}"),
+            "dataset.spacing",
+        ),
+        Case(
+            "spec",
+            "unknown dataset.reorient",
+            _spec_replacing("synthetic_cases: 8}", "synthetic_cases: 8, reorient: LPS}"),
+            "dataset.reorient",
         ),
         Case(
             "spec",
@@ -383,21 +441,45 @@ CASES: dict[str, Case] = {
         ),
         Case(
             "data",
-            "an MSD image of two channels (4D)",
+            "an MSD image of more channels than dataset.json declares (4D)",
             _msd_spec(_four_d_image),
-            "synth_001.nii.gz",
+            "synth_001.nii.gz: 2 channels",
         ),
         Case(
             "data",
-            "nnU-Net v2 folder declaring two channels",
+            "an MSD 4D image of fewer channels than declared",
+            _msd_spec(_first_channel_only, channels=2),
+            "synth_003.nii.gz: 1 channel",
+        ),
+        Case(
+            "data",
+            "nnU-Net v2 channel file missing (two channels declared)",
             _msd_spec(_two_channel_names, layout="nnunet"),
-            "channel_names: 2 channels (T2, ADC)",
+            "synth_000_0001.nii.gz: channel file missing",
         ),
         Case(
             "data",
-            "nnU-Net v2 case with a second channel file",
+            "nnU-Net v2 channel file beyond the declared channels",
             _msd_spec(_second_channel_file, layout="nnunet"),
             "synth_002_0001.nii.gz",
+        ),
+        Case(
+            "data",
+            "nnU-Net v2 channel file of another shape than channel 0",
+            _msd_spec(_channel_of_another_shape, layout="nnunet", channels=2),
+            "synth_004_0001.nii.gz: shape (16, 18, 5) differs",
+        ),
+        Case(
+            "data",
+            "a CT channel without dataset.ct_window",
+            _msd_spec(_declare_ct),
+            "channel 0 is CT; set dataset.ct_window",
+        ),
+        Case(
+            "data",
+            "dataset.ct_window on a dataset without a CT channel",
+            _msd_spec(lambda root: None, settings="ct_window: [-100, 200]"),
+            "dataset.ct_window: ",
         ),
         Case(
             "data",
@@ -428,6 +510,12 @@ CASES: dict[str, Case] = {
             "a 4D image of two channels",
             _predict(_two_channels),
             "expects 1 channel, case_d.nii.gz has 2",
+        ),
+        Case(
+            "predict",
+            "nnU-Net channel files of two channels for a one-channel model",
+            _predict(_two_channel_files),
+            "expects 1 channel, case_0000.nii.gz has 2 channel files",
         ),
         Case("predict", "unknown --trial", _predict(None, "--trial", "t9999"), "--trial t9999"),
         Case(

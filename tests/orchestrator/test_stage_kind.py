@@ -63,7 +63,7 @@ def run_probe(cfg: ProbeConfig, model_cfg: ModelConfig, ctx: StageContext) -> St
         transfer_weights(ctx.init_state, model, ctx.init_parts)
     optimizer = torch.optim.SGD(model.seg_head.parameters(), lr=cfg.lr)
     index = ctx.data.slices_of(resolve_volumes(probe_reads(cfg), ctx.split, ctx.labelled)["train"])
-    images = torch.from_numpy(ctx.data.images[index]).unsqueeze(1)
+    images = torch.from_numpy(ctx.data.images[index])  # (N, C, H, W)
     labels = torch.from_numpy(ctx.data.labels[index].astype("int64"))
     for epoch in range(1, cfg.epochs + 1):
         total = 0.0

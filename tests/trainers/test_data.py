@@ -76,8 +76,9 @@ def test_load_msd_reads_every_synthetic_case(synthetic_root: Path) -> None:
     volumes = load_msd(synthetic_root)
     assert [v.case for v in volumes] == [f"synth_{i:03d}" for i in range(10)]
     for volume in volumes:
-        assert volume.image.dtype == np.float32 and volume.image.ndim == 3
-        assert volume.label.dtype == np.uint8 and volume.label.shape == volume.image.shape
+        assert volume.image.dtype == np.float32 and volume.image.ndim == 4  # (C, X, Y, Z)
+        assert volume.image.shape[0] == 1
+        assert volume.label.dtype == np.uint8 and volume.label.shape == volume.image.shape[1:]
         assert set(np.unique(volume.label)) == {0, 1, 2}
         assert Path(volume.image_path).is_file() and Path(volume.label_path).is_file()
 
@@ -88,8 +89,11 @@ def test_synthetic_slices_shapes_ranges_and_bookkeeping(
     data = synthetic_slices
     volumes = load_msd(synthetic_root)
     depths = [v.image.shape[-1] for v in volumes]  # default axis = last
-    assert data.images.shape == (sum(depths), 32, 32) and data.images.dtype == np.float32
-    assert data.labels.shape == data.images.shape and data.labels.dtype == np.uint8
+    assert data.images.shape == (sum(depths), 1, 32, 32) and data.images.dtype == np.float32
+    assert data.labels.shape == (sum(depths), 32, 32) and data.labels.dtype == np.uint8
+    assert data.in_channels == 1
+    # one channel is stored (S, H, W), as before channels existed
+    assert np.load(Path(data.images.filename)).shape == (sum(depths), 32, 32)
     assert data.volume.dtype == np.int32 and data.position.dtype == np.float32
     assert data.num_classes == 3 and data.num_volumes == 10
     assert data.cases == tuple(v.case for v in volumes)
@@ -111,7 +115,7 @@ def test_synthetic_slices_shapes_ranges_and_bookkeeping(
 def test_slices_follow_the_configured_axis(tmp_path: Path) -> None:
     root = make_msd(tmp_path / "msd", num_cases=2)
     data = prepare_slices(msd_config(root, image_size=8, axis=0), tmp_path / "cache")
-    assert data.images.shape == (2 * SHAPE[0], 8, 8)
+    assert data.images.shape == (2 * SHAPE[0], 1, 8, 8)
 
 
 def test_labels_are_resized_by_nearest_neighbour(tmp_path: Path) -> None:
@@ -296,7 +300,7 @@ def test_trailing_singleton_dimension_is_squeezed_and_float_labels_accepted(tmp_
     _rewrite_image(root, image[..., None])
     _rewrite_label(root, label.astype(np.float32))  # like hippocampus_003: float32, integral values
     volumes = load_msd(root)
-    np.testing.assert_array_equal(volumes[1].image, image)
+    np.testing.assert_array_equal(volumes[1].image[0], image)
     np.testing.assert_array_equal(volumes[1].label, label)
     assert volumes[1].label.dtype == np.uint8
 
@@ -359,7 +363,7 @@ def test_incomplete_cache_folder_is_rebuilt_and_refused_when_opened(tmp_path: Pa
     with pytest.raises(DatasetError, match="meta.json"):
         load_slice_cache(folder)
     data = prepare_slices(cfg, tmp_path / "cache")
-    assert data.images.shape == (3 * SHAPE[2], 16, 16)
+    assert data.images.shape == (3 * SHAPE[2], 1, 16, 16)
     (folder / "labels.npy").write_bytes(b"garbage")
     with pytest.raises(DatasetError, match="labels.npy"):
         load_slice_cache(folder)
@@ -478,7 +482,7 @@ def test_interrupted_synthetic_write_leaves_no_dataset(
 def test_synthetic_classes_overlap_in_intensity(synthetic_root: Path) -> None:
     """Learnable but not trivial: foreground is brighter on average, yet no threshold separates it."""
     for volume in load_msd(synthetic_root)[:3]:
-        image = normalise_intensity(volume.image)
+        image = normalise_intensity(volume.image[0])
         background, foreground = image[volume.label == 0], image[volume.label > 0]
         assert foreground.mean() > background.mean()
         assert np.quantile(background, 0.95) > np.quantile(foreground, 0.05)
@@ -552,6 +556,6 @@ def test_real_hippocampus_loads(shared_data_root: Path) -> None:
     assert len(volumes) == 208
     assert len({v.case for v in volumes}) == 208
     for volume in volumes:
-        assert volume.image.ndim == 3 and volume.label.shape == volume.image.shape
+        assert volume.image.shape == (1, *volume.label.shape)
         assert set(np.unique(volume.label)) == {0, 1, 2}
     assert len(data_fingerprint(msd_config(shared_data_root))) == 32

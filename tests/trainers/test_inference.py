@@ -66,11 +66,11 @@ def test_predict_volume_sees_what_training_saw(model: UNet, tmp_path: Path) -> N
     cfg = DataConfig(kind="msd", root=str(root), image_size=32)
     data = prepare_slices(cfg, tmp_path / "cache")
     volume = load_msd(root)[1]
-    slices = torch.from_numpy(np.asarray(data.images[data.slices_of([1])]))[:, None]
+    slices = torch.from_numpy(np.asarray(data.images[data.slices_of([1])]))  # (Z, 1, X, Y)
     with torch.no_grad():
         expected = model(slices).argmax(dim=1).numpy().astype(np.uint8)  # (Z, X, Y)
     predicted = predict_volume(model, volume.image, cfg, batch_size=4)
-    assert predicted.dtype == np.uint8 and predicted.shape == volume.image.shape
+    assert predicted.dtype == np.uint8 and predicted.shape == volume.label.shape
     np.testing.assert_array_equal(predicted, np.moveaxis(expected, 0, -1))
     # so at the model's own size, Dice on the stored grid is the Dice the sweep reports
     native = evaluate_native(model, load_msd(root), cfg, data.num_classes)
@@ -154,7 +154,7 @@ def test_read_image_refuses_what_it_cannot_segment(tmp_path: Path) -> None:
         read_image(tmp_path / "two.nii.gz")
     save(tmp_path / "one.nii.gz", np.ones((4, 4, 4, 1), np.float32))
     one = read_image(tmp_path / "one.nii.gz")
-    assert one.image.shape == (4, 4, 4) and one.shape == (4, 4, 4, 1)
+    assert one.image.shape == (1, 4, 4, 4) and one.shape == (4, 4, 4, 1)
     written = write_label_map(np.ones((4, 4, 4), np.uint8), one, tmp_path / "one_seg.nii.gz")
     assert nib.load(str(written)).shape == (4, 4, 4, 1)  # the file's own shape
     save(tmp_path / "flat.nii.gz", np.ones((4, 4), np.float32))

@@ -18,9 +18,9 @@ from orchestrator.cli import app
 from tests.trainers.test_data import LABELS, SHAPE, make_msd, msd_config, save_nifti, tiny_case
 from trainers.data import (
     DatasetError,
+    SliceGeometry,
     _resize_slices,
     check_dataset,
-    data_fingerprint,
     normalise_intensity,
     prepare_slices,
 )
@@ -150,16 +150,16 @@ def _damage(root: Path, what: str) -> None:
 
 
 NNUNET_REFUSALS = {
-    "second channel file": r"case_001_0001.nii.gz: channel 1 of case 'case_001'; semicon-sweep "
-    "trains on one channel today",
+    "second channel file": r"case_001_0001.nii.gz: channel 1 of case 'case_001', but "
+    r"dataset.json declares 1 channel \(MRI\)",
     "missing _0000 file": r"imagesTr/case_002_0000.nii.gz: image file missing for label "
     r".*labelsTr/case_002.nii.gz",
     "label without image": r"imagesTr/case_009_0000.nii.gz: image file missing",
     "image without label": r"labelsTr/case_001.nii.gz: label file missing for image",
     "image not named per channel": r"imagesTr/case_001.nii.gz: not named <case>_0000.nii.gz",
     "numTraining wrong": r"dataset.json: numTraining is 7 but imagesTr/labelsTr hold 3 cases",
-    "two channel_names": r"dataset.json: channel_names: 2 channels \(T2, ADC\); semicon-sweep "
-    "trains on one channel today",
+    "two channel_names": r"imagesTr/case_000_0001.nii.gz: channel file missing \(dataset.json "
+    r"declares 2 channels \(T2, ADC\)\)",
     "region label": r"dataset.json: labels: 'tumour' is a region \[1, 2\]",
     "ignore label": r"dataset.json: labels: 'ignore'",
     "labels not 0..K-1": r"dataset.json: 'labels' must be the class ids 0..K-1.*\[0, 1, 5\]",
@@ -179,27 +179,30 @@ def test_nnunet_refusal_is_one_line_naming_the_file(what: str, tmp_path: Path) -
 
 
 # ---------------------------------------------------------------------------------------------
-# one channel: MSD folders too
+# channels: MSD folders
 
 
-def test_msd_modality_of_two_channels_is_refused_before_any_file_is_read(tmp_path: Path) -> None:
+def test_msd_modality_of_two_channels_refuses_a_3d_image_naming_it(tmp_path: Path) -> None:
     root = make_msd(tmp_path / "msd")
     edit_json(root, modality={"0": "T2", "1": "ADC"})
-    message = r"dataset.json: modality: 2 channels \(T2, ADC\); semicon-sweep trains on one"
-    with pytest.raises(DatasetError, match=message):
-        scan_layout(root)
-    with pytest.raises(DatasetError, match=message):
-        data_fingerprint(msd_config(root))  # a dry run refuses it too
+    assert scan_layout(root).channels == ("T2", "ADC")
+    with pytest.raises(
+        DatasetError,
+        match=r"imagesTr/case_000.nii.gz: 1 channel \(shape \(9, 11, 6\)\), but 2 are declared",
+    ):
+        load_msd(root)
 
 
-def test_msd_4d_image_of_two_channels_is_refused(tmp_path: Path) -> None:
+def test_msd_4d_image_of_two_channels_is_refused_without_declared_channels(
+    tmp_path: Path,
+) -> None:
     root = make_msd(tmp_path / "msd")
     image, _ = tiny_case(1)
     save_nifti(root / "imagesTr" / "case_001.nii.gz", np.stack([image, image], axis=-1))
     with pytest.raises(
         DatasetError,
-        match=r"imagesTr/case_001.nii.gz: a 4D image of 2 channels \(shape \(9, 11, 6, 2\)\); "
-        "semicon-sweep trains on one channel today",
+        match=r"imagesTr/case_001.nii.gz: 2 channels \(shape \(9, 11, 6, 2\)\), but 1 is "
+        "declared; declare the channels in dataset.json",
     ):
         load_msd(root)
 
@@ -209,25 +212,23 @@ def test_msd_4d_image_of_two_channels_is_refused(tmp_path: Path) -> None:
 
 
 class ReaderSpy:
-    """Wraps ``trainers.msd.read_volume``: each image read asserts (``alive_at_read``) how many
-    images read before it are still in memory; 0 everywhere = one volume at a time."""
+    """Wraps ``trainers.msd.read_channels``: each image read asserts (``alive_at_read``) how
+    many images read before it are still in memory; 0 everywhere = one volume at a time."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         import trainers.msd
 
-        self.real = trainers.msd.read_volume
+        self.real = trainers.msd.read_channels
         self.images: list[weakref.ref[np.ndarray]] = []
         self.alive_at_read: list[int] = []
-        monkeypatch.setattr(trainers.msd, "read_volume", self)
+        monkeypatch.setattr(trainers.msd, "read_channels", self)
 
-    def __call__(self, path: Path, dtype: type[np.floating]) -> np.ndarray:
-        if path.parent.name == "imagesTr":
-            gc.collect()
-            self.alive_at_read.append(sum(ref() is not None for ref in self.images))
-        array = self.real(path, dtype)
-        if path.parent.name == "imagesTr":
-            self.images.append(weakref.ref(array))
-        return array
+    def __call__(self, files: tuple[Path, ...], channels: int) -> tuple[np.ndarray, np.ndarray]:
+        gc.collect()
+        self.alive_at_read.append(sum(ref() is not None for ref in self.images))
+        array, affine = self.real(files, channels)
+        self.images.append(weakref.ref(array))
+        return array, affine
 
 
 def test_prepare_and_check_hold_one_volume_at_a_time(
@@ -258,8 +259,8 @@ def test_streamed_slices_equal_the_whole_dataset_sliced_at_once(tmp_path: Path) 
     volumes = load_msd(root)
     images, labels = [], []
     for volume in volumes:
-        norm = np.moveaxis(normalise_intensity(volume.image), 0, 0)
-        resized = _resize_slices(norm, volume.label, 8)
+        norm = normalise_intensity(volume.image[0])[:, None]  # axis 0 slices, one channel
+        resized = _resize_slices(norm, volume.label, 8, SliceGeometry.of(SHAPE[1:], (1, 1), None))
         images.append(resized[0])
         labels.append(resized[1])
     np.testing.assert_array_equal(data.images, np.concatenate(images))
@@ -300,9 +301,16 @@ def test_data_synth_layout_option(tmp_path: Path) -> None:
         app, ["data", "synth", str(tmp_path / "d"), "--cases", "2", "--layout", "nnunet"]
     )
     assert result.exit_code == 0, result.output
-    assert "2 synthetic cases (seed 0, nnunet layout)" in result.stdout
+    assert "2 synthetic cases (seed 0, nnunet layout, 1 channel: MRI)" in result.stdout
     result = runner.invoke(app, ["data", "check", str(tmp_path / "d")])
     assert result.exit_code == 0, result.output
     assert "2 cases, all readable" in result.stdout and "1 anterior" in result.stdout
     result = runner.invoke(app, ["data", "synth", str(tmp_path / "e"), "--layout", "png"])
     assert result.exit_code == 2 and "layout: must be one of msd, nnunet" in result.stderr
+    args = ["data", "synth", str(tmp_path / "f"), "--cases", "2", "--channels", "3", "--ct"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "msd layout, 3 channels: MRI, T2, CT" in result.stdout
+    result = runner.invoke(app, ["data", "check", str(tmp_path / "f")])
+    assert result.exit_code == 0, result.output
+    assert "channels: 3 (MRI, T2, CT); CT channels need dataset.ct_window" in result.stdout

@@ -74,7 +74,7 @@ def test_streamed_evaluation_equals_scoring_all_predictions_at_once(
     volumes = tuple(range(0, data.num_volumes, 7))
     index = data.slices_of(volumes)
     with torch.inference_mode():
-        images = torch.from_numpy(np.ascontiguousarray(data.images[index])).unsqueeze(1)
+        images = torch.from_numpy(np.ascontiguousarray(data.images[index]))
         pred = torch.cat([model(x).argmax(1) for x in images.split(256)])
     expected = evaluate_volumes(pred, data.labels[index], data.volume[index], data.num_classes)
     for batch_size in (None, 13):
