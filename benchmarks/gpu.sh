@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CUDA tests plus the GPU benchmarks, in one go, in under 8 minutes on one GPU.
+# The CUDA tests plus the GPU benchmarks, in one go, in under 10 minutes on one GPU.
 # Writes every figure under results/benchmarks/<machine>/ (JSON, with the machine named) and a
 # log of what ran. On the lent GPU machine (torch, no ray/nibabel): first build the carry here
 # once with ../shared/tools/gpu-carry.sh, then run, with carry [".gpu-carry"]:
@@ -34,4 +34,7 @@ step cuda-tests 90 python3 -m pytest -q -m cuda tests/trainers/test_cuda.py -p n
 step loss 120 python3 benchmarks/bench_loss.py --device cuda --out "$out/bench_loss.json"
 step ray-stage 150 python3 benchmarks/bench_ray_stage.py --device cuda "${data_args[@]}" --out "$out/bench_ray_stage.json"
 step packing 120 python3 benchmarks/bench_packing.py --device cuda "${data_args[@]}" --out "$out/bench_packing.json"
+# fused fine-tunes: K = 1, 2, 4 batch-8 fine-tunings fused (vmap and loop passes) vs separate;
+# synthetic slices (no data preparation in the time limit); goal: vs_one >= 3 at K = 4
+step fused 90 python3 benchmarks/bench_fused.py --device cuda --k 1 2 4 --passes vmap loop --base-channels 32 --steps-per-epoch 20 --epochs 3 --rounds 2 --out "$out/bench_fused.json"
 echo "figures in $out" | tee -a "$log"

@@ -76,7 +76,7 @@ from orchestrator.scheduler import DagScheduler
 from orchestrator.session import TRAIN_POLL_ENV, ClusterError, ray_session, train_env
 from orchestrator.store import StageStore, invalidate_nodes
 from orchestrator.tracking import check_tracking, logger_callbacks
-from orchestrator.worker import DRIVER_STARTED_KEY, NodeJob
+from orchestrator.worker import DRIVER_STARTED_KEY, FUSE_KEY, NodeJob
 from trainers.registry import stage_names
 
 if TYPE_CHECKING:
@@ -155,13 +155,15 @@ class DriverPayload:
     """What every node's Tune trial (the driver of its Train job) receives, once for the whole
     sweep through ``tune.with_parameters``: each node's ``NodeJob`` (what its workers get), the
     ``ScalingConfig`` keyword arguments, the Train runs' folder, Train's ``max_failures`` and
-    the ``RAY_TRAIN_*`` environment (``orchestrator.session.train_env``)."""
+    the ``RAY_TRAIN_*`` environment (``orchestrator.session.train_env``); ``fuse_finetunes``:
+    ``resources.fuse_finetunes``, passed to bundles (``orchestrator.worker.train_bundle``)."""
 
     jobs: Mapping[str, NodeJob]
     scaling: Mapping[str, Any]
     train_dir: str
     max_failures: int
     train_env: Mapping[str, str]
+    fuse_finetunes: bool = False
 
 
 def drive_node(config: Mapping[str, Any], payload: DriverPayload) -> None:
@@ -246,6 +248,7 @@ def drive_bundle(
             BUNDLE_KEY: [payload.jobs[key].to_dict() for key in keys],
             "max_failures": payload.max_failures,
             DRIVER_STARTED_KEY: driver_started_at,
+            FUSE_KEY: payload.fuse_finetunes,
         },
         scaling_config=ray.train.ScalingConfig(**payload.scaling),
         run_config=ray.train.RunConfig(
@@ -545,6 +548,7 @@ def _run_nodes(
         train_dir=str((store.ray_dir / "train").absolute()),
         max_failures=resources.max_failures,
         train_env=env,
+        fuse_finetunes=resources.fuse_finetunes,
     )
     scheduler = DagScheduler(parents, {key: plan.nodes[key].stage for key in parents})
     try:

@@ -41,7 +41,9 @@ the nodes one after another in this Train run: COMPLETE ones skipped, each resum
 checkpointing to its own ``stages/<key>/resume.pt`` (``save_resume_point``, atomic; removed
 once the node is complete) instead of Train's checkpoints, each report carrying ``node_key``;
 a node that raises is retried ``max_failures`` times, then its error is stored and the loop
-goes on.
+goes on. With ``resources.fuse_finetunes`` the bundle's fusable fine-tunings first train as one
+fused model (``_run_fused_groups``, ``trainers.fused``), each written as an ordinary node whose
+metrics and epoch records add ``fused`` (K) and whose ``wall_s`` is its 1 / K share.
 
 Failure injection (tests): ``NodeJob.inject_failure`` set to a message makes every rank raise
 ``RuntimeError(message)`` before training, so a failing trial goes through the real Train /
@@ -69,12 +71,13 @@ from orchestrator.progress import BUNDLE_KEY  # also the key of a bundle's jobs 
 from orchestrator.store import StageStore, atomic_write_text
 from trainers.config import ModelConfig, SplitConfig, from_dict
 from trainers.data import load_slice_cache
-from trainers.loop import ReportFn, StageResult
+from trainers.loop import ReportFn, StageContext, StageResult
 from trainers.point import stage_context
 from trainers.registry import get_stage
 
 CHECKPOINT_FILE = "checkpoint_state.pt"
 DRIVER_STARTED_KEY = "driver_started_at"  # train_loop_config: when the node's driver started
+FUSE_KEY = "fuse_finetunes"  # a bundle's train_loop_config: resources.fuse_finetunes
 RESUME_FILE = "resume.pt"  # stages/<key>/: a bundled node's last checkpoint state
 WALL_KEY = "worker_wall_s"  # added to each checkpoint state: wall seconds spent up to it
 
@@ -170,6 +173,10 @@ def train_bundle(config: Mapping[str, Any]) -> None:
     traceback go to the store and the loop goes on with the next node: one failing node does
     not fail its bundle-mates. (Every rank must raise alike, as an injected failure or a
     non-finite loss does; a rank that dies is Train's to restart, the whole loop then resuming.)
+
+    With ``config[FUSE_KEY]`` (``resources.fuse_finetunes``) and one worker, the bundle's
+    fusable fine-tunings first train fused (``_run_fused_groups``); every node that did not
+    complete there (not fusable, failed, or its group raised) then runs in the loop above.
     """
     import traceback
 
@@ -178,6 +185,8 @@ def train_bundle(config: Mapping[str, Any]) -> None:
     jobs = [NodeJob.from_dict(item) for item in config[BUNDLE_KEY]]
     attempts = int(config.get("max_failures", 0)) + 1
     rank = ray.train.get_context().get_world_rank()
+    if config.get(FUSE_KEY) and ray.train.get_context().get_world_size() == 1:
+        _run_fused_groups(jobs, config.get(DRIVER_STARTED_KEY))  # the rest: one after another
     for job in jobs:
         store = StageStore(job.storage)
         key = job.node.key
@@ -201,64 +210,85 @@ def train_bundle(config: Mapping[str, Any]) -> None:
                     store.write_error(key, message, traceback.format_exc())
 
 
-def _run_node(
-    job: NodeJob, driver_started_at: Any, resume: Mapping[str, Any] | None, in_bundle: bool
-) -> None:
-    """One node on this worker, resuming from ``resume``; rank 0 records and writes its result.
+class _NodeRecorder:
+    """What rank 0 records of one node run on this worker (``_run_node``, ``_run_fused``): its
+    epoch records, reports to Train, checkpoints and, at the end, its result with timing.
 
-    Checkpoints: alone, a Train checkpoint (the Train run is named by the node key); in a
-    bundle, the node's resume point in the store (``save_resume_point``), and each report
-    carries ``node_key`` so Tune's callbacks know which node it is about.
-    """
-    import ray.train
-    import ray.train.torch
+    ``share``: the node's share of this worker's wall time (1 alone; 1 / K for each of K fused
+    fine-tunings, so that ``wall_s`` and ``gpu_s`` summed over nodes stay the worker's).
+    ``throttle``: fused members share one (``_run_fused``): their epochs end together, and K
+    Train reports in a row would each wait for Train's poll; a fused member's checkpoint goes to
+    its resume point whether or not that epoch is reported to Train."""
 
-    node = job.node
-    started = time.monotonic()
-    timing: dict[str, float] = {"worker_started_at": time.time(), "report_s": 0.0}
-    if isinstance(driver_started_at, int | float):
-        timing["driver_started_at"] = float(driver_started_at)
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    store = StageStore(job.storage)
-    resumed_from = int(resume["epoch"]) if resume is not None else 0
-    earlier_wall_s = float(resume.get(WALL_KEY, 0.0)) if resume is not None else 0.0
-    gpus = float(job.gpus_per_worker)
-    node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
-    worker_nodes = ",".join(_gather_strings(node_id))
-    if rank == 0:
-        truncate_epochs(store, node.key, keep_through=resumed_from)
-    throttle = ReportThrottle(float(job.report_interval_s))
+    def __init__(
+        self,
+        job: NodeJob,
+        driver_started_at: Any,
+        resume: Mapping[str, Any] | None,
+        in_bundle: bool,
+        share: float = 1.0,
+        throttle: ReportThrottle | None = None,
+    ) -> None:
+        import ray.train
 
-    def report(metrics: dict[str, float], checkpoint_state: dict[str, Any] | None) -> None:
+        self.job, self.node, self.in_bundle, self.share = job, job.node, in_bundle, share
+        self.started = time.monotonic()
+        self.timing: dict[str, float] = {"worker_started_at": time.time(), "report_s": 0.0}
+        if isinstance(driver_started_at, int | float):
+            self.timing["driver_started_at"] = float(driver_started_at)
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.store = StageStore(job.storage)
+        self.resume = resume
+        self.resumed_from = int(resume["epoch"]) if resume is not None else 0
+        self.earlier_wall_s = float(resume.get(WALL_KEY, 0.0)) if resume is not None else 0.0
+        node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+        self.worker_nodes = ",".join(_gather_strings(node_id))
+        if self.rank == 0:
+            truncate_epochs(self.store, self.node.key, keep_through=self.resumed_from)
+        self.shared_throttle = throttle is not None
+        self.throttle = throttle or ReportThrottle(float(job.report_interval_s))
+
+    def wall_s(self) -> float:
+        return self.earlier_wall_s + (time.monotonic() - self.started) * self.share
+
+    def report(self, metrics: dict[str, float], checkpoint_state: dict[str, Any] | None) -> None:
         entered = time.perf_counter()
         try:
-            _report(metrics, checkpoint_state)
+            self._report(metrics, checkpoint_state)
         finally:
-            timing["report_s"] += time.perf_counter() - entered
-            timing["last_report_at"] = time.time()
+            self.timing["report_s"] += time.perf_counter() - entered
+            self.timing["last_report_at"] = time.time()
 
-    def _report(metrics: dict[str, float], checkpoint_state: dict[str, Any] | None) -> None:
+    def _report(self, metrics: dict[str, float], checkpoint_state: dict[str, Any] | None) -> None:
+        import ray.train
+
+        node, store, rank = self.node, self.store, self.rank
         if rank == 0:
             record = {
                 **metrics,
                 "node": node.key,
                 "stage": node.stage,
-                "world_size": world,
-                "resumed_from": resumed_from,
-                "worker_nodes": worker_nodes,
+                "world_size": self.world,
+                "resumed_from": self.resumed_from,
+                "worker_nodes": self.worker_nodes,
                 "torch_threads": torch.get_num_threads(),
                 "time": time.time(),
             }
+            if self.share != 1.0:
+                record["fused"] = round(1.0 / self.share)
             store.append_epoch(node.key, record)
-        if not throttle.due(metrics, checkpoint_state is not None):
-            return
         if checkpoint_state is not None:
-            checkpoint_state = {
-                **checkpoint_state,
-                WALL_KEY: earlier_wall_s + time.monotonic() - started,
-            }
-        if in_bundle:
+            checkpoint_state = {**checkpoint_state, WALL_KEY: self.wall_s()}
+        if self.shared_throttle:  # a fused member (always in a bundle)
+            if rank == 0 and checkpoint_state is not None:
+                save_resume_point(store, node.key, checkpoint_state)
+            if self.throttle.due(metrics, False):
+                ray.train.report({**metrics, "node_key": node.key})
+            return
+        if not self.throttle.due(metrics, checkpoint_state is not None):
+            return
+        if self.in_bundle:
             if rank == 0 and checkpoint_state is not None:
                 save_resume_point(store, node.key, checkpoint_state)
             ray.train.report({**metrics, "node_key": node.key})
@@ -269,26 +299,122 @@ def _run_node(
         else:
             ray.train.report(metrics)
 
-    result = run_stage(
-        node,
-        cache=job.cache,
-        store=store,
-        device=ray.train.torch.get_device(),
-        report=report,
-        resume=resume,
-        checkpoint_every=int(job.checkpoint_every),
-    )
-    if rank == 0:
-        wall_s = earlier_wall_s + time.monotonic() - started
-        timing["stage_ended_at"] = time.time()
+    def write_result(self, result: StageResult) -> None:
+        """Rank 0: the node's result (model, metrics with ``wall_s``, ``gpu_s``, ``timing``;
+        ``fused``: K when it trained fused with K - 1 others), then its resume point goes."""
+        if self.rank != 0:
+            return
+        wall_s = self.wall_s()
+        self.timing["stage_ended_at"] = time.time()
         metrics = {
             **result.metrics,
             "wall_s": wall_s,
-            "gpu_s": wall_s * gpus * world,
-            "timing": timing,
+            "gpu_s": wall_s * float(self.job.gpus_per_worker) * self.world,
+            "timing": self.timing,
         }
-        store.write_result(node.key, result.state, metrics)
-        resume_path(store, node.key).unlink(missing_ok=True)
+        if self.share != 1.0:
+            metrics["fused"] = round(1.0 / self.share)
+        self.store.write_result(self.node.key, result.state, metrics)
+        resume_path(self.store, self.node.key).unlink(missing_ok=True)
+
+
+def _run_node(
+    job: NodeJob, driver_started_at: Any, resume: Mapping[str, Any] | None, in_bundle: bool
+) -> None:
+    """One node on this worker, resuming from ``resume``; rank 0 records and writes its result.
+
+    Checkpoints: alone, a Train checkpoint (the Train run is named by the node key); in a
+    bundle, the node's resume point in the store (``save_resume_point``), and each report
+    carries ``node_key`` so Tune's callbacks know which node it is about.
+    """
+    import ray.train.torch
+
+    recorder = _NodeRecorder(job, driver_started_at, resume, in_bundle)
+    result = run_stage(
+        job.node,
+        cache=job.cache,
+        store=recorder.store,
+        device=ray.train.torch.get_device(),
+        report=recorder.report,
+        resume=resume,
+        checkpoint_every=int(job.checkpoint_every),
+    )
+    recorder.write_result(result)
+
+
+def _run_fused_groups(jobs: list[NodeJob], driver_started_at: Any) -> None:
+    """Train the incomplete fine-tuning nodes of ``jobs`` fused (``trainers.fused``), in groups
+    of one stage config, model config, data cache and resume epoch; groups of one node, or
+    that ``fusable`` refuses, are left to the caller, as are members that fail and every member
+    of a group whose fused run raises (each then resumes alone from its own resume point)."""
+    groups: dict[str, list[tuple[NodeJob, Mapping[str, Any] | None]]] = {}
+    for job in jobs:
+        node = job.node
+        store = StageStore(job.storage)
+        if node.stage != "finetune" or job.inject_failure or store.is_complete(node.key):
+            continue
+        resume = load_resume_point(store, node.key)
+        group = json.dumps(
+            [
+                node.config,
+                node.model,
+                job.cache,
+                job.checkpoint_every,
+                int(resume["epoch"]) if resume is not None else 0,
+            ],
+            sort_keys=True,
+            default=str,
+        )
+        groups.setdefault(group, []).append((job, resume))
+    for members in groups.values():
+        if len(members) > 1:
+            _run_fused(members, driver_started_at)
+
+
+def _run_fused(
+    members: list[tuple[NodeJob, Mapping[str, Any] | None]], driver_started_at: Any
+) -> None:
+    """One fused run of ``members`` (jobs with their resume points); each member that completes
+    is written to the store as an ordinary node (``_NodeRecorder.write_result``). Anything
+    raised on the way (a missing parent, the fused run itself) leaves the members to the
+    bundle's ordinary loop, which records their own errors."""
+    import ray.train.torch
+
+    from trainers.fused import FusedRunError, fusable, run_finetunes_fused
+
+    try:
+        device = ray.train.torch.get_device()
+        share = 1.0 / len(members)
+        throttle = ReportThrottle(float(members[0][0].report_interval_s))
+        recorders = [
+            _NodeRecorder(job, driver_started_at, resume, True, share, throttle)
+            for job, resume in members
+        ]
+        contexts: list[StageContext] = []
+        for (job, resume), recorder in zip(members, recorders, strict=True):
+            cfg, model_cfg, ctx = node_context(
+                job.node,
+                job.cache,
+                recorder.store,
+                device,
+                recorder.report,
+                resume,
+                int(job.checkpoint_every),
+            )
+            contexts.append(ctx)
+        reason = fusable(cfg, model_cfg, contexts)
+        if reason is not None:
+            print(f"fuse_finetunes: {len(members)} nodes run one by one: {reason}", flush=True)
+            return
+        results: list[StageResult | None] = list(run_finetunes_fused(cfg, model_cfg, contexts))
+    except FusedRunError as err:
+        results = err.results
+    except Exception as err:  # the members run one by one, each from its resume point
+        print(f"fuse_finetunes: fused run raised {err!r}; its nodes run one by one", flush=True)
+        return
+    for recorder, result in zip(recorders, results, strict=True):
+        if result is not None:
+            recorder.write_result(result)
 
 
 def resume_path(store: StageStore, key: str) -> Path:
@@ -316,7 +442,7 @@ def load_resume_point(store: StageStore, key: str) -> dict[str, Any] | None:
         return None
 
 
-def run_stage(
+def node_context(
     node: StageNode,
     cache: str | os.PathLike[str],
     store: StageStore,
@@ -324,13 +450,9 @@ def run_stage(
     report: ReportFn | None = None,
     resume: Mapping[str, Any] | None = None,
     checkpoint_every: int = 1,
-) -> StageResult:
-    """Build the node's ``StageContext`` (``trainers.point.stage_context``) and run its kind's
-    function (``trainers.registry``); returns its ``StageResult``.
-
-    Needs no Ray (used by ``train_node`` and the in-process benchmark baseline). The parent's
-    weights come from ``store`` (its ``model.pt``, loaded weights_only).
-    """
+) -> tuple[Any, ModelConfig, StageContext]:
+    """The node's stage config, model config and ``StageContext``
+    (``trainers.point.stage_context``; the parent's weights from ``store``, weights_only)."""
     kind = get_stage(node.stage)
     stage_cfg = from_dict(kind.config, node.config, node.stage)
     ctx = stage_context(
@@ -346,7 +468,28 @@ def run_stage(
         resume=resume,
         checkpoint_every=checkpoint_every,
     )
-    return kind.run(stage_cfg, from_dict(ModelConfig, node.model, "model"), ctx)
+    return stage_cfg, from_dict(ModelConfig, node.model, "model"), ctx
+
+
+def run_stage(
+    node: StageNode,
+    cache: str | os.PathLike[str],
+    store: StageStore,
+    device: torch.device,
+    report: ReportFn | None = None,
+    resume: Mapping[str, Any] | None = None,
+    checkpoint_every: int = 1,
+) -> StageResult:
+    """Build the node's ``StageContext`` (``node_context``) and run its kind's function
+    (``trainers.registry``); returns its ``StageResult``.
+
+    Needs no Ray (used by ``train_node`` and the in-process benchmark baseline). The parent's
+    weights come from ``store`` (its ``model.pt``, loaded weights_only).
+    """
+    stage_cfg, model_cfg, ctx = node_context(
+        node, cache, store, device, report, resume, checkpoint_every
+    )
+    return get_stage(node.stage).run(stage_cfg, model_cfg, ctx)
 
 
 def truncate_epochs(store: StageStore, key: str, keep_through: int) -> None:

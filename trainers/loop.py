@@ -252,13 +252,13 @@ class Step:
     progress: float
 
 
-def _steps_per_epoch(num_slices: int, batch_size: int, min_batch: int, dist: Dist) -> int:
-    """How many batches ``_epoch_batches`` yields per rank (the same every epoch)."""
+def batches_per_epoch(num_slices: int, batch_size: int, min_batch: int, dist: Dist) -> int:
+    """How many batches ``epoch_batches`` yields per rank (the same every epoch)."""
     full, rest = divmod(num_slices // dist.world, batch_size)
     return full + (1 if rest and rest >= min_batch else 0)
 
 
-def _epoch_batches(
+def epoch_batches(
     num_slices: int,
     batch_size: int,
     min_batch: int,
@@ -358,7 +358,7 @@ def fit(
     """
     ctx, device, dist = run.ctx, run.device, run.dist
     batch_size = cfg.batch_size
-    steps_per_epoch = _steps_per_epoch(num_slices, batch_size, min_batch, dist)
+    steps_per_epoch = batches_per_epoch(num_slices, batch_size, min_batch, dist)
     if steps_per_epoch == 0:
         raise ValueError(
             f"{run.stage}: {num_slices} training slices over {dist.world} rank(s) give no batch of "
@@ -368,7 +368,7 @@ def fit(
     last_epoch = math.ceil(total_steps / steps_per_epoch)
     for epoch in range(run.start_epoch, last_epoch + 1):
         order = torch_generator(device, ctx.seed, run.stage, epoch, "order")
-        batches = _epoch_batches(num_slices, batch_size, min_batch, order, dist, device)
+        batches = epoch_batches(num_slices, batch_size, min_batch, order, dist, device)
         done_before = (epoch - 1) * steps_per_epoch
         batches = batches[: total_steps - done_before]
         started = time.perf_counter()

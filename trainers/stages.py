@@ -46,7 +46,6 @@ import copy
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -90,7 +89,7 @@ from trainers.registry import finetune_reads, global_reads, local_reads, resolve
 
 
 @dataclass
-class _DeviceSlices:
+class DeviceSlices:
     """Slices on the training device: images (S, C, H, W) float32, labels (S, H, W) int64 or
     None, position (S,) float32 in [0, 1)."""
 
@@ -104,7 +103,7 @@ class _DeviceSlices:
 
 def _device_slices(
     data: SliceData, volumes: tuple[int, ...], device: torch.device, labels: bool
-) -> _DeviceSlices:
+) -> DeviceSlices:
     """Copy the slices of ``volumes`` to ``device`` once (the arrays may be memory-mapped)."""
     index = data.slices_of(volumes)
     if index.size == 0:
@@ -114,7 +113,7 @@ def _device_slices(
         torch.from_numpy(data.labels[index].astype(np.int64)).to(device) if labels else None
     )
     position = torch.from_numpy(np.ascontiguousarray(data.position[index])).to(device)
-    return _DeviceSlices(images, label_maps, position)
+    return DeviceSlices(images, label_maps, position)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,12 +315,120 @@ def _ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
             t.copy_(s)
 
 
+def finetune_batch(cfg: FinetuneConfig, train: DeviceSlices, s: Step) -> tuple[Tensor, Tensor]:
+    """The step's labelled batch: images (b, 1, H, W) and labels (b, H, W) of ``s.batch``,
+    through ``spatial_augment`` / ``intensity_augment`` (``cfg.augment``) drawing on ``s.gen``."""
+    x, y = train.images[s.batch], train.labels[s.batch]
+    if cfg.augment.spatial:
+        x, y = spatial_augment(x, y, s.gen, **spatial_args(cfg.augment))
+    if cfg.augment.intensity:
+        x = intensity_augment(x, s.gen, **intensity_args(cfg.augment))
+    return x, y
+
+
+Targets = list[tuple[float, Tensor]]
+
+
+def mixed_inputs(cfg: FinetuneConfig, x: Tensor, y: Tensor, s: Step) -> tuple[Tensor, Targets]:
+    """The network's input and the weighted label maps its loss compares with: (x, [(1, y)])
+    for regulariser "none"; for "mixup" lambda ~ Beta(alpha, alpha) from ``s.rng``, a pairing
+    permutation pi from ``s.gen`` and (lambda x + (1 - lambda) x[pi], [(lambda, y),
+    (1 - lambda, y[pi])])."""
+    if cfg.regulariser != "mixup":
+        return x, [(1.0, y)]
+    lam = float(s.rng.beta(cfg.mixup_alpha, cfg.mixup_alpha))
+    pair = torch.randperm(x.shape[0], generator=s.gen, device=x.device)
+    return lam * x + (1.0 - lam) * x[pair], [(lam, y), (1.0 - lam, y[pair])]
+
+
+def targets_loss(logits: Tensor, targets: Targets, dice_weight: float) -> Tensor:
+    """sum_i w_i * segmentation_loss(logits, y_i) over ``targets`` [(w_i, y_i)]."""
+    if len(targets) == 1 and targets[0][0] == 1.0:
+        return segmentation_loss(logits, targets[0][1], dice_weight)
+    first, *rest = (w * segmentation_loss(logits, y, dice_weight) for w, y in targets)
+    return sum(rest, first)
+
+
+class Validation:
+    """The per-epoch validation of a fine-tuning: Dice on the slices of ``split.val`` (loaded
+    onto the device once), nothing when the split has no validation volumes. ``last`` keeps
+    the scores of the latest call (the final model's, after ``fit``'s last epoch)."""
+
+    def __init__(self, ctx: StageContext) -> None:
+        self.ctx = ctx
+        self.num_classes = ctx.data.num_classes
+        self.val: DeviceSlices | None = None
+        self.last: dict[str, float] | None = None
+        if ctx.split.val:
+            index = ctx.data.slices_of(ctx.split.val)
+            self.val = _device_slices(ctx.data, ctx.split.val, ctx.device, labels=True)
+            ids, group = np.unique(ctx.data.volume[index], return_inverse=True)
+            self.groups = len(ids)
+            self.group = torch.from_numpy(group.astype(np.int64)).to(ctx.device)
+
+    def __call__(self, model: nn.Module, dist: Dist | None) -> dict[str, float]:
+        val = self.val
+        if val is None:
+            return {}
+        scores = _predict_and_score(
+            model,
+            lambda lo, hi: (val.images[lo:hi], val.labels[lo:hi]),
+            self.group,
+            self.groups,
+            self.num_classes,
+            self.ctx.device,
+            eval_batch_size(self.ctx.device),
+            dist,
+        )
+        self.last = scores
+        # per-epoch names: val_dice_mean / val_dice_pooled_mean (per-volume / pooled, as before),
+        # per class val_dice_c{k} (per-volume mean) and val_dice_pooled_c{k}
+        out = {
+            "val_dice_mean": scores["dice_volume_mean"],
+            "val_dice_pooled_mean": scores["dice_pooled_mean"],
+        }
+        for k in range(1, self.num_classes):
+            out[f"val_dice_c{k}"] = scores[f"dice_volume_c{k}"]
+            out[f"val_dice_pooled_c{k}"] = scores[f"dice_pooled_c{k}"]
+        return out
+
+
+def finish_finetune(
+    model: nn.Module,
+    ctx: StageContext,
+    dist: Dist | None,
+    metrics: Mapping[str, float],
+    last_val: Mapping[str, float] | None,
+) -> dict[str, float]:
+    """The final metrics of a fine-tuning, the one place that decides them (``run_finetune``
+    and ``trainers.fused`` both end here): ``metrics`` (``final_metrics``: loss, steps,
+    train_seconds) plus ``val_*`` and ``test_*`` from ``evaluate_model`` of the final
+    ``model``. ``last_val``: the validation scores of the final model when training already
+    computed them (no second pass over the validation volumes)."""
+    out = dict(metrics)
+    if last_val is not None:
+        final_val = last_val
+    else:
+        final_val = evaluate_model(model, ctx.data, ctx.split.val, ctx.device, dist=dist)
+    out.update(_prefixed("val", final_val))
+    test = evaluate_model(model, ctx.data, ctx.split.test, ctx.device, dist=dist)
+    out.update(_prefixed("test", test))
+    return out
+
+
+def finetune_train_slices(cfg: FinetuneConfig, ctx: StageContext) -> DeviceSlices:
+    """The labelled training slices of a fine-tuning on ``ctx.device``."""
+    volumes = resolve_volumes(finetune_reads(cfg), ctx.split, ctx.labelled)["train"]
+    return _device_slices(ctx.data, volumes, ctx.device, labels=True)
+
+
 def run_finetune(cfg: FinetuneConfig, model: ModelConfig, ctx: StageContext) -> StageResult:
     """Supervised fine-tuning on the labelled slices with ``segmentation_loss`` (CE + soft Dice).
 
-    Per batch x (B, 1, H, W), y (B, H, W), after ``spatial_augment`` when ``cfg.augment``:
+    Per batch x (B, 1, H, W), y (B, H, W), after ``spatial_augment`` when ``cfg.augment``
+    (``finetune_batch``):
     - regulariser "none": L(f(x), y).
-    - "mixup": lambda ~ Beta(alpha, alpha), pairing permutation pi;
+    - "mixup" (``mixed_inputs``): lambda ~ Beta(alpha, alpha), pairing permutation pi;
       x' = lambda x + (1 - lambda) x[pi], loss lambda L(f(x'), y) + (1 - lambda) L(f(x'), y[pi]).
     - "mean_teacher": u = ``unlabelled_batch_size`` training slices drawn with replacement,
       (u_s, u_t) = ``intensity_views(u)``; loss L(f(x), y) + w(t) * mean((softmax f(u_s) -
@@ -331,115 +438,59 @@ def run_finetune(cfg: FinetuneConfig, model: ModelConfig, ctx: StageContext) -> 
       usual for Mean Teacher); the student lives on only in checkpoints' "model".
 
     Every ``cfg.val_every``-th epoch and the last add ``val_dice_mean`` (per-volume mean) and
-    ``val_dice_pooled_mean`` on ``split.val`` (skipped when it is empty). Final metrics: ``val_*`` and ``test_*`` from
-    ``evaluate_model`` plus ``loss`` and ``train_seconds``. The final model is kept (no
-    selection on validation Dice).
+    ``val_dice_pooled_mean`` on ``split.val`` (skipped when it is empty; ``Validation``).
+    Final metrics (``finish_finetune``): ``val_*`` and ``test_*`` from ``evaluate_model`` plus
+    ``loss`` and ``train_seconds``. The final model is kept (no selection on validation Dice).
+    Several fine-tunings of one config can also train as one fused model (``trainers.fused``).
     """
     run = build_run("finetune", cfg, model, ctx)
-    roles = resolve_volumes(finetune_reads(cfg), ctx.split, ctx.labelled)
-    train = _device_slices(ctx.data, roles["train"], ctx.device, labels=True)
-    num_classes = ctx.data.num_classes
+    train = finetune_train_slices(cfg, ctx)
 
     teacher: UNet | None = None
-    unlabelled: _DeviceSlices | None = None
+    unlabelled: DeviceSlices | None = None
     if cfg.regulariser == "mean_teacher":
         teacher = copy.deepcopy(run.model).requires_grad_(False)
         run.add_extra("teacher", teacher)
+        roles = resolve_volumes(finetune_reads(cfg), ctx.split, ctx.labelled)
         unlabelled = _device_slices(ctx.data, roles["unlabelled"], ctx.device, labels=False)
     evaluated = teacher if teacher is not None else run.model
 
-    def supervised_batch(s: Step) -> tuple[Tensor, Tensor]:
-        x, y = train.images[s.batch], train.labels[s.batch]
-        if cfg.augment.spatial:
-            x, y = spatial_augment(x, y, s.gen, **spatial_args(cfg.augment))
-        if cfg.augment.intensity:
-            x = intensity_augment(x, s.gen, **intensity_args(cfg.augment))
-        return x, y
-
     def step(s: Step) -> Tensor:
-        x, y = supervised_batch(s)
-        if cfg.regulariser == "mixup":
-            lam = float(s.rng.beta(cfg.mixup_alpha, cfg.mixup_alpha))
-            pair = torch.randperm(x.shape[0], generator=s.gen, device=x.device)
-            logits = run.forward(lam * x + (1.0 - lam) * x[pair])
-            return lam * segmentation_loss(logits, y, cfg.dice_weight) + (
-                1.0 - lam
-            ) * segmentation_loss(logits, y[pair], cfg.dice_weight)
-        if cfg.regulariser == "mean_teacher":
-            draw = torch.randint(
-                len(unlabelled), (cfg.unlabelled_batch_size,), generator=s.gen, device=x.device
-            )
-            u_student, u_teacher = intensity_views(unlabelled.images[draw], s.gen)
-            logits = run.forward(torch.cat([x, u_student]))
-            with torch.no_grad(), autocast(ctx.device):
-                target = teacher(
-                    u_teacher.contiguous(memory_format=device_memory_format(ctx.device))
-                ).float()
-            consistency = F.mse_loss(logits[x.shape[0] :].softmax(1), target.softmax(1))
-            ramp = (
-                sigmoid_rampup(s.step, cfg.consistency_rampup_steps)
-                if cfg.consistency_rampup_steps > 0
-                else sigmoid_rampup(s.progress, cfg.consistency_rampup)
-            )
-            weight = cfg.consistency_weight * ramp
-            return (
-                segmentation_loss(logits[: x.shape[0]], y, cfg.dice_weight) + weight * consistency
-            )
-        return segmentation_loss(run.forward(x), y, cfg.dice_weight)
+        x, y = finetune_batch(cfg, train, s)
+        if cfg.regulariser != "mean_teacher":
+            x_in, targets = mixed_inputs(cfg, x, y, s)
+            return targets_loss(run.forward(x_in), targets, cfg.dice_weight)
+        draw = torch.randint(
+            len(unlabelled), (cfg.unlabelled_batch_size,), generator=s.gen, device=x.device
+        )
+        u_student, u_teacher = intensity_views(unlabelled.images[draw], s.gen)
+        logits = run.forward(torch.cat([x, u_student]))
+        with torch.no_grad(), autocast(ctx.device):
+            target = teacher(
+                u_teacher.contiguous(memory_format=device_memory_format(ctx.device))
+            ).float()
+        consistency = F.mse_loss(logits[x.shape[0] :].softmax(1), target.softmax(1))
+        ramp = (
+            sigmoid_rampup(s.step, cfg.consistency_rampup_steps)
+            if cfg.consistency_rampup_steps > 0
+            else sigmoid_rampup(s.progress, cfg.consistency_rampup)
+        )
+        weight = cfg.consistency_weight * ramp
+        return segmentation_loss(logits[: x.shape[0]], y, cfg.dice_weight) + weight * consistency
 
     def ema(step_count: int) -> None:
         _ema_update(teacher, run.model, min(cfg.ema_decay, 1.0 - 1.0 / (step_count + 1)))
 
-    val = None
-    if ctx.split.val:
-        index = ctx.data.slices_of(ctx.split.val)
-        val = _device_slices(ctx.data, ctx.split.val, ctx.device, labels=True)
-        val_ids, val_group = np.unique(ctx.data.volume[index], return_inverse=True)
-        val_group = torch.from_numpy(val_group.astype(np.int64)).to(ctx.device)
-
-    last_val: dict[str, Any] = {}  # fit validates after its last epoch: that is the final model
-
-    def validate() -> dict[str, float]:
-        if val is None:
-            return {}
-        scores = _predict_and_score(
-            evaluated,
-            lambda lo, hi: (val.images[lo:hi], val.labels[lo:hi]),
-            val_group,
-            len(val_ids),
-            num_classes,
-            ctx.device,
-            eval_batch_size(ctx.device),
-            run.dist,
-        )
-        last_val["scores"] = scores
-        # per-epoch names: val_dice_mean / val_dice_pooled_mean (per-volume / pooled, as before),
-        # per class val_dice_c{k} (per-volume mean) and val_dice_pooled_c{k}
-        out = {
-            "val_dice_mean": scores["dice_volume_mean"],
-            "val_dice_pooled_mean": scores["dice_pooled_mean"],
-        }
-        for k in range(1, num_classes):
-            out[f"val_dice_c{k}"] = scores[f"dice_volume_c{k}"]
-            out[f"val_dice_pooled_c{k}"] = scores[f"dice_pooled_c{k}"]
-        return out
-
+    validation = Validation(ctx)  # fit validates after its last epoch: that is the final model
     fit(
         run,
         cfg,
         num_slices=len(train),
         step_fn=step,
         after_step=ema if teacher is not None else None,
-        evaluate=validate,
+        evaluate=lambda: validation(evaluated, run.dist),
         evaluate_every=cfg.val_every,
         evaluate_every_steps=cfg.val_every_steps,
     )
-    metrics = final_metrics(run)
-    if last_val:  # no second pass over the validation volumes
-        final_val = last_val["scores"]
-    else:
-        final_val = evaluate_model(evaluated, ctx.data, ctx.split.val, ctx.device, dist=run.dist)
-    metrics.update(_prefixed("val", final_val))
-    test = evaluate_model(evaluated, ctx.data, ctx.split.test, ctx.device, dist=run.dist)
-    metrics.update(_prefixed("test", test))
+    metrics = finish_finetune(evaluated, ctx, run.dist, final_metrics(run), validation.last)
     return StageResult(to_cpu(evaluated.state_dict()), metrics)

@@ -23,7 +23,7 @@ Layout of a spec (every section optional except ``name``)::
         - {label_fraction: 0.2, stages.finetune.steps: 2400}   # the same keys
     resources: {workers_per_trial: 1, cpus_per_worker: 1, gpus_per_worker: 0,
                 max_concurrent_trials: null, checkpoint_every: 1, max_failures: 1,
-                nodes_per_run: 1}
+                nodes_per_run: 1, fuse_finetunes: false}
     storage: results/<name>                # default; relative paths are taken from the CWD
     ray: {address: null}
     tracking: {mlflow_uri: null, tensorboard: false, wandb: null}  # wandb: {project: ...}

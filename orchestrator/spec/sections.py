@@ -81,6 +81,10 @@ class Resources:
     ``nodes_per_run`` > 1: up to that many ready nodes of one stage kind (e.g. the siblings of
     a parent) run one after another in one Tune trial's Train run, paying its start-up once
     (``orchestrator.execute``); 1 (the default): one Train run per node. Never in node keys.
+    ``fuse_finetunes`` (needs ``nodes_per_run`` > 1 and ``workers_per_trial`` 1): a bundle's
+    fine-tunings of one config and model train as one horizontally fused model
+    (``trainers.fused``; those that cannot, e.g. Mean Teacher, run one after another as
+    before), each still written to the store as its own node. Never in node keys.
     """
 
     workers_per_trial: int = 1
@@ -90,6 +94,7 @@ class Resources:
     checkpoint_every: int = 1
     max_failures: int = 1
     nodes_per_run: int = 1
+    fuse_finetunes: bool = False
 
     def __post_init__(self) -> None:
         check_positive_int("resources", "workers_per_trial", self.workers_per_trial)
@@ -100,6 +105,16 @@ class Resources:
         check_positive_int("resources", "checkpoint_every", self.checkpoint_every)
         check_non_negative_int("resources", "max_failures", self.max_failures)
         check_positive_int("resources", "nodes_per_run", self.nodes_per_run)
+        if not isinstance(self.fuse_finetunes, bool):
+            raise ConfigError(
+                f"resources.fuse_finetunes: must be true or false, got {self.fuse_finetunes!r}"
+            )
+        if self.fuse_finetunes and (self.nodes_per_run < 2 or self.workers_per_trial != 1):
+            raise ConfigError(
+                "resources.fuse_finetunes: fuses the fine-tunings of one bundle in one process, "
+                "so it needs nodes_per_run >= 2 and workers_per_trial 1; got nodes_per_run "
+                f"{self.nodes_per_run}, workers_per_trial {self.workers_per_trial}"
+            )
         gpus = self.gpus_per_worker
         if gpus > 1 and gpus != int(gpus):
             raise ConfigError(

@@ -11,7 +11,8 @@ Schema (stable column names; a later ``tabulate`` can always re-read an old swee
     the stage and node key; None when ok/pending); ``key_global``, ``key_local``,
     ``key_finetune`` (None where the method has no such stage); every final metric of the
     finetune node (``test_dice_pooled_mean``, ``test_dice_volume_mean``, per class
-    ``test_dice_pooled_c1`` ..., ``val_*``); ``wall_s_<stage>`` and ``gpu_s_<stage>`` for each
+    ``test_dice_pooled_c1`` ..., ``val_*``; not ``fused``, so a fused sweep's table has an
+    unfused one's columns); ``wall_s_<stage>`` and ``gpu_s_<stage>`` for each
     stage (``wall_s``/``gpu_s`` of the node's ``metrics.json`` when the worker recorded them,
     else the sum of the epochs' ``seconds``/``gpu_s``; NaN when unknown); ``torch_version``,
     ``ray_version``, ``numpy_version``, ``git_commit`` (recorded in ``sweep.json`` at launch);

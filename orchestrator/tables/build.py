@@ -130,7 +130,7 @@ def collect(plan: Plan, store: StageStore) -> Tables:
             {
                 name: value
                 for name, value in sorted(final.items())
-                if name not in (*_TIME_KEYS, "steps", "timing")
+                if name not in (*_TIME_KEYS, "steps", "timing", "fused")
             }
         )
         for stage in stage_names():

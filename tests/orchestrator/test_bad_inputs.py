@@ -399,6 +399,12 @@ CASES: dict[str, Case] = {
         ),
         Case(
             "spec",
+            "fused fine-tunes without bundles",
+            _spec_with("resources: {fuse_finetunes: true}\n"),
+            "resources.fuse_finetunes",
+        ),
+        Case(
+            "spec",
             "--json without --dry-run",
             lambda f: [*_spec(f), "--json"],
             "--json",

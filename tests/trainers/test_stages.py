@@ -563,8 +563,8 @@ def test_epoch_batches_shard_one_permutation_across_ranks(
     for rank in range(world):
         dist = loop.Dist(rank, world)
         order = torch.Generator().manual_seed(5)
-        batches = loop._epoch_batches(num_slices, batch_size, min_batch, order, dist, CPU)
-        assert len(batches) == loop._steps_per_epoch(num_slices, batch_size, min_batch, dist)
+        batches = loop.epoch_batches(num_slices, batch_size, min_batch, order, dist, CPU)
+        assert len(batches) == loop.batches_per_epoch(num_slices, batch_size, min_batch, dist)
         assert all(min_batch <= len(b) <= batch_size for b in batches)
         shards.append(torch.cat(batches).tolist() if batches else [])
     assert not set(shards[0]) & set(shards[1])  # ranks never share a slice in an epoch
