@@ -352,7 +352,8 @@ class SliceData:
     taken as one channel, a view (S, 1, H, W)); labels uint8 (S, H, W) class ids <
     num_classes; volume int32 (S,) index into ``cases``; position float32 (S,) = slice index /
     slices of its volume, in [0, 1); cases: the volumes' case names; fingerprint:
-    ``data_fingerprint``.
+    ``data_fingerprint``; cache_folder: the cache folder it was loaded from (None when built in
+    memory), where ``trainers.native.load_native`` finds the native label maps.
     """
 
     images: np.ndarray
@@ -362,6 +363,7 @@ class SliceData:
     cases: tuple[str, ...]
     num_classes: int
     fingerprint: str
+    cache_folder: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cases", tuple(self.cases))
@@ -434,7 +436,11 @@ def load_slice_cache(path: str | os.PathLike[str]) -> SliceData:
             raise DatasetError(f"{file}: unreadable slice-cache array ({err})") from err
     try:
         return SliceData(
-            **arrays, cases=tuple(cases), num_classes=num_classes, fingerprint=fingerprint
+            **arrays,
+            cases=tuple(cases),
+            num_classes=num_classes,
+            fingerprint=fingerprint,
+            cache_folder=str(folder),
         )
     except ValueError as err:
         raise DatasetError(f"{folder}: inconsistent slice cache ({err})") from err
@@ -528,6 +534,9 @@ def prepare_slices(cfg: DataConfig, cache_dir: str | os.PathLike[str]) -> SliceD
             "image_size": cfg.image_size,
         }
         _write_cache(folder, arrays, meta)
+    from trainers.native import write_native_sidecar  # imports torch: not at planning time
+
+    write_native_sidecar(cfg, folder)  # the native test metrics' label maps and spacings
     return load_slice_cache(folder)
 
 

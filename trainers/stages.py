@@ -86,6 +86,7 @@ from trainers.losses import (
 )
 from trainers.metrics import dice_scores, volume_confusion
 from trainers.model import UNet, unwrap_model
+from trainers.native import finetune_test_metrics
 from trainers.registry import finetune_reads, global_reads, local_reads, resolve_volumes
 
 
@@ -440,6 +441,6 @@ def run_finetune(cfg: FinetuneConfig, model: ModelConfig, ctx: StageContext) -> 
     else:
         final_val = evaluate_model(evaluated, ctx.data, ctx.split.val, ctx.device, dist=run.dist)
     metrics.update(_prefixed("val", final_val))
-    test = evaluate_model(evaluated, ctx.data, ctx.split.test, ctx.device, dist=run.dist)
-    metrics.update(_prefixed("test", test))
+    # test Dice at the model's input size and on each volume's own grid (trainers.native)
+    metrics.update(finetune_test_metrics(cfg, evaluated, ctx, run.dist))
     return StageResult(to_cpu(evaluated.state_dict()), metrics)

@@ -1,0 +1,390 @@
+"""Test metrics on each volume's own voxel grid: Dice, HD95 and surface Dice (NSD) in mm.
+
+The fine-tuning node's ``test_dice_*`` score the ``image_size`` x ``image_size`` slices the
+model sees (the reference code's numbers). ``native_metrics`` scores the same model on the
+original voxel grid of each test volume instead: its logits on the cached slices of a volume
+are resized back to the volume's in-plane size (bilinear, antialiased when shrinking,
+``align_corners=False``, exactly as ``trainers.inference.predict_volume`` does), the argmax is
+taken there and the slices are restacked along the slicing axis; the label map is compared with
+the volume's label map as stored.
+
+Where the data comes from (a worker may not see the dataset's NIfTI folder): at prepare time
+(``trainers.data.prepare_slices``) ``write_native_sidecar`` adds ``<cache>/native/`` beside the
+slice cache: ``labels.npy`` (uint8, every case's checked label map, flattened in C order, one
+after the other) and ``meta.json`` (format, fingerprint, slicing axis, and per case its name,
+shape, offset into ``labels.npy`` and voxel spacing in mm, the first three of the image file's
+NIfTI header zooms; a zoom that is missing, zero or not finite counts as 1 mm). The slice
+cache's own files and fingerprint are untouched; a cache written before the sidecar existed
+gets it at the next ``prepare_slices``. ``load_native`` memory-maps it.
+
+Metrics (class k = 1 .. K - 1; background is never scored), ``test_native_`` +:
+
+- ``dice_pooled_c{k}`` / ``_mean``, ``dice_volume_c{k}`` / ``_mean``, ``n_volumes``: as
+  ``trainers.metrics.dice_scores`` (pooled over all test voxels; per volume, then averaged).
+- ``hd95_c{k}`` / ``_mean`` (mm): per volume the 95th-percentile symmetric Hausdorff distance,
+  max(P95 of the distances from each predicted boundary voxel to the nearest reference boundary
+  voxel, P95 of the reverse), boundary voxels being mask voxels with a 6-neighbour outside,
+  distances Euclidean between voxel centres scaled by the spacing; then averaged over volumes.
+- ``nsd_c{k}`` / ``_mean``: per volume the normalised surface Dice at tolerance tau
+  (``nsd_tolerance_mm``, default 1 mm, Nikolov et al. 2021): the fraction of boundary voxels of
+  both masks lying within tau of the other's boundary; then averaged over volumes.
+- ``hd95_undefined``: how many (volume, class) pairs had exactly one of prediction and
+  reference empty (their HD95 is NaN, see below).
+
+Both surface metrics come from MONAI (``monai.metrics.utils.get_edge_surface_distance``, the
+function behind its ``compute_hausdorff_distance(percentile=95)`` and ``compute_surface_dice``;
+the tests check that the numbers agree with those two): boundaries and distances are computed
+once per (volume, class) and both metrics read them.
+
+Empty masks (per volume and class, following the Metrics Reloaded recommendation that a
+metric undefined on a case is reported as such and left out of the aggregate rather than
+silently given a value): class absent from both prediction and reference: Dice, HD95 and NSD
+NaN (nothing to score); present in only one: Dice 0 and NSD 0 (both well defined: no overlap,
+no boundary within tolerance), HD95 NaN (there is no distance to an empty set; counted in
+``hd95_undefined`` so that the NaNs skipped by the means are visible). Every mean skips NaN;
+a mean over nothing is NaN.
+
+Imports no Ray and nothing of ``orchestrator``; MONAI and nibabel are imported where used.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from trainers.metrics import dice_scores, volume_confusion
+
+if TYPE_CHECKING:
+    from trainers.config import DataConfig, FinetuneConfig
+    from trainers.data import SliceData
+    from trainers.loop import Dist, StageContext
+
+NATIVE_FOLDER = "native"  # <slice cache>/native/
+_NATIVE_FORMAT = 1
+DEFAULT_NSD_TOLERANCE_MM = 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# the sidecar: native label maps and spacings beside the slice cache
+
+
+@dataclass(frozen=True, eq=False)
+class NativeLabels:
+    """Every case's label map as stored (uint8) and its voxel spacing (mm), by case index
+    (the slice cache's ``cases`` order); ``axis`` (0..2) is the slicing axis of the cache."""
+
+    cases: tuple[str, ...]
+    shapes: tuple[tuple[int, int, int], ...]
+    spacings: tuple[tuple[float, float, float], ...]
+    offsets: tuple[int, ...]
+    flat: np.ndarray
+    axis: int
+
+    def label(self, index: int) -> np.ndarray:
+        """Case ``index``'s label map, (X, Y, Z) uint8 (a read-only view)."""
+        shape = self.shapes[index]
+        start = self.offsets[index]
+        return self.flat[start : start + math.prod(shape)].reshape(shape)
+
+
+def _header_spacing(path: str) -> tuple[float, float, float]:
+    """The first three NIfTI header zooms of ``path`` in mm; 1.0 for a missing / bad one."""
+    import nibabel as nib
+
+    zooms = tuple(float(z) for z in nib.load(path).header.get_zooms()[:3])
+    zooms = zooms + (1.0,) * (3 - len(zooms))
+    return tuple(z if math.isfinite(z) and z > 0 else 1.0 for z in zooms)  # type: ignore[return-value]
+
+
+def write_native_sidecar(cfg: DataConfig, folder: str | os.PathLike[str]) -> Path:
+    """Write ``folder/native/`` (see the module docstring) unless it is there; returns it.
+
+    Reads the cases as ``prepare_slices`` does (``trainers.msd.iter_checked``: the same label
+    checks and ``label_remap``), one at a time, and their image files' header zooms. Written
+    in a temporary folder renamed into place (``meta.json`` inside), so a reader sees all or
+    nothing; a concurrent writer's identical copy is kept.
+    """
+    from trainers.msd import iter_checked, scan_layout
+
+    target = Path(folder) / NATIVE_FOLDER
+    if (target / "meta.json").is_file():
+        return target
+    meta_path = Path(folder) / "meta.json"
+    fingerprint = json.loads(meta_path.read_text())["fingerprint"] if meta_path.is_file() else ""
+    cases, shapes, spacings, offsets, parts = [], [], [], [], []
+    offset = 0
+    for volume in iter_checked(scan_layout(cfg.root), cfg.label_remap):
+        cases.append(volume.case)
+        shapes.append([int(n) for n in volume.label.shape])
+        spacings.append(list(_header_spacing(volume.image_path)))
+        offsets.append(offset)
+        parts.append(np.ascontiguousarray(volume.label, dtype=np.uint8).reshape(-1))
+        offset += parts[-1].size
+        del volume
+    meta = {
+        "format": _NATIVE_FORMAT,
+        "fingerprint": fingerprint,
+        "axis": cfg.axis % 3,
+        "cases": cases,
+        "shapes": shapes,
+        "spacings": spacings,
+        "offsets": offsets,
+    }
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{NATIVE_FOLDER}.tmp-", dir=target.parent))
+    try:
+        with (staging / "labels.npy").open("wb") as handle:
+            np.save(handle, np.concatenate(parts) if parts else np.zeros(0, np.uint8))
+            handle.flush()
+            os.fsync(handle.fileno())
+        (staging / "meta.json").write_text(json.dumps(meta))
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not (target / "meta.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def load_native(folder: str | os.PathLike[str] | None) -> NativeLabels | None:
+    """The sidecar of the slice cache ``folder`` (labels memory-mapped), None when absent."""
+    if folder is None:
+        return None
+    target = Path(folder) / NATIVE_FOLDER
+    if not (target / "meta.json").is_file():
+        return None
+    meta = json.loads((target / "meta.json").read_text())
+    if meta.get("format") != _NATIVE_FORMAT:
+        return None
+    return NativeLabels(
+        cases=tuple(meta["cases"]),
+        shapes=tuple(tuple(int(n) for n in s) for s in meta["shapes"]),  # type: ignore[misc]
+        spacings=tuple(tuple(float(z) for z in s) for s in meta["spacings"]),  # type: ignore[misc]
+        offsets=tuple(int(o) for o in meta["offsets"]),
+        flat=np.load(target / "labels.npy", mmap_mode="r"),
+        axis=int(meta["axis"]),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# surface metrics of one volume (MONAI)
+
+
+def surface_metrics(
+    pred: np.ndarray | Tensor,
+    target: np.ndarray | Tensor,
+    spacing: Sequence[float],
+    num_classes: int,
+    tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """HD95 (mm) and NSD at ``tolerance_mm`` of each foreground class of one volume.
+
+    ``pred``, ``target``: integer label maps of one shape (2D or 3D); ``spacing``: mm per voxel
+    along each axis. Returns (hd95, nsd), each (num_classes - 1,) float64, and the number of
+    classes present in exactly one of the two maps (their HD95 is NaN; module docstring).
+    """
+    from monai.metrics.utils import get_edge_surface_distance
+
+    if not (isinstance(tolerance_mm, int | float) and math.isfinite(tolerance_mm)):
+        raise ValueError(f"tolerance_mm: must be a finite number >= 0, got {tolerance_mm!r}")
+    if tolerance_mm < 0:
+        raise ValueError(f"tolerance_mm: must be a finite number >= 0, got {tolerance_mm!r}")
+    pred_t, target_t = torch.as_tensor(np.array(pred)), torch.as_tensor(np.array(target))
+    if pred_t.shape != target_t.shape:
+        raise ValueError(
+            f"pred shape {tuple(pred_t.shape)} != target shape {tuple(target_t.shape)}"
+        )
+    if len(spacing) != pred_t.ndim:
+        raise ValueError(f"spacing {tuple(spacing)}: needs one value per axis of {pred_t.ndim}")
+    hd95 = np.full(num_classes - 1, np.nan)
+    nsd = np.full(num_classes - 1, np.nan)
+    undefined = 0
+    for k in range(1, num_classes):
+        p, g = pred_t == k, target_t == k
+        has_p, has_g = bool(p.any()), bool(g.any())
+        if not (has_p or has_g):
+            continue
+        if has_p != has_g:
+            nsd[k - 1], undefined = 0.0, undefined + 1
+            continue
+        with warnings.catch_warnings():  # MONAI 1.5+ warns about an argument of its own call
+            warnings.simplefilter("ignore", FutureWarning)
+            _, (to_target, to_pred), _ = get_edge_surface_distance(
+                p, g, spacing=tuple(float(s) for s in spacing), symmetric=True, warn_empty=False
+            )
+        hd95[k - 1] = max(
+            float(torch.quantile(to_target.double(), 0.95)),
+            float(torch.quantile(to_pred.double(), 0.95)),
+        )
+        within = (to_target <= tolerance_mm).sum() + (to_pred <= tolerance_mm).sum()
+        nsd[k - 1] = float(within) / (len(to_target) + len(to_pred))
+    return hd95, nsd, undefined
+
+
+# ---------------------------------------------------------------------------------------------
+# the fine-tuning node's test metrics: model-sized and native, from one forward pass
+
+
+def _predict_volume_slices(
+    model: nn.Module,
+    slices: np.ndarray,
+    shape: tuple[int, int, int],
+    axis: int,
+    device: torch.device,
+    batch_size: int,
+) -> tuple[Tensor, np.ndarray]:
+    """One volume's cached (n, S, S) slices -> the argmax at the model's size, (n, S, S) uint8
+    on ``device``, and the label map of ``shape`` (the volume as stored, uint8): logits resized
+    back to the in-plane size, argmax there, slices restacked along ``axis``."""
+    from trainers.loop import autocast, device_memory_format
+
+    in_plane = tuple(n for i, n in enumerate(shape) if i != axis)
+    if slices.shape[0] != shape[axis]:
+        raise ValueError(
+            f"{slices.shape[0]} cached slices for a volume of {shape[axis]} along axis {axis} "
+            f"(shape {shape}): the native metrics need one cached slice per stored slice"
+        )
+    small = torch.empty(slices.shape, dtype=torch.uint8, device=device)
+    out = torch.empty((slices.shape[0], *in_plane), dtype=torch.uint8)
+    for start in range(0, slices.shape[0], batch_size):
+        batch = torch.from_numpy(np.ascontiguousarray(slices[start : start + batch_size]))
+        x = batch.unsqueeze(1).to(device).contiguous(memory_format=device_memory_format(device))
+        with autocast(device):
+            logits = model(x)
+        stop = start + x.shape[0]
+        small[start:stop] = logits.argmax(dim=1).to(torch.uint8)
+        logits = logits.float()
+        if tuple(logits.shape[-2:]) != in_plane:
+            logits = F.interpolate(
+                logits, size=in_plane, mode="bilinear", align_corners=False, antialias=True
+            )
+        out[start:stop] = logits.argmax(dim=1).to(torch.uint8).cpu()
+    return small, np.moveaxis(out.numpy(), 0, axis)
+
+
+def score_test_volumes(
+    model: nn.Module,
+    data: SliceData,
+    volumes: Sequence[int],
+    device: torch.device,
+    tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,
+    native: NativeLabels | None = None,
+    batch_size: int | None = None,
+    dist: Dist | None = None,
+) -> dict[str, float]:
+    """``model``'s test metrics, both kinds from one forward pass over the slices of ``volumes``:
+    ``test_*`` (exactly ``trainers.stages.evaluate_model``'s Dice at the model's input size,
+    prefixed ``test_``) and ``test_*`` on the original voxel grid (``test_native_*``, module
+    docstring), plus ``native_eval_s`` (seconds the whole took) and ``native_nsd_tolerance_mm``.
+
+    ``native``: the sidecar (default ``load_native(data.cache_folder)``); without one only
+    ``evaluate_model``'s metrics are returned and a warning says why. {} for no volumes.
+    With ``dist`` of world > 1 (every rank must call) rank r scores volumes r, r + world, ...
+    and the per-volume numbers are summed across ranks: every rank returns the same metrics.
+    The model's train/eval mode is restored.
+    """
+    from trainers.loop import Dist
+    from trainers.model import unwrap_model
+    from trainers.stages import eval_batch_size, evaluate_model
+
+    started = time.perf_counter()
+    if not volumes:
+        return {}
+    device = torch.device(device)
+    native = native if native is not None else load_native(getattr(data, "cache_folder", None))
+    if native is None:
+        warnings.warn(
+            "native test metrics skipped: the slice cache has no native/ sidecar "
+            "(trainers.native.write_native_sidecar; prepare_slices writes it)",
+            stacklevel=2,
+        )
+        scores = evaluate_model(model, data, tuple(volumes), device, batch_size, dist)
+        return {f"test_{key}": float(value) for key, value in scores.items()}
+    if native.cases != tuple(data.cases):
+        raise ValueError("native sidecar: its cases differ from the slice cache's")
+    batch_size = batch_size or eval_batch_size(device)
+    dist = dist or Dist()
+    num_classes = data.num_classes
+    count = len(volumes)
+    at_size = torch.zeros((count, num_classes, num_classes), dtype=torch.int64, device=device)
+    at_native = torch.zeros_like(at_size)
+    surface = torch.zeros((count, 2, num_classes - 1), dtype=torch.float64, device=device)
+    undefined = torch.zeros((), dtype=torch.float64, device=device)
+    module = unwrap_model(model)
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.inference_mode():
+            for position in range(dist.rank, count, dist.world):
+                volume = int(volumes[position])
+                rows = data.slices_of((volume,))
+                shape = native.shapes[volume]
+                small, pred = _predict_volume_slices(
+                    module, data.images[rows], shape, native.axis, device, batch_size
+                )
+                labels = torch.from_numpy(np.ascontiguousarray(data.labels[rows])).to(device)
+                group = torch.zeros(len(rows), dtype=torch.int64, device=device)
+                at_size[position] = volume_confusion(small, labels, group, 1, num_classes)[0]
+                target = np.array(native.label(volume))
+                at_native[position] = volume_confusion(
+                    torch.from_numpy(pred.reshape(1, 1, -1)).to(device),
+                    torch.from_numpy(target.reshape(1, 1, -1)).to(device),
+                    group[:1],
+                    1,
+                    num_classes,
+                )[0]
+                hd95, nsd, missing = surface_metrics(
+                    pred, target, native.spacings[volume], num_classes, tolerance_mm
+                )
+                surface[position, 0] = torch.from_numpy(hd95)
+                surface[position, 1] = torch.from_numpy(nsd)
+                undefined += missing
+            for table in (at_size, at_native, surface, undefined):
+                dist.all_reduce(table)
+    finally:
+        module.train(was_training)
+
+    metrics = {f"test_{key}": float(value) for key, value in dice_scores(at_size.cpu()).items()}
+    for key, value in dice_scores(at_native.cpu()).items():
+        metrics[f"test_native_{key}"] = float(value)
+    per_class = surface.cpu().nanmean(dim=0)  # (2, K - 1): NaN volumes skipped
+    for row, name in enumerate(("hd95", "nsd")):
+        for k in range(1, num_classes):
+            metrics[f"test_native_{name}_c{k}"] = float(per_class[row, k - 1])
+        metrics[f"test_native_{name}_mean"] = float(per_class[row].nanmean())
+    metrics["test_native_hd95_undefined"] = float(undefined)
+    metrics["native_nsd_tolerance_mm"] = float(tolerance_mm)
+    metrics["native_eval_s"] = time.perf_counter() - started
+    return metrics
+
+
+def finetune_test_metrics(
+    cfg: FinetuneConfig, model: nn.Module, ctx: StageContext, dist: Dist | None = None
+) -> dict[str, float]:
+    """The fine-tuning node's final test metrics on ``ctx.split.test``: with
+    ``cfg.native_eval``, ``score_test_volumes`` at ``cfg.nsd_tolerance_mm`` (model-sized and native
+    from one forward pass); else ``evaluate_model``'s Dice alone, as ``test_*``."""
+    from trainers.stages import evaluate_model
+
+    if cfg.native_eval:
+        return score_test_volumes(
+            model, ctx.data, ctx.split.test, ctx.device, cfg.nsd_tolerance_mm, dist=dist
+        )
+    scores = evaluate_model(model, ctx.data, ctx.split.test, ctx.device, dist=dist)
+    return {f"test_{key}": float(value) for key, value in scores.items()}
