@@ -226,7 +226,7 @@ def surface_metrics(
         with warnings.catch_warnings():  # MONAI 1.5+ warns about an argument of its own call
             warnings.simplefilter("ignore", FutureWarning)
             _, (to_target, to_pred), _ = get_edge_surface_distance(
-                p, g, spacing=tuple(float(s) for s in spacing), symmetric=True, warn_empty=False
+                p, g, spacing=tuple(float(s) for s in spacing), symmetric=True
             )
         hd95[k - 1] = max(
             float(torch.quantile(to_target.double(), 0.95)),
