@@ -10,9 +10,9 @@ the volume's label map as stored.
 
 Where the data comes from (a worker may not see the dataset's NIfTI folder): at prepare time
 (``trainers.data.prepare_slices``) ``write_native_sidecar`` adds ``<cache>/native/`` beside the
-slice cache: ``labels.npy`` (uint8, every case's checked label map, flattened in C order, one
+slice cache: ``labels.u8`` (raw uint8: every case's checked label map, flattened in C order, one
 after the other) and ``meta.json`` (format, fingerprint, slicing axis, and per case its name,
-shape, offset into ``labels.npy`` and voxel spacing in mm, the first three of the image file's
+shape, offset into ``labels.u8`` and voxel spacing in mm, the first three of the image file's
 NIfTI header zooms; a zoom that is missing, zero or not finite counts as 1 mm). The slice
 cache's own files and fingerprint are untouched; a cache written before the sidecar existed
 gets it at the next ``prepare_slices``. ``load_native`` memory-maps it.
@@ -74,6 +74,7 @@ if TYPE_CHECKING:
     from trainers.loop import Dist, StageContext
 
 NATIVE_FOLDER = "native"  # <slice cache>/native/
+LABELS_FILE = "labels.u8"  # raw uint8, the label maps one after the other (C order)
 _NATIVE_FORMAT = 1
 DEFAULT_NSD_TOLERANCE_MM = 1.0
 
@@ -125,32 +126,33 @@ def write_native_sidecar(cfg: DataConfig, folder: str | os.PathLike[str]) -> Pat
         return target
     meta_path = Path(folder) / "meta.json"
     fingerprint = json.loads(meta_path.read_text())["fingerprint"] if meta_path.is_file() else ""
-    cases, shapes, spacings, offsets, parts = [], [], [], [], []
+    cases, shapes, spacings, offsets = [], [], [], []
     offset = 0
-    for volume in iter_checked(scan_layout(cfg.root), cfg.label_remap):
-        cases.append(volume.case)
-        shapes.append([int(n) for n in volume.label.shape])
-        spacings.append(list(_header_spacing(volume.image_path)))
-        offsets.append(offset)
-        parts.append(np.ascontiguousarray(volume.label, dtype=np.uint8).reshape(-1))
-        offset += parts[-1].size
-        del volume
-    meta = {
-        "format": _NATIVE_FORMAT,
-        "fingerprint": fingerprint,
-        "axis": cfg.axis % 3,
-        "cases": cases,
-        "shapes": shapes,
-        "spacings": spacings,
-        "offsets": offsets,
-    }
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{NATIVE_FOLDER}.tmp-", dir=target.parent))
     try:
-        with (staging / "labels.npy").open("wb") as handle:
-            np.save(handle, np.concatenate(parts) if parts else np.zeros(0, np.uint8))
+        # appended one volume at a time: memory holds one volume, whatever the dataset's size
+        with (staging / LABELS_FILE).open("wb") as handle:
+            for volume in iter_checked(scan_layout(cfg.root), cfg.label_remap):
+                cases.append(volume.case)
+                shapes.append([int(n) for n in volume.label.shape])
+                spacings.append(list(_header_spacing(volume.image_path)))
+                offsets.append(offset)
+                handle.write(np.ascontiguousarray(volume.label, dtype=np.uint8).tobytes())
+                offset += volume.label.size
+                del volume
             handle.flush()
             os.fsync(handle.fileno())
+        meta = {
+            "format": _NATIVE_FORMAT,
+            "fingerprint": fingerprint,
+            "axis": cfg.axis % 3,
+            "cases": cases,
+            "shapes": shapes,
+            "spacings": spacings,
+            "offsets": offsets,
+            "voxels": offset,
+        }
         (staging / "meta.json").write_text(json.dumps(meta))
         try:
             os.rename(staging, target)
@@ -177,7 +179,11 @@ def load_native(folder: str | os.PathLike[str] | None) -> NativeLabels | None:
         shapes=tuple(tuple(int(n) for n in s) for s in meta["shapes"]),  # type: ignore[misc]
         spacings=tuple(tuple(float(z) for z in s) for s in meta["spacings"]),  # type: ignore[misc]
         offsets=tuple(int(o) for o in meta["offsets"]),
-        flat=np.load(target / "labels.npy", mmap_mode="r"),
+        flat=(
+            np.memmap(target / LABELS_FILE, dtype=np.uint8, mode="r", shape=(meta["voxels"],))
+            if meta["voxels"]
+            else np.zeros(0, dtype=np.uint8)
+        ),
         axis=int(meta["axis"]),
     )
 

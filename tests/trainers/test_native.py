@@ -312,3 +312,44 @@ def test_native_settings_enter_keys_only_when_not_default() -> None:
     assert LATE_DEFAULTS["native_eval"] is True and LATE_DEFAULTS["nsd_tolerance_mm"] == 1.0
     assert hash_form(config_dict(FinetuneConfig(native_eval=False)))["native_eval"] is False
     assert hash_form(config_dict(FinetuneConfig(nsd_tolerance_mm=2.0)))["nsd_tolerance_mm"] == 2.0
+
+
+def _two_rank_worker(rank: int, world: int, port: int, cache: str, out: str) -> None:
+    from trainers.loop import Dist
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        data = load_slice_cache(cache)
+        scores = score_test_volumes(
+            _model(data.num_classes), data, (0, 3, 6), CPU, dist=Dist.current()
+        )
+        torch.save(scores, Path(out) / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ranks_share_the_volumes_and_agree_with_one_process(
+    synthetic_slices: SliceData, tmp_path: Path
+) -> None:
+    """Under torch.distributed each rank scores its share of the volumes; the summed
+    per-volume numbers give every rank the metrics of one process scoring them all."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = (2, port, synthetic_slices.cache_folder, str(tmp_path))
+    torch.multiprocessing.spawn(_two_rank_worker, args=args, nprocs=2)
+    alone = score_test_volumes(
+        _model(synthetic_slices.num_classes), synthetic_slices, (0, 3, 6), CPU
+    )
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert got.keys() == alone.keys()
+        for key in alone:
+            if key != "native_eval_s":
+                assert got[key] == pytest.approx(alone[key], abs=1e-12, nan_ok=True), (rank, key)
