@@ -17,6 +17,11 @@ NIfTI header zooms; a zoom that is missing, zero or not finite counts as 1 mm). 
 cache's own files and fingerprint are untouched; a cache written before the sidecar existed
 gets it at the next ``prepare_slices``. ``load_native`` memory-maps it.
 
+The resize back inverts today's preprocessing (slices along ``axis`` resized to ``image_size``).
+A dataset setting it does not invert (one added later, e.g. a reorientation or resampling, at a
+value other than its default) is recorded in the sidecar's ``not_inverted``, and the native
+metrics are then skipped with a warning instead of being computed on a misaligned grid.
+
 Metrics (class k = 1 .. K - 1; background is never scored), ``test_native_`` +:
 
 - ``dice_pooled_c{k}`` / ``_mean``, ``dice_volume_c{k}`` / ``_mean``, ``n_volumes``: as
@@ -74,6 +79,22 @@ if TYPE_CHECKING:
     from trainers.loop import Dist, StageContext
 
 NATIVE_FOLDER = "native"  # <slice cache>/native/
+# DataConfig settings whose preprocessing the resize back inverts (slicing along ``axis``, a
+# per-volume intensity normalisation and a resize of each slice to ``image_size``); a setting
+# added later (e.g. a reorientation or a resampling) at a value other than its default is not
+# inverted here, and the native metrics are then skipped with a warning rather than wrong
+_INVERTED_SETTINGS = frozenset(
+    {
+        "kind",
+        "root",
+        "image_size",
+        "axis",
+        "label_remap",
+        "synthetic_cases",
+        "synthetic_seed",
+        "flip_axes",
+    }
+)
 LABELS_FILE = "labels.u8"  # raw uint8, the label maps one after the other (C order)
 _NATIVE_FORMAT = 1
 DEFAULT_NSD_TOLERANCE_MM = 1.0
@@ -94,6 +115,7 @@ class NativeLabels:
     offsets: tuple[int, ...]
     flat: np.ndarray
     axis: int
+    not_inverted: tuple[str, ...] = ()
 
     def label(self, index: int) -> np.ndarray:
         """Case ``index``'s label map, (X, Y, Z) uint8 (a read-only view)."""
@@ -119,6 +141,7 @@ def write_native_sidecar(cfg: DataConfig, folder: str | os.PathLike[str]) -> Pat
     in a temporary folder renamed into place (``meta.json`` inside), so a reader sees all or
     nothing; a concurrent writer's identical copy is kept.
     """
+    from trainers.config import hash_form, to_dict
     from trainers.msd import iter_checked, scan_layout
 
     target = Path(folder) / NATIVE_FOLDER
@@ -147,6 +170,8 @@ def write_native_sidecar(cfg: DataConfig, folder: str | os.PathLike[str]) -> Pat
             "format": _NATIVE_FORMAT,
             "fingerprint": fingerprint,
             "axis": cfg.axis % 3,
+            # settings whose preprocessing the resize back would not invert (see above)
+            "not_inverted": sorted(set(hash_form(to_dict(cfg))) - _INVERTED_SETTINGS),
             "cases": cases,
             "shapes": shapes,
             "spacings": spacings,
@@ -185,6 +210,7 @@ def load_native(folder: str | os.PathLike[str] | None) -> NativeLabels | None:
             else np.zeros(0, dtype=np.uint8)
         ),
         axis=int(meta["axis"]),
+        not_inverted=tuple(meta.get("not_inverted", ())),
     )
 
 
@@ -266,11 +292,12 @@ def _predict_volume_slices(
             f"{slices.shape[0]} cached slices for a volume of {shape[axis]} along axis {axis} "
             f"(shape {shape}): the native metrics need one cached slice per stored slice"
         )
-    small = torch.empty(slices.shape, dtype=torch.uint8, device=device)
+    small = torch.empty((slices.shape[0], *slices.shape[-2:]), dtype=torch.uint8, device=device)
     out = torch.empty((slices.shape[0], *in_plane), dtype=torch.uint8)
     for start in range(0, slices.shape[0], batch_size):
         batch = torch.from_numpy(np.ascontiguousarray(slices[start : start + batch_size]))
-        x = batch.unsqueeze(1).to(device).contiguous(memory_format=device_memory_format(device))
+        x = batch.unsqueeze(1) if batch.ndim == 3 else batch  # (b, H, W) or (b, C, H, W)
+        x = x.to(device).contiguous(memory_format=device_memory_format(device))
         with autocast(device):
             logits = model(x)
         stop = start + x.shape[0]
@@ -314,12 +341,14 @@ def score_test_volumes(
         return {}
     device = torch.device(device)
     native = native if native is not None else load_native(getattr(data, "cache_folder", None))
-    if native is None:
-        warnings.warn(
-            "native test metrics skipped: the slice cache has no native/ sidecar "
-            "(trainers.native.write_native_sidecar; prepare_slices writes it)",
-            stacklevel=2,
+    if native is None or native.not_inverted:
+        why = (
+            "the slice cache has no native/ sidecar (prepare_slices writes it)"
+            if native is None
+            else f"dataset settings {list(native.not_inverted)} are not inverted by the resize "
+            "back to the stored grid"
         )
+        warnings.warn(f"native test metrics skipped: {why}", stacklevel=2)
         scores = evaluate_model(model, data, tuple(volumes), device, batch_size, dist)
         return {f"test_{key}": float(value) for key, value in scores.items()}
     if native.cases != tuple(data.cases):

@@ -270,7 +270,7 @@ def test_at_identity_geometry_native_dice_equals_the_model_sized_dice() -> None:
     assert scores["test_native_n_volumes"] == 3
 
 
-def test_without_a_sidecar_only_the_model_sized_dice_with_a_warning(
+def test_without_a_usable_sidecar_only_the_model_sized_dice_with_a_warning(
     synthetic_slices: SliceData,
 ) -> None:
     in_memory = dataclasses.replace(synthetic_slices, cache_folder=None)
@@ -278,6 +278,15 @@ def test_without_a_sidecar_only_the_model_sized_dice_with_a_warning(
         scores = score_test_volumes(_model(in_memory.num_classes), in_memory, (0, 1), CPU)
     assert "test_dice_pooled_mean" in scores
     assert not any(key.startswith("test_native_") for key in scores)
+    # a preprocessing setting the resize back does not invert (e.g. added by a later release)
+    native = load_native(synthetic_slices.cache_folder)
+    assert native is not None and native.not_inverted == ()
+    other = dataclasses.replace(native, not_inverted=("reorient",))
+    with pytest.warns(UserWarning, match="reorient"):
+        scores = score_test_volumes(
+            _model(in_memory.num_classes), synthetic_slices, (0, 1), CPU, native=other
+        )
+    assert "test_dice_pooled_mean" in scores and "test_native_n_volumes" not in scores
 
 
 # ---------------------------------------------------------------------------------------------
