@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-from orchestrator.stats import PAIRED_COLUMNS
+from orchestrator.stats import PAIRED_COLUMNS, better_direction
 from orchestrator.tables.build import _hashable, _sort_key
 from trainers.methods import display_name
 
@@ -105,16 +105,6 @@ def paper_table(
     better = better_direction(metric)
     table.attrs["best"] = _best_cells(means, lower=better == "lower") if better else []
     return table
-
-
-def better_direction(metric: str) -> str | None:
-    """ "higher" for Dice and surface Dice (``*dice*``, ``*_nsd_*``), "lower" for a Hausdorff
-    distance (``*_hd95_c{k}``, ``*_hd95_mean``), None for anything else (no best is marked)."""
-    if "dice" in metric or "_nsd_" in metric:
-        return "higher"
-    if "_hd95_" in metric and not metric.endswith("_undefined"):
-        return "lower"
-    return None
 
 
 def _best_cells(means: pd.DataFrame, lower: bool = False) -> list[tuple[int, int]]:
