@@ -1,7 +1,7 @@
 """Test metrics on each volume's own voxel grid: Dice, HD95 and surface Dice (NSD) in mm.
 
 The fine-tuning node's ``test_dice_*`` score the ``image_size`` x ``image_size`` slices the
-model sees (the reference code's numbers). ``native_metrics`` scores the same model on the
+model sees (the reference code's numbers). ``score_test_volumes`` scores the same model on the
 original voxel grid of each test volume instead: its logits on the cached slices of a volume
 are resized back to the volume's in-plane size (bilinear, antialiased when shrinking,
 ``align_corners=False``, exactly as ``trainers.inference.predict_volume`` does), the argmax is
@@ -41,9 +41,10 @@ function behind its ``compute_hausdorff_distance(percentile=95)`` and ``compute_
 the tests check that the numbers agree with those two): boundaries and distances are computed
 once per (volume, class) and both metrics read them.
 
-Empty masks (per volume and class, following the Metrics Reloaded recommendation that a
-metric undefined on a case is reported as such and left out of the aggregate rather than
-silently given a value): class absent from both prediction and reference: Dice, HD95 and NSD
+Empty masks (per volume and class; Metrics Reloaded, Maier-Hein et al. 2024, asks that the
+handling of cases where a metric is undefined be stated: here an undefined value stays NaN, is
+left out of the means rather than replaced by a made-up one, and how often it happened is
+reported): class absent from both prediction and reference: Dice, HD95 and NSD
 NaN (nothing to score); present in only one: Dice 0 and NSD 0 (both well defined: no overlap,
 no boundary within tolerance), HD95 NaN (there is no distance to an empty set; counted in
 ``hd95_undefined`` so that the NaNs skipped by the means are visible). Every mean skips NaN;
