@@ -3,23 +3,26 @@
 The fine-tuning node's ``test_dice_*`` score the ``image_size`` x ``image_size`` slices the
 model sees (the reference code's numbers). ``score_test_volumes`` scores the same model on the
 original voxel grid of each test volume instead: its logits on the cached slices of a volume
-are resized back to the volume's in-plane size (bilinear, antialiased when shrinking,
-``align_corners=False``, exactly as ``trainers.inference.predict_volume`` does), the argmax is
-taken there and the slices are restacked along the slicing axis; the label map is compared with
-the volume's label map as stored.
+are taken back to each slice's own grid exactly as ``trainers.inference.predict_volume`` does
+(resized bilinearly, antialiased when shrinking; under ``dataset.spacing`` to the slice's
+square, then the padding cropped and the resampling undone), the argmax is taken there, the
+slices are restacked along the slicing axis and, under ``dataset.reorient: canonical``, turned
+back to the stored orientation; the label map is compared with the volume's label map as
+stored.
 
 Where the data comes from (a worker may not see the dataset's NIfTI folder): at prepare time
 (``trainers.data.prepare_slices``) ``write_native_sidecar`` adds ``<cache>/native/`` beside the
 slice cache: ``labels.u8`` (raw uint8: every case's checked label map, flattened in C order, one
-after the other) and ``meta.json`` (format, fingerprint, slicing axis, and per case its name,
-shape, offset into ``labels.u8`` and voxel spacing in mm, the first three of the image file's
-NIfTI header zooms; a zoom that is missing, zero or not finite counts as 1 mm). The slice
+after the other) and ``meta.json`` (format, fingerprint, the slicing axis, ``reorient`` and
+in-plane ``spacing`` of the cache, and per case its name, stored shape, offset into
+``labels.u8``, affine, and voxel spacing in mm: the voxel sizes of the image's affine, i.e. of
+its NIfTI header, ``trainers.msd.voxel_sizes``). The slice
 cache's own files and fingerprint are untouched; a cache written before the sidecar existed
 gets it at the next ``prepare_slices``. ``load_native`` memory-maps it.
 
-The resize back inverts today's preprocessing (slices along ``axis`` resized to ``image_size``).
-A dataset setting it does not invert (one added later, e.g. a reorientation or resampling, at a
-value other than its default) is recorded in the sidecar's ``not_inverted``, and the native
+The way back undoes every geometric step of today's preprocessing (axis, reorientation,
+in-plane resampling and padding, resize). A dataset setting added later that it does not undo,
+set to other than its default, is recorded in the sidecar's ``not_inverted``, and the native
 metrics are then skipped with a warning instead of being computed on a misaligned grid.
 
 Metrics (class k = 1 .. K - 1; background is never scored), ``test_native_`` +:
@@ -80,9 +83,9 @@ if TYPE_CHECKING:
     from trainers.loop import Dist, StageContext
 
 NATIVE_FOLDER = "native"  # <slice cache>/native/
-# DataConfig settings whose preprocessing the resize back inverts (slicing along ``axis``, a
-# per-volume intensity normalisation and a resize of each slice to ``image_size``); a setting
-# added later (e.g. a reorientation or a resampling) at a value other than its default is not
+# DataConfig settings whose preprocessing the way back inverts or leaves the grid alone (slicing
+# along ``axis``, intensity normalisation, reorientation, in-plane resampling and padding, the
+# resize to ``image_size``); a setting added later at a value other than its default is not
 # inverted here, and the native metrics are then skipped with a warning rather than wrong
 _INVERTED_SETTINGS = frozenset(
     {
@@ -94,6 +97,9 @@ _INVERTED_SETTINGS = frozenset(
         "synthetic_cases",
         "synthetic_seed",
         "flip_axes",
+        "ct_window",  # intensities only
+        "reorient",  # undone: from_canonical
+        "spacing",  # undone: from_square
     }
 )
 LABELS_FILE = "labels.u8"  # raw uint8, the label maps one after the other (C order)
@@ -107,8 +113,9 @@ DEFAULT_NSD_TOLERANCE_MM = 1.0
 
 @dataclass(frozen=True, eq=False)
 class NativeLabels:
-    """Every case's label map as stored (uint8) and its voxel spacing (mm), by case index
-    (the slice cache's ``cases`` order); ``axis`` (0..2) is the slicing axis of the cache."""
+    """Every case's label map as stored (uint8), its voxel spacing (mm) and affine, by case
+    index (the slice cache's ``cases`` order); ``axis`` (0..2), ``reorient`` and
+    ``in_plane_spacing``: the slice cache's preprocessing that the way back undoes."""
 
     cases: tuple[str, ...]
     shapes: tuple[tuple[int, int, int], ...]
@@ -117,21 +124,15 @@ class NativeLabels:
     flat: np.ndarray
     axis: int
     not_inverted: tuple[str, ...] = ()
+    affines: tuple[np.ndarray, ...] = ()  # each case's stored voxel -> world matrix
+    reorient: str = "none"  # DataConfig.reorient of the slice cache
+    in_plane_spacing: tuple[float, float] | None = None  # DataConfig.spacing of the slice cache
 
     def label(self, index: int) -> np.ndarray:
         """Case ``index``'s label map, (X, Y, Z) uint8 (a read-only view)."""
         shape = self.shapes[index]
         start = self.offsets[index]
         return self.flat[start : start + math.prod(shape)].reshape(shape)
-
-
-def _header_spacing(path: str) -> tuple[float, float, float]:
-    """The first three NIfTI header zooms of ``path`` in mm; 1.0 for a missing / bad one."""
-    import nibabel as nib
-
-    zooms = tuple(float(z) for z in nib.load(path).header.get_zooms()[:3])
-    zooms = zooms + (1.0,) * (3 - len(zooms))
-    return tuple(z if math.isfinite(z) and z > 0 else 1.0 for z in zooms)  # type: ignore[return-value]
 
 
 def write_native_sidecar(cfg: DataConfig, folder: str | os.PathLike[str]) -> Path:
@@ -150,7 +151,7 @@ def write_native_sidecar(cfg: DataConfig, folder: str | os.PathLike[str]) -> Pat
         return target
     meta_path = Path(folder) / "meta.json"
     fingerprint = json.loads(meta_path.read_text())["fingerprint"] if meta_path.is_file() else ""
-    cases, shapes, spacings, offsets = [], [], [], []
+    cases, shapes, spacings, offsets, affines = [], [], [], [], []
     offset = 0
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{NATIVE_FOLDER}.tmp-", dir=target.parent))
@@ -160,7 +161,8 @@ def write_native_sidecar(cfg: DataConfig, folder: str | os.PathLike[str]) -> Pat
             for volume in iter_checked(scan_layout(cfg.root), cfg.label_remap):
                 cases.append(volume.case)
                 shapes.append([int(n) for n in volume.label.shape])
-                spacings.append(list(_header_spacing(volume.image_path)))
+                spacings.append(list(volume.zooms))  # voxel sizes of its affine, in mm
+                affines.append(np.asarray(volume.affine, dtype=np.float64).tolist())
                 offsets.append(offset)
                 handle.write(np.ascontiguousarray(volume.label, dtype=np.uint8).tobytes())
                 offset += volume.label.size
@@ -173,10 +175,13 @@ def write_native_sidecar(cfg: DataConfig, folder: str | os.PathLike[str]) -> Pat
             "axis": cfg.axis % 3,
             # settings whose preprocessing the resize back would not invert (see above)
             "not_inverted": sorted(set(hash_form(to_dict(cfg))) - _INVERTED_SETTINGS),
+            "reorient": cfg.reorient,
+            "in_plane_spacing": list(cfg.spacing) if cfg.spacing is not None else None,
             "cases": cases,
             "shapes": shapes,
             "spacings": spacings,
             "offsets": offsets,
+            "affines": affines,
             "voxels": offset,
         }
         (staging / "meta.json").write_text(json.dumps(meta))
@@ -212,6 +217,11 @@ def load_native(folder: str | os.PathLike[str] | None) -> NativeLabels | None:
         ),
         axis=int(meta["axis"]),
         not_inverted=tuple(meta.get("not_inverted", ())),
+        affines=tuple(np.asarray(a, dtype=np.float64) for a in meta["affines"]),
+        reorient=meta["reorient"],
+        in_plane_spacing=(
+            tuple(meta["in_plane_spacing"]) if meta["in_plane_spacing"] is not None else None
+        ),
     )
 
 
@@ -277,22 +287,37 @@ def surface_metrics(
 def _predict_volume_slices(
     model: nn.Module,
     slices: np.ndarray,
-    shape: tuple[int, int, int],
-    axis: int,
+    native: NativeLabels,
+    volume: int,
     device: torch.device,
     batch_size: int,
 ) -> tuple[Tensor, np.ndarray]:
-    """One volume's cached (n, S, S) slices -> the argmax at the model's size, (n, S, S) uint8
-    on ``device``, and the label map of ``shape`` (the volume as stored, uint8): logits resized
-    back to the in-plane size, argmax there, slices restacked along ``axis``."""
+    """One volume's cached (n, C, S, S) slices -> the argmax at the model's size, (n, S, S)
+    uint8 on ``device``, and the label map on the volume's stored grid (uint8): the logits taken
+    back to each slice's own grid as ``trainers.inference.predict_volume`` does (resized to the
+    slice's square and the padding undone under ``spacing``, else resized straight to its
+    in-plane size; bilinear), the argmax there, the slices restacked along ``axis`` and turned
+    back from the canonical orientation under ``reorient: canonical``."""
+    from trainers.data import SliceGeometry, from_square, in_plane_zooms
     from trainers.loop import autocast, device_memory_format
+    from trainers.msd import from_canonical, to_canonical, voxel_sizes
 
-    in_plane = tuple(n for i, n in enumerate(shape) if i != axis)
-    if slices.shape[0] != shape[axis]:
+    axis, stored_shape = native.axis, native.shapes[volume]
+    affine = native.affines[volume] if native.affines else np.eye(4)
+    grid_shape, grid_affine = stored_shape, affine
+    if native.reorient == "canonical":  # the grid the slices were cut from
+        turned, grid_affine = to_canonical(np.empty(stored_shape, dtype=np.uint8), affine)
+        grid_shape = turned.shape
+    in_plane = tuple(n for i, n in enumerate(grid_shape) if i != axis)
+    if slices.shape[0] != grid_shape[axis]:
         raise ValueError(
-            f"{slices.shape[0]} cached slices for a volume of {shape[axis]} along axis {axis} "
-            f"(shape {shape}): the native metrics need one cached slice per stored slice"
+            f"{slices.shape[0]} cached slices for a volume of {grid_shape[axis]} along axis "
+            f"{axis} (shape {grid_shape}): the native metrics need one cached slice per slice"
         )
+    geometry = SliceGeometry.of(
+        in_plane, in_plane_zooms(voxel_sizes(grid_affine), axis), native.in_plane_spacing
+    )
+    back = (geometry.square, geometry.square) if geometry.square else geometry.in_plane
     small = torch.empty((slices.shape[0], *slices.shape[-2:]), dtype=torch.uint8, device=device)
     out = torch.empty((slices.shape[0], *in_plane), dtype=torch.uint8)
     for start in range(0, slices.shape[0], batch_size):
@@ -304,12 +329,16 @@ def _predict_volume_slices(
         stop = start + x.shape[0]
         small[start:stop] = logits.argmax(dim=1).to(torch.uint8)
         logits = logits.float()
-        if tuple(logits.shape[-2:]) != in_plane:
+        if tuple(logits.shape[-2:]) != back:
             logits = F.interpolate(
-                logits, size=in_plane, mode="bilinear", align_corners=False, antialias=True
+                logits, size=back, mode="bilinear", align_corners=False, antialias=True
             )
+        logits = from_square(logits, geometry)
         out[start:stop] = logits.argmax(dim=1).to(torch.uint8).cpu()
-    return small, np.moveaxis(out.numpy(), 0, axis)
+    labels = np.moveaxis(out.numpy(), 0, axis)
+    if native.reorient == "canonical":
+        labels = from_canonical(labels, affine)
+    return small, np.ascontiguousarray(labels)
 
 
 def score_test_volumes(
@@ -370,9 +399,8 @@ def score_test_volumes(
             for position in range(dist.rank, count, dist.world):
                 volume = int(volumes[position])
                 rows = data.slices_of((volume,))
-                shape = native.shapes[volume]
                 small, pred = _predict_volume_slices(
-                    module, data.images[rows], shape, native.axis, device, batch_size
+                    module, data.images[rows], native, volume, device, batch_size
                 )
                 labels = torch.from_numpy(np.ascontiguousarray(data.labels[rows])).to(device)
                 group = torch.zeros(len(rows), dtype=torch.int64, device=device)

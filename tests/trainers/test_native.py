@@ -362,3 +362,50 @@ def test_ranks_share_the_volumes_and_agree_with_one_process(
         for key in alone:
             if key != "native_eval_s":
                 assert got[key] == pytest.approx(alone[key], abs=1e-12, nan_ok=True), (rank, key)
+
+
+NON_RAS = np.array(  # axes permuted and flipped, anisotropic voxels (1.6, 0.8, 2.5 mm)
+    [[0.0, -0.8, 0.0, 20.0], [-1.6, 0.0, 0.0, 30.0], [0.0, 0.0, 2.5, -4.0], [0.0, 0.0, 0.0, 1.0]]
+)
+
+
+def test_reoriented_and_resampled_slices_are_scored_on_the_stored_grid(
+    synthetic_root: Path, tmp_path: Path
+) -> None:
+    """Under ``reorient: canonical`` and an in-plane ``spacing`` the native prediction is
+    ``predict_volume``'s on the stored (non-RAS) grid, and HD95 uses the stored voxel sizes."""
+    import shutil
+
+    import nibabel as nib
+
+    from trainers.inference import native_dice
+
+    root = tmp_path / "non-ras"
+    shutil.copytree(synthetic_root, root)
+    for path in sorted(root.glob("*Tr/*.nii.gz")):
+        stored = nib.load(str(path))
+        nib.save(nib.Nifti1Image(np.asarray(stored.dataobj), NON_RAS), str(path))
+    cfg = DataConfig(
+        kind="msd", root=str(root), image_size=32, reorient="canonical", spacing=(1.0, 1.2)
+    )
+    data = prepare_slices(cfg, tmp_path / "cache")
+    native = load_native(data.cache_folder)
+    assert native is not None and native.not_inverted == () and native.reorient == "canonical"
+    assert native.spacings[0] == pytest.approx((1.6, 0.8, 2.5))
+    model = _model(data.num_classes, seed=4)
+    volumes = (0, 5, 8)
+    scores = score_test_volumes(model, data, volumes, CPU)
+    originals = load_msd(str(root))
+    preds = [
+        predict_volume(model, originals[v].image, cfg, affine=originals[v].affine) for v in volumes
+    ]
+    expected = native_dice(preds, [originals[v].label for v in volumes], data.num_classes)
+    for key, value in expected.items():
+        assert scores[f"test_native_{key}"] == pytest.approx(value, abs=1e-12, nan_ok=True)
+    hd95 = [
+        surface_metrics(p, originals[v].label, (1.6, 0.8, 2.5), 3)[0]
+        for p, v in zip(preds, volumes, strict=True)
+    ]
+    assert scores["test_native_hd95_c1"] == pytest.approx(
+        np.nanmean([h[0] for h in hd95]), nan_ok=True
+    )
