@@ -516,27 +516,30 @@ def prepare_slices(cfg: DataConfig, cache_dir: str | os.PathLike[str]) -> SliceD
         write_synthetic_msd(root, num_cases=cfg.synthetic_cases, seed=cfg.synthetic_seed)
     fingerprint = data_fingerprint(cfg)
     folder = Path(cache_dir) / fingerprint
+    # the native test metrics' label maps and spacings (trainers.native), from the same pass
+    from trainers.native import NativeSidecar, write_native_sidecar  # imports torch
+
     if not (folder / "meta.json").is_file():
         layout = scan_layout(root)
         norms = _layout_norms(layout, cfg)
-        volumes = iter_checked(layout, cfg.label_remap, cfg.reorient)
-        arrays, cases, max_label = _slice_volumes(volumes, cfg, norms)
-        if arrays["images"].shape[1] == 1:  # one channel: stored (S, H, W), as before channels
-            arrays["images"] = arrays["images"][:, 0]
-        num_classes = count_classes(layout, cfg.label_remap, max_label)
-        meta = {
-            "format": _CACHE_FORMAT,
-            "fingerprint": fingerprint,
-            "preprocess_version": PREPROCESS_VERSION,
-            "cases": cases,
-            "num_classes": num_classes,
-            "num_slices": int(arrays["images"].shape[0]),
-            "image_size": cfg.image_size,
-        }
-        _write_cache(folder, arrays, meta)
-    from trainers.native import write_native_sidecar  # imports torch: not at planning time
-
-    write_native_sidecar(cfg, folder)  # the native test metrics' label maps and spacings
+        with NativeSidecar(cfg, cache_dir) as native:
+            volumes = native.tap(iter_checked(layout, cfg.label_remap, cfg.reorient))
+            arrays, cases, max_label = _slice_volumes(volumes, cfg, norms)
+            if arrays["images"].shape[1] == 1:  # one channel: stored (S, H, W), as before
+                arrays["images"] = arrays["images"][:, 0]
+            num_classes = count_classes(layout, cfg.label_remap, max_label)
+            meta = {
+                "format": _CACHE_FORMAT,
+                "fingerprint": fingerprint,
+                "preprocess_version": PREPROCESS_VERSION,
+                "cases": cases,
+                "num_classes": num_classes,
+                "num_slices": int(arrays["images"].shape[0]),
+                "image_size": cfg.image_size,
+            }
+            _write_cache(folder, arrays, meta)
+            native.install(folder, fingerprint)
+    write_native_sidecar(cfg, folder)  # a cache written before the sidecar existed
     return load_slice_cache(folder)
 
 

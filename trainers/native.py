@@ -5,25 +5,27 @@ model sees (the reference code's numbers). ``score_test_volumes`` scores the sam
 original voxel grid of each test volume instead: its logits on the cached slices of a volume
 are taken back to each slice's own grid exactly as ``trainers.inference.predict_volume`` does
 (resized bilinearly, antialiased when shrinking; under ``dataset.spacing`` to the slice's
-square, then the padding cropped and the resampling undone), the argmax is taken there, the
-slices are restacked along the slicing axis and, under ``dataset.reorient: canonical``, turned
-back to the stored orientation; the label map is compared with the volume's label map as
-stored.
+square, then the padding cropped and the resampling undone), the argmax is taken there and the
+slices are restacked along the slicing axis; the map is compared with the volume's checked
+label map on the same grid. That grid is the stored one; under ``dataset.reorient: canonical``
+its axes are permuted and flipped to RAS (the same voxels, with the voxel sizes permuted
+alike): no metric here depends on the order or direction of the axes, so the numbers are
+those of the stored grid (a test checks them against ``predict_volume``'s maps).
 
-Where the data comes from (a worker may not see the dataset's NIfTI folder): at prepare time
-(``trainers.data.prepare_slices``) ``write_native_sidecar`` adds ``<cache>/native/`` beside the
-slice cache: ``labels.u8`` (raw uint8: every case's checked label map, flattened in C order, one
-after the other) and ``meta.json`` (format, fingerprint, the slicing axis, ``reorient`` and
-in-plane ``spacing`` of the cache, and per case its name, stored shape, offset into
-``labels.u8``, affine, and voxel spacing in mm: the voxel sizes of the image's affine, i.e. of
-its NIfTI header, ``trainers.msd.voxel_sizes``). The slice
-cache's own files and fingerprint are untouched; a cache written before the sidecar existed
-gets it at the next ``prepare_slices``. ``load_native`` memory-maps it.
+Where the data comes from (a worker may not see the dataset's NIfTI folder): the preparation
+(``trainers.data.prepare_slices``) writes ``<cache>/native/`` beside the slice cache in the
+same pass over the dataset (``NativeSidecar``): ``labels.u8`` (raw uint8: every case's checked
+label map, flattened in C order, one after the other) and ``meta.json`` (format, fingerprint,
+the slicing axis, ``reorient`` and in-plane ``spacing`` of the cache, and per case its name,
+shape, offset into ``labels.u8`` and voxel sizes in mm: those of its affine, i.e. of its NIfTI
+header, ``trainers.msd.voxel_sizes``). The slice cache's own files and fingerprint are
+untouched; a cache written before the sidecar existed gets it at the next ``prepare_slices``
+(``write_native_sidecar``, a pass of its own). ``load_native`` memory-maps it.
 
-The way back undoes every geometric step of today's preprocessing (axis, reorientation,
-in-plane resampling and padding, resize). A dataset setting added later that it does not undo,
-set to other than its default, is recorded in the sidecar's ``not_inverted``, and the native
-metrics are then skipped with a warning instead of being computed on a misaligned grid.
+The way back undoes every geometric step of today's preprocessing (in-plane resampling and
+padding, the resize). A dataset setting added later that it does not undo, set to other than
+its default, is recorded in the sidecar's ``not_inverted``, and the native metrics are then
+skipped with a warning instead of being computed on a misaligned grid.
 
 Metrics (class k = 1 .. K - 1; background is never scored), ``test_native_`` +:
 
@@ -65,10 +67,10 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -81,6 +83,7 @@ if TYPE_CHECKING:
     from trainers.config import DataConfig, FinetuneConfig
     from trainers.data import SliceData
     from trainers.loop import Dist, StageContext
+    from trainers.msd import Volume
 
 NATIVE_FOLDER = "native"  # <slice cache>/native/
 # DataConfig settings whose preprocessing the way back inverts or leaves the grid alone (slicing
@@ -98,7 +101,7 @@ _INVERTED_SETTINGS = frozenset(
         "synthetic_seed",
         "flip_axes",
         "ct_window",  # intensities only
-        "reorient",  # undone: from_canonical
+        "reorient",  # the same voxels, axes permuted and flipped (module docstring)
         "spacing",  # undone: from_square
     }
 )
@@ -124,7 +127,6 @@ class NativeLabels:
     flat: np.ndarray
     axis: int
     not_inverted: tuple[str, ...] = ()
-    affines: tuple[np.ndarray, ...] = ()  # each case's stored voxel -> world matrix
     reorient: str = "none"  # DataConfig.reorient of the slice cache
     in_plane_spacing: tuple[float, float] | None = None  # DataConfig.spacing of the slice cache
 
@@ -135,64 +137,93 @@ class NativeLabels:
         return self.flat[start : start + math.prod(shape)].reshape(shape)
 
 
-def write_native_sidecar(cfg: DataConfig, folder: str | os.PathLike[str]) -> Path:
-    """Write ``folder/native/`` (see the module docstring) unless it is there; returns it.
+class NativeSidecar:
+    """Builds ``<cache>/native/`` while the preparation reads the volumes (one pass over the
+    dataset): ``tap`` passes the checked volumes through, appending each label map to a staging
+    folder beside the cache (memory: nothing beyond the volume in hand); ``install`` writes
+    ``meta.json`` and renames the staging folder into the cache folder (a concurrent writer's
+    identical copy is kept); leaving the ``with`` block without ``install`` discards it."""
 
-    Reads the cases as ``prepare_slices`` does (``trainers.msd.iter_checked``: the same label
-    checks and ``label_remap``), one at a time, and their image files' header zooms. Written
-    in a temporary folder renamed into place (``meta.json`` inside), so a reader sees all or
-    nothing; a concurrent writer's identical copy is kept.
-    """
-    from trainers.config import hash_form, to_dict
+    def __init__(self, cfg: DataConfig, parent: str | os.PathLike[str]) -> None:
+        Path(parent).mkdir(parents=True, exist_ok=True)
+        self.cfg = cfg
+        self.staging = Path(tempfile.mkdtemp(prefix=f".{NATIVE_FOLDER}.tmp-", dir=parent))
+        self._handle = (self.staging / LABELS_FILE).open("wb")
+        self._cases: list[dict[str, Any]] = []
+        self._voxels = 0
+
+    def __enter__(self) -> NativeSidecar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.close()
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+    def tap(self, volumes: Iterable[Volume]) -> Iterator[Volume]:
+        """``volumes`` unchanged, each label map appended to the sidecar on its way through."""
+        for volume in volumes:
+            label = np.ascontiguousarray(volume.label, dtype=np.uint8)
+            self._cases.append(
+                {
+                    "case": volume.case,
+                    "shape": [int(n) for n in label.shape],
+                    "spacing": list(volume.zooms),  # voxel sizes of its affine, in mm
+                    "offset": self._voxels,
+                }
+            )
+            self._handle.write(label.tobytes())
+            self._voxels += label.size
+            del label
+            yield volume
+            del volume
+
+    def install(self, folder: str | os.PathLike[str], fingerprint: str) -> Path:
+        """Complete the sidecar and move it to ``folder/native/``; returns that path."""
+        from trainers.config import hash_form, to_dict
+
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self._handle.close()
+        cfg = self.cfg
+        meta = {
+            "format": _NATIVE_FORMAT,
+            "fingerprint": fingerprint,
+            "axis": cfg.axis % 3,
+            "reorient": cfg.reorient,
+            "in_plane_spacing": list(cfg.spacing) if cfg.spacing is not None else None,
+            # settings whose preprocessing the way back would not undo (see above)
+            "not_inverted": sorted(set(hash_form(to_dict(cfg))) - _INVERTED_SETTINGS),
+            "cases": [c["case"] for c in self._cases],
+            "shapes": [c["shape"] for c in self._cases],
+            "spacings": [c["spacing"] for c in self._cases],
+            "offsets": [c["offset"] for c in self._cases],
+            "voxels": self._voxels,
+        }
+        (self.staging / "meta.json").write_text(json.dumps(meta))
+        target = Path(folder) / NATIVE_FOLDER
+        try:
+            os.rename(self.staging, target)
+        except OSError:
+            if not (target / "meta.json").is_file():
+                raise
+        return target
+
+
+def write_native_sidecar(cfg: DataConfig, folder: str | os.PathLike[str]) -> Path:
+    """Add ``folder/native/`` to a slice cache written without it (by a version before the
+    sidecar existed), in a pass of its own over the dataset (``trainers.msd.iter_checked``, as
+    the preparation reads it); nothing when it is there. Returns its path."""
     from trainers.msd import iter_checked, scan_layout
 
     target = Path(folder) / NATIVE_FOLDER
     if (target / "meta.json").is_file():
         return target
-    meta_path = Path(folder) / "meta.json"
-    fingerprint = json.loads(meta_path.read_text())["fingerprint"] if meta_path.is_file() else ""
-    cases, shapes, spacings, offsets, affines = [], [], [], [], []
-    offset = 0
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{NATIVE_FOLDER}.tmp-", dir=target.parent))
-    try:
-        # appended one volume at a time: memory holds one volume, whatever the dataset's size
-        with (staging / LABELS_FILE).open("wb") as handle:
-            for volume in iter_checked(scan_layout(cfg.root), cfg.label_remap):
-                cases.append(volume.case)
-                shapes.append([int(n) for n in volume.label.shape])
-                spacings.append(list(volume.zooms))  # voxel sizes of its affine, in mm
-                affines.append(np.asarray(volume.affine, dtype=np.float64).tolist())
-                offsets.append(offset)
-                handle.write(np.ascontiguousarray(volume.label, dtype=np.uint8).tobytes())
-                offset += volume.label.size
-                del volume
-            handle.flush()
-            os.fsync(handle.fileno())
-        meta = {
-            "format": _NATIVE_FORMAT,
-            "fingerprint": fingerprint,
-            "axis": cfg.axis % 3,
-            # settings whose preprocessing the resize back would not invert (see above)
-            "not_inverted": sorted(set(hash_form(to_dict(cfg))) - _INVERTED_SETTINGS),
-            "reorient": cfg.reorient,
-            "in_plane_spacing": list(cfg.spacing) if cfg.spacing is not None else None,
-            "cases": cases,
-            "shapes": shapes,
-            "spacings": spacings,
-            "offsets": offsets,
-            "affines": affines,
-            "voxels": offset,
-        }
-        (staging / "meta.json").write_text(json.dumps(meta))
-        try:
-            os.rename(staging, target)
-        except OSError:
-            if not (target / "meta.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    fingerprint = json.loads((Path(folder) / "meta.json").read_text())["fingerprint"]
+    with NativeSidecar(cfg, Path(folder).parent) as sidecar:
+        volumes = iter_checked(scan_layout(cfg.root), cfg.label_remap, cfg.reorient)
+        for volume in sidecar.tap(volumes):
+            del volume
+        return sidecar.install(folder, fingerprint)
 
 
 def load_native(folder: str | os.PathLike[str] | None) -> NativeLabels | None:
@@ -217,7 +248,6 @@ def load_native(folder: str | os.PathLike[str] | None) -> NativeLabels | None:
         ),
         axis=int(meta["axis"]),
         not_inverted=tuple(meta.get("not_inverted", ())),
-        affines=tuple(np.asarray(a, dtype=np.float64) for a in meta["affines"]),
         reorient=meta["reorient"],
         in_plane_spacing=(
             tuple(meta["in_plane_spacing"]) if meta["in_plane_spacing"] is not None else None
@@ -293,21 +323,15 @@ def _predict_volume_slices(
     batch_size: int,
 ) -> tuple[Tensor, np.ndarray]:
     """One volume's cached (n, C, S, S) slices -> the argmax at the model's size, (n, S, S)
-    uint8 on ``device``, and the label map on the volume's stored grid (uint8): the logits taken
-    back to each slice's own grid as ``trainers.inference.predict_volume`` does (resized to the
-    slice's square and the padding undone under ``spacing``, else resized straight to its
-    in-plane size; bilinear), the argmax there, the slices restacked along ``axis`` and turned
-    back from the canonical orientation under ``reorient: canonical``."""
+    uint8 on ``device``, and the label map on the volume's own grid (the sidecar's, uint8): the
+    logits taken back to each slice's own grid as ``trainers.inference.predict_volume`` does
+    (resized to the slice's square and the padding undone under ``spacing``, else resized
+    straight to its in-plane size; bilinear), the argmax there, the slices restacked along
+    ``axis``."""
     from trainers.data import SliceGeometry, from_square, in_plane_zooms
     from trainers.loop import autocast, device_memory_format
-    from trainers.msd import from_canonical, to_canonical, voxel_sizes
 
-    axis, stored_shape = native.axis, native.shapes[volume]
-    affine = native.affines[volume] if native.affines else np.eye(4)
-    grid_shape, grid_affine = stored_shape, affine
-    if native.reorient == "canonical":  # the grid the slices were cut from
-        turned, grid_affine = to_canonical(np.empty(stored_shape, dtype=np.uint8), affine)
-        grid_shape = turned.shape
+    axis, grid_shape = native.axis, native.shapes[volume]
     in_plane = tuple(n for i, n in enumerate(grid_shape) if i != axis)
     if slices.shape[0] != grid_shape[axis]:
         raise ValueError(
@@ -315,7 +339,7 @@ def _predict_volume_slices(
             f"{axis} (shape {grid_shape}): the native metrics need one cached slice per slice"
         )
     geometry = SliceGeometry.of(
-        in_plane, in_plane_zooms(voxel_sizes(grid_affine), axis), native.in_plane_spacing
+        in_plane, in_plane_zooms(native.spacings[volume], axis), native.in_plane_spacing
     )
     back = (geometry.square, geometry.square) if geometry.square else geometry.in_plane
     small = torch.empty((slices.shape[0], *slices.shape[-2:]), dtype=torch.uint8, device=device)
@@ -335,10 +359,7 @@ def _predict_volume_slices(
             )
         logits = from_square(logits, geometry)
         out[start:stop] = logits.argmax(dim=1).to(torch.uint8).cpu()
-    labels = np.moveaxis(out.numpy(), 0, axis)
-    if native.reorient == "canonical":
-        labels = from_canonical(labels, affine)
-    return small, np.ascontiguousarray(labels)
+    return small, np.ascontiguousarray(np.moveaxis(out.numpy(), 0, axis))
 
 
 def score_test_volumes(

@@ -32,7 +32,7 @@ from trainers.data import (
 from trainers.inference import predict_volume
 from trainers.loop import StageContext
 from trainers.model import UNet
-from trainers.msd import load_msd
+from trainers.msd import load_msd, to_canonical
 from trainers.native import (
     NATIVE_FOLDER,
     NativeLabels,
@@ -372,8 +372,9 @@ NON_RAS = np.array(  # axes permuted and flipped, anisotropic voxels (1.6, 0.8, 
 def test_reoriented_and_resampled_slices_are_scored_on_the_stored_grid(
     synthetic_root: Path, tmp_path: Path
 ) -> None:
-    """Under ``reorient: canonical`` and an in-plane ``spacing`` the native prediction is
-    ``predict_volume``'s on the stored (non-RAS) grid, and HD95 uses the stored voxel sizes."""
+    """Under ``reorient: canonical`` and an in-plane ``spacing`` the native metrics equal
+    those of ``predict_volume``'s maps on the stored (non-RAS) grid with its voxel sizes (the
+    sidecar's grid is the same voxels turned to RAS: no metric here depends on the axis order)."""
     import shutil
 
     import nibabel as nib
@@ -391,11 +392,14 @@ def test_reoriented_and_resampled_slices_are_scored_on_the_stored_grid(
     data = prepare_slices(cfg, tmp_path / "cache")
     native = load_native(data.cache_folder)
     assert native is not None and native.not_inverted == () and native.reorient == "canonical"
-    assert native.spacings[0] == pytest.approx((1.6, 0.8, 2.5))
+    # the sidecar holds the grid the slices were cut from: the stored voxels turned to RAS
+    originals = load_msd(str(root))
+    turned, _ = to_canonical(originals[0].label, originals[0].affine)
+    np.testing.assert_array_equal(native.label(0), turned)
+    assert native.spacings[0] == pytest.approx((0.8, 1.6, 2.5))
     model = _model(data.num_classes, seed=4)
     volumes = (0, 5, 8)
     scores = score_test_volumes(model, data, volumes, CPU)
-    originals = load_msd(str(root))
     preds = [
         predict_volume(model, originals[v].image, cfg, affine=originals[v].affine) for v in volumes
     ]
