@@ -86,7 +86,7 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
     out["seconds"] = time.perf_counter() - started
     out["load_after"] = os.getloadavg()[0]
     out["volumes"] = len(split.test)
-    out["metrics"] = {k: v for k, v in metrics.items() if k != "native_eval_s"}
+    out["metrics"] = {k: v for k, v in metrics.items() if k != "native_eval_seconds"}
     return out
 
 

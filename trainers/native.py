@@ -375,7 +375,7 @@ def score_test_volumes(
     """``model``'s test metrics, both kinds from one forward pass over the slices of ``volumes``:
     ``test_*`` (exactly ``trainers.stages.evaluate_model``'s Dice at the model's input size,
     prefixed ``test_``) and ``test_*`` on the original voxel grid (``test_native_*``, module
-    docstring), plus ``native_eval_s`` (seconds the whole took) and ``native_nsd_tolerance_mm``.
+    docstring), plus ``native_eval_seconds`` (seconds the whole took) and ``native_nsd_tolerance_mm``.
 
     ``native``: the sidecar (default ``load_native(data.cache_folder)``); without one only
     ``evaluate_model``'s metrics are returned and a warning says why. {} for no volumes.
@@ -455,7 +455,7 @@ def score_test_volumes(
         metrics[f"test_native_{name}_mean"] = float(per_class[row].nanmean())
     metrics["test_native_hd95_undefined"] = float(undefined)
     metrics["native_nsd_tolerance_mm"] = float(tolerance_mm)
-    metrics["native_eval_s"] = time.perf_counter() - started
+    metrics["native_eval_seconds"] = time.perf_counter() - started
     return metrics
 
 

@@ -16,7 +16,7 @@ Schema (stable column names; a later ``tabulate`` can always re-read an old swee
     ``trainers.native``: ``test_native_dice_{pooled,volume}_{c1..,mean}``,
     ``test_native_hd95_{c1..,mean}`` in mm, ``test_native_nsd_{c1..,mean}`` (surface Dice at
     ``native_nsd_tolerance_mm``), ``test_native_hd95_undefined``, ``test_native_n_volumes``
-    and the seconds they took, ``native_eval_s``; absent for nodes run with
+    and the seconds they took, ``native_eval_seconds``; absent for nodes run with
     ``native_eval: false`` or stored before these existed); ``wall_s_<stage>`` and ``gpu_s_<stage>`` for each
     stage (``wall_s``/``gpu_s`` of the node's ``metrics.json`` when the worker recorded them,
     else the sum of the epochs' ``seconds``/``gpu_s``; NaN when unknown); ``torch_version``,

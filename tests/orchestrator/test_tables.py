@@ -388,7 +388,7 @@ def test_native_columns_reach_the_trials_summary_and_paper_table(
         "test_native_dice_pooled_mean": 0.7,
         "test_native_hd95_mean": 4.5,
         "test_native_nsd_mean": 0.8,
-        "native_eval_s": 1.0,
+        "native_eval_seconds": 1.0,
     }
     store.write_result(key, {"w": torch.zeros(1)}, metrics)
     trials, _, summary = collect(plan, store)
@@ -396,7 +396,7 @@ def test_native_columns_reach_the_trials_summary_and_paper_table(
     assert row["test_native_dice_pooled_mean"] == 0.7 and row["test_native_hd95_mean"] == 4.5
     assert row["test_dice_pooled_mean"] == metrics["test_dice_pooled_mean"]  # 64 x 64 kept
     assert "test_native_hd95_mean_mean" in summary.columns
-    assert "native_eval_s_mean" not in summary.columns  # a cost, not a test metric
+    assert "native_eval_seconds_mean" not in summary.columns  # a cost, not a test metric
 
     rows = [("random", 0.1, [5.0, 6.0]), ("global", 0.1, [3.0, 3.5]), ("mixup", 0.1, [4.0])]
     hand = pd.DataFrame(

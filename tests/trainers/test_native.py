@@ -309,7 +309,7 @@ def test_finetune_reports_native_columns(synthetic_slices: SliceData) -> None:
             assert f"test_native_{name}_{k}" in metrics
         assert f"test_dice_pooled_{k}" in metrics
     assert metrics["test_native_n_volumes"] == metrics["test_n_volumes"]
-    assert metrics["native_nsd_tolerance_mm"] == 2.0 and metrics["native_eval_s"] > 0
+    assert metrics["native_nsd_tolerance_mm"] == 2.0 and metrics["native_eval_seconds"] > 0
     off = _finetune(load_slice_cache(synthetic_slices.cache_folder), native_eval=False)
     assert "test_dice_pooled_mean" in off
     assert not any("native" in key for key in off)
@@ -360,7 +360,7 @@ def test_ranks_share_the_volumes_and_agree_with_one_process(
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
         assert got.keys() == alone.keys()
         for key in alone:
-            if key != "native_eval_s":
+            if key != "native_eval_seconds":
                 assert got[key] == pytest.approx(alone[key], abs=1e-12, nan_ok=True), (rank, key)
 
 

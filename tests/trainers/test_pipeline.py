@@ -29,7 +29,7 @@ from trainers.pipeline import PipelineConfig, run_pipeline
 from trainers.registry import get_stage
 
 TINY = ModelConfig(base_channels=4, depth=2, embed_dim=8, global_hidden=16, local_hidden=8)
-TIMING_KEYS = {"seconds", "slices_per_s", "train_seconds", "eval_seconds", "native_eval_s"}
+TIMING_KEYS = {"seconds", "slices_per_s", "train_seconds", "eval_seconds", "native_eval_seconds"}
 
 
 @pytest.fixture(autouse=True, scope="module")
