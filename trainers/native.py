@@ -116,9 +116,10 @@ DEFAULT_NSD_TOLERANCE_MM = 1.0
 
 @dataclass(frozen=True, eq=False)
 class NativeLabels:
-    """Every case's label map as stored (uint8), its voxel spacing (mm) and affine, by case
-    index (the slice cache's ``cases`` order); ``axis`` (0..2), ``reorient`` and
-    ``in_plane_spacing``: the slice cache's preprocessing that the way back undoes."""
+    """Every case's checked label map (uint8) on the grid its slices were cut from (module
+    docstring) and that grid's voxel sizes (mm), by case index (the slice cache's ``cases``
+    order); ``axis`` (0..2), ``reorient`` and ``in_plane_spacing``: the slice cache's
+    preprocessing (the way back undoes ``in_plane_spacing``)."""
 
     cases: tuple[str, ...]
     shapes: tuple[tuple[int, int, int], ...]
