@@ -78,21 +78,29 @@ class ExternalEvalError(ValueError):
     option. The message names the file or option."""
 
 
-def external_data_config(node_data: Mapping[str, Any], root: str | os.PathLike[str]) -> DataConfig:
-    """The sweep node's preprocessing (``image_size``, ``axis``, ``label_remap``) applied to the
-    MSD folder ``root``.
-
-    ``node_data`` is a ``StageNode.data`` mapping (``to_dict(DataConfig)``; ``label_remap`` as
-    a list of [raw, class] pairs).
-    """
+def node_preprocessing(node_data: Mapping[str, Any]) -> dict[str, Any]:
+    """The preprocessing a sweep node's model was trained with, as ``DataConfig`` settings:
+    ``image_size``, ``axis``, ``label_remap`` and, recorded only when set, ``reorient``,
+    ``spacing`` and ``ct_window``. ``node_data`` is a ``StageNode.data`` mapping
+    (``to_dict(DataConfig)``; ``label_remap`` as a list of [raw, class] pairs). The one place
+    that says which settings a model's inputs depend on (``evaluate`` and ``predict``)."""
     settings = {
-        "kind": "msd",
-        "root": str(root),
         "image_size": node_data.get("image_size", DataConfig.image_size),
         "axis": node_data.get("axis", DataConfig.axis),
         "label_remap": [tuple(pair) for pair in node_data.get("label_remap", ())],
     }
-    return from_dict(DataConfig, settings, "dataset")
+    for name in ("reorient", "spacing", "ct_window"):
+        if node_data.get(name) is not None:
+            settings[name] = node_data[name]
+    return settings
+
+
+def external_data_config(node_data: Mapping[str, Any], root: str | os.PathLike[str]) -> DataConfig:
+    """The sweep node's preprocessing (``node_preprocessing``) applied to the MSD folder
+    ``root``."""
+    return from_dict(
+        DataConfig, {"kind": "msd", "root": str(root), **node_preprocessing(node_data)}, "dataset"
+    )
 
 
 def model_classes(state: Mapping[str, torch.Tensor], source: str | os.PathLike[str]) -> int:

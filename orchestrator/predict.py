@@ -35,7 +35,12 @@ from typing import Any
 
 import torch
 
-from orchestrator.evaluate import declared_class_names, load_finetuned, resolve_device
+from orchestrator.evaluate import (
+    declared_class_names,
+    load_finetuned,
+    node_preprocessing,
+    resolve_device,
+)
 from orchestrator.plan import Plan, StageNode, Trial
 from orchestrator.store import StageStore, atomic_write, atomic_write_text, check_storage
 from orchestrator.tables import trial_status
@@ -130,16 +135,8 @@ def choose_trial(
 def node_data_config(node: StageNode) -> DataConfig:
     """The preprocessing the node's model was trained with (``image_size``, ``axis``,
     ``label_remap``, ``reorient``, ``spacing``, ``ct_window``), as a ``DataConfig``."""
-    settings = {
-        "image_size": node.data.get("image_size", DataConfig.image_size),
-        "axis": node.data.get("axis", DataConfig.axis),
-        "label_remap": [tuple(pair) for pair in node.data.get("label_remap", ())],
-    }
-    for name in ("reorient", "spacing", "ct_window"):  # recorded only when set
-        if node.data.get(name) is not None:
-            settings[name] = node.data[name]
     try:
-        return from_dict(DataConfig, settings, "dataset")
+        return from_dict(DataConfig, node_preprocessing(node.data), "dataset")
     except ConfigError as err:
         raise PredictError(f"node {node.key}: {err}") from None
 

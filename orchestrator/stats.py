@@ -97,6 +97,16 @@ def collapsed(row: Mapping[str, Any], prefix: str = "test_dice_pooled_c") -> boo
     return min(values) < COLLAPSE_DICE if values else None
 
 
+def better_direction(metric: str) -> str | None:
+    """ "higher" for Dice and surface Dice (``*dice*``, ``*_nsd_*``), "lower" for a Hausdorff
+    distance (``*_hd95_c{k}``, ``*_hd95_mean``), None for anything else."""
+    if "dice" in metric or "_nsd_" in metric:
+        return "higher"
+    if "_hd95_" in metric and not metric.endswith("_undefined"):
+        return "lower"
+    return None
+
+
 def paired_differences(
     trials: pd.DataFrame,
     baseline: str,
@@ -109,7 +119,8 @@ def paired_differences(
     fraction, ``PAIR_KEYS`` and ``axes`` (other grid axes on which the baseline also varies);
     unpaired runs are left out. One row per (method, label fraction[, axes]) with
     ``PAIRED_COLUMNS``: ``delta_*`` = method - baseline, ``ci95_*`` its 95 % t interval (NaN for
-    n < 2), ``wins`` = pairs where the method is strictly better. Raises ``ValueError`` naming
+    n < 2), ``wins`` = pairs where the method is strictly better (a larger value, or a smaller
+    one where ``better_direction(metric)`` is "lower": HD95). Raises ``ValueError`` naming
     the baseline or metric when it is absent.
     """
     if metric not in trials.columns:
@@ -137,17 +148,17 @@ def paired_differences(
                 **dict(zip(["label_fraction", *axes], group, strict=True)),
                 "baseline": baseline,
                 "metric": metric,
-                **paired_summary(deltas),
+                **paired_summary(deltas, lower=better_direction(metric) == "lower"),
             }
         )
     columns = [*PAIRED_COLUMNS[:2], *axes, *PAIRED_COLUMNS[2:]]
     return pd.DataFrame(rows, columns=columns)
 
 
-def paired_summary(deltas: Sequence[float]) -> dict[str, Any]:
+def paired_summary(deltas: Sequence[float], lower: bool = False) -> dict[str, Any]:
     """``n``, ``delta_mean``, ``delta_std`` (ddof 1), ``ci95_low``/``ci95_high`` (mean -/+
-    t_{0.975, n-1} * std / sqrt(n); NaN for n < 2) and ``wins`` (deltas > 0) of paired
-    differences."""
+    t_{0.975, n-1} * std / sqrt(n); NaN for n < 2) and ``wins`` (deltas > 0; with ``lower``,
+    deltas < 0) of paired differences."""
     n = len(deltas)
     mean = sum(deltas) / n
     std = math.sqrt(sum((d - mean) ** 2 for d in deltas) / (n - 1)) if n > 1 else math.nan
@@ -158,7 +169,7 @@ def paired_summary(deltas: Sequence[float]) -> dict[str, Any]:
         "delta_std": std,
         "ci95_low": mean - half,
         "ci95_high": mean + half,
-        "wins": sum(d > 0 for d in deltas),
+        "wins": sum(d < 0 if lower else d > 0 for d in deltas),
     }
 
 

@@ -204,6 +204,9 @@ LATE_DEFAULTS: dict[str, Any] = {
     "reorient": "none",
     "spacing": None,
     "ct_window": None,
+    # FinetuneConfig's native test metrics: at their defaults they run and change no key
+    "native_eval": True,
+    "nsd_tolerance_mm": 1.0,
 }
 
 
@@ -598,6 +601,11 @@ class FinetuneConfig:
     validation curves of the same density at every label fraction.
     ``lr_schedule`` (every stage): "constant", or "poly" / "cosine" decay of ``lr`` towards 0 over
     the budget (``trainers.stages.lr_factor``), so that a step budget ends on a settled model.
+    ``native_eval``: also score the final model on each test volume's own voxel grid (Dice,
+    HD95 and surface Dice in mm: ``trainers.native``, ``test_native_*`` metrics);
+    ``nsd_tolerance_mm``: the surface Dice's tolerance. Both change the node's outputs, so a
+    value other than the default enters its key; at the defaults (true, 1.0 mm) they are left
+    out of it (``LATE_DEFAULTS``), so nodes stored before they existed keep their keys.
     """
 
     epochs: int | None = None
@@ -617,6 +625,8 @@ class FinetuneConfig:
     dice_weight: float = 1.0
     val_every: int = 1
     val_every_steps: int = 0
+    native_eval: bool = True
+    nsd_tolerance_mm: float = 1.0
 
     def __post_init__(self) -> None:
         _stage_settings("finetune", self, FINETUNE_AUGMENT, 120)
@@ -638,6 +648,9 @@ class FinetuneConfig:
         check_non_negative("finetune", "dice_weight", self.dice_weight)
         check_positive_int("finetune", "val_every", self.val_every)
         check_non_negative_int("finetune", "val_every_steps", self.val_every_steps)
+        if not isinstance(self.native_eval, bool):
+            _fail("finetune", "native_eval", f"must be true or false, got {self.native_eval!r}")
+        check_non_negative("finetune", "nsd_tolerance_mm", self.nsd_tolerance_mm)
 
 
 class StageConfigs(Mapping[str, Any]):

@@ -352,7 +352,8 @@ class SliceData:
     taken as one channel, a view (S, 1, H, W)); labels uint8 (S, H, W) class ids <
     num_classes; volume int32 (S,) index into ``cases``; position float32 (S,) = slice index /
     slices of its volume, in [0, 1); cases: the volumes' case names; fingerprint:
-    ``data_fingerprint``.
+    ``data_fingerprint``; cache_folder: the cache folder it was loaded from (None when built in
+    memory), where ``trainers.native.load_native`` finds the native label maps.
     """
 
     images: np.ndarray
@@ -362,6 +363,7 @@ class SliceData:
     cases: tuple[str, ...]
     num_classes: int
     fingerprint: str
+    cache_folder: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cases", tuple(self.cases))
@@ -434,7 +436,11 @@ def load_slice_cache(path: str | os.PathLike[str]) -> SliceData:
             raise DatasetError(f"{file}: unreadable slice-cache array ({err})") from err
     try:
         return SliceData(
-            **arrays, cases=tuple(cases), num_classes=num_classes, fingerprint=fingerprint
+            **arrays,
+            cases=tuple(cases),
+            num_classes=num_classes,
+            fingerprint=fingerprint,
+            cache_folder=str(folder),
         )
     except ValueError as err:
         raise DatasetError(f"{folder}: inconsistent slice cache ({err})") from err
@@ -510,24 +516,30 @@ def prepare_slices(cfg: DataConfig, cache_dir: str | os.PathLike[str]) -> SliceD
         write_synthetic_msd(root, num_cases=cfg.synthetic_cases, seed=cfg.synthetic_seed)
     fingerprint = data_fingerprint(cfg)
     folder = Path(cache_dir) / fingerprint
+    # the native test metrics' label maps and spacings (trainers.native), from the same pass
+    from trainers.native import NativeSidecar, write_native_sidecar  # imports torch
+
     if not (folder / "meta.json").is_file():
         layout = scan_layout(root)
         norms = _layout_norms(layout, cfg)
-        volumes = iter_checked(layout, cfg.label_remap, cfg.reorient)
-        arrays, cases, max_label = _slice_volumes(volumes, cfg, norms)
-        if arrays["images"].shape[1] == 1:  # one channel: stored (S, H, W), as before channels
-            arrays["images"] = arrays["images"][:, 0]
-        num_classes = count_classes(layout, cfg.label_remap, max_label)
-        meta = {
-            "format": _CACHE_FORMAT,
-            "fingerprint": fingerprint,
-            "preprocess_version": PREPROCESS_VERSION,
-            "cases": cases,
-            "num_classes": num_classes,
-            "num_slices": int(arrays["images"].shape[0]),
-            "image_size": cfg.image_size,
-        }
-        _write_cache(folder, arrays, meta)
+        with NativeSidecar(cfg, cache_dir) as native:
+            volumes = native.tap(iter_checked(layout, cfg.label_remap, cfg.reorient))
+            arrays, cases, max_label = _slice_volumes(volumes, cfg, norms)
+            if arrays["images"].shape[1] == 1:  # one channel: stored (S, H, W), as before
+                arrays["images"] = arrays["images"][:, 0]
+            num_classes = count_classes(layout, cfg.label_remap, max_label)
+            meta = {
+                "format": _CACHE_FORMAT,
+                "fingerprint": fingerprint,
+                "preprocess_version": PREPROCESS_VERSION,
+                "cases": cases,
+                "num_classes": num_classes,
+                "num_slices": int(arrays["images"].shape[0]),
+                "image_size": cfg.image_size,
+            }
+            _write_cache(folder, arrays, meta)
+            native.install(folder, fingerprint)
+    write_native_sidecar(cfg, folder)  # a cache written before the sidecar existed
     return load_slice_cache(folder)
 
 

@@ -374,7 +374,7 @@ def run_finetunes_fused(
         fused.sync(m)
         run = m.run
         metrics = finish_finetune(
-            run.model, run.ctx, run.dist, final_metrics(run), m.validation.last
+            run.model, run.ctx, run.dist, final_metrics(run), m.validation.last, cfg
         )
         results.append(StageResult(to_cpu(run.model.state_dict()), metrics))
     if failures:

@@ -85,6 +85,7 @@ from trainers.losses import (
 )
 from trainers.metrics import dice_scores, volume_confusion
 from trainers.model import UNet, unwrap_model
+from trainers.native import finetune_test_metrics
 from trainers.registry import finetune_reads, global_reads, local_reads, resolve_volumes
 
 
@@ -399,11 +400,14 @@ def finish_finetune(
     dist: Dist | None,
     metrics: Mapping[str, float],
     last_val: Mapping[str, float] | None,
+    cfg: FinetuneConfig,
 ) -> dict[str, float]:
     """The final metrics of a fine-tuning, the one place that decides them (``run_finetune``
     and ``trainers.fused`` both end here): ``metrics`` (``final_metrics``: loss, steps,
-    train_seconds) plus ``val_*`` and ``test_*`` from ``evaluate_model`` of the final
-    ``model``. ``last_val``: the validation scores of the final model when training already
+    train_seconds) plus ``val_*`` from ``evaluate_model`` of the final ``model`` and the test
+    metrics of ``trainers.native.finetune_test_metrics`` (Dice at the model's input size,
+    ``test_*``, and on each volume's own grid, ``test_native_*``, one pass over the test
+    slices). ``last_val``: the validation scores of the final model when training already
     computed them (no second pass over the validation volumes)."""
     out = dict(metrics)
     if last_val is not None:
@@ -411,8 +415,7 @@ def finish_finetune(
     else:
         final_val = evaluate_model(model, ctx.data, ctx.split.val, ctx.device, dist=dist)
     out.update(_prefixed("val", final_val))
-    test = evaluate_model(model, ctx.data, ctx.split.test, ctx.device, dist=dist)
-    out.update(_prefixed("test", test))
+    out.update(finetune_test_metrics(cfg, model, ctx, dist))
     return out
 
 
@@ -439,7 +442,7 @@ def run_finetune(cfg: FinetuneConfig, model: ModelConfig, ctx: StageContext) -> 
 
     Every ``cfg.val_every``-th epoch and the last add ``val_dice_mean`` (per-volume mean) and
     ``val_dice_pooled_mean`` on ``split.val`` (skipped when it is empty; ``Validation``).
-    Final metrics (``finish_finetune``): ``val_*`` and ``test_*`` from ``evaluate_model`` plus
+    Final metrics (``finish_finetune``): ``val_*``, ``test_*`` and ``test_native_*`` plus
     ``loss`` and ``train_seconds``. The final model is kept (no selection on validation Dice).
     Several fine-tunings of one config can also train as one fused model (``trainers.fused``).
     """
@@ -492,5 +495,5 @@ def run_finetune(cfg: FinetuneConfig, model: ModelConfig, ctx: StageContext) -> 
         evaluate_every=cfg.val_every,
         evaluate_every_steps=cfg.val_every_steps,
     )
-    metrics = finish_finetune(evaluated, ctx, run.dist, final_metrics(run), validation.last)
+    metrics = finish_finetune(evaluated, ctx, run.dist, final_metrics(run), validation.last, cfg)
     return StageResult(to_cpu(evaluated.state_dict()), metrics)

@@ -126,7 +126,11 @@ class TableFormat(str, enum.Enum):
 def tabulate(
     storage: Annotated[Path, typer.Argument(help="The sweep's storage folder.")],
     metric: Annotated[
-        str, typer.Option(help="Trials-table column to report.")
+        str,
+        typer.Option(
+            help="Trials-table column to report, e.g. test_native_dice_pooled_mean (Dice on "
+            "each test volume's own voxel grid) or test_native_hd95_mean (mm)."
+        ),
     ] = "test_dice_pooled_mean",
     by: Annotated[str, typer.Option(help="Grid axis for the table's columns.")] = "label_fraction",
     fmt: Annotated[TableFormat, typer.Option("--format", help="Table format.")] = TableFormat.text,

@@ -60,16 +60,21 @@ def axis_short(axis: str) -> str:
 
 
 def metric_label(metric: str, wrap: bool = False) -> str:
-    """``test_dice_pooled_mean`` -> ``test Dice (pooled over volumes, mean of classes)``; with
-    ``wrap`` the parenthesis goes on a second line (for short colour bars)."""
+    """``test_dice_pooled_mean`` -> ``test Dice (pooled over volumes, mean of classes)``,
+    ``test_native_hd95_mean`` -> ``test HD95, mm, native grid (mean over volumes, mean of
+    classes)``; with ``wrap`` the parenthesis goes on a second line (for short colour bars)."""
     where = {"test": "test", "val": "validation", "ext": "external test"}
-    match = re.fullmatch(r"(test|val|ext)_dice_(pooled|volume)_(mean|c(\d+))", metric)
-    if match is None:
+    names = {"dice": "Dice", "hd95": "HD95, mm", "nsd": "surface Dice"}
+    match = re.fullmatch(
+        r"(test|val|ext)_(native_)?(dice_pooled|dice_volume|hd95|nsd)_(mean|c(\d+))", metric
+    )
+    if match is None or (match[2] is None and match[3] in ("hd95", "nsd")):
         return metric
-    source, aggregate, what, klass = match.groups()
-    pooled = "pooled over volumes" if aggregate == "pooled" else "mean over volumes"
+    source, native, measure, what, klass = match.groups()
+    pooled = "pooled over volumes" if measure == "dice_pooled" else "mean over volumes"
     classes = "mean of classes" if what == "mean" else f"class {klass}"
-    return f"{where[source]} Dice{chr(10) if wrap else ' '}({pooled}, {classes})"
+    name = names[measure.split("_")[0]] + (", native grid" if native else "")
+    return f"{where[source]} {name}{chr(10) if wrap else ' '}({pooled}, {classes})"
 
 
 def value_text(value: Any) -> str:

@@ -11,8 +11,14 @@ Schema (stable column names; a later ``tabulate`` can always re-read an old swee
     the stage and node key; None when ok/pending); ``key_global``, ``key_local``,
     ``key_finetune`` (None where the method has no such stage); every final metric of the
     finetune node (``test_dice_pooled_mean``, ``test_dice_volume_mean``, per class
-    ``test_dice_pooled_c1`` ..., ``val_*``; not ``fused``, so a fused sweep's table has an
-    unfused one's columns); ``wall_s_<stage>`` and ``gpu_s_<stage>`` for each
+    ``test_dice_pooled_c1`` ..., ``val_*``: Dice at the model's input size, ``image_size``
+    squared, as the reference code reports it; and on each test volume's own voxel grid,
+    ``trainers.native``: ``test_native_dice_{pooled,volume}_{c1..,mean}``,
+    ``test_native_hd95_{c1..,mean}`` in mm, ``test_native_nsd_{c1..,mean}`` (surface Dice at
+    ``native_nsd_tolerance_mm``), ``test_native_hd95_undefined``, ``test_native_n_volumes``
+    and the seconds they took, ``native_eval_seconds``; absent for nodes run with
+    ``native_eval: false`` or stored before these existed; not ``fused``, so a fused sweep's
+    table has an unfused one's columns); ``wall_s_<stage>`` and ``gpu_s_<stage>`` for each
     stage (``wall_s``/``gpu_s`` of the node's ``metrics.json`` when the worker recorded them,
     else the sum of the epochs' ``seconds``/``gpu_s``; NaN when unknown); ``torch_version``,
     ``ray_version``, ``numpy_version``, ``git_commit`` (recorded in ``sweep.json`` at launch);

@@ -1,7 +1,7 @@
 """The paper-style table: a metric's ``"mean ± std (n)"`` over seeds and splits, methods in the
 paper's order, cells marked when a run did not converge or collapsed, each column's best mean
-marked; the paired differences to a baseline likewise; either rendered as text, Markdown,
-LaTeX or CSV."""
+marked (highest Dice / surface Dice, lowest HD95: ``better_direction``); the paired
+differences to a baseline likewise; either rendered as text, Markdown, LaTeX or CSV."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-from orchestrator.stats import PAIRED_COLUMNS
+from orchestrator.stats import PAIRED_COLUMNS, better_direction
 from orchestrator.tables.build import _hashable, _sort_key
 from trainers.methods import display_name
 
@@ -102,19 +102,20 @@ def paper_table(
     table.columns = [_label(c) for c in table.columns]
     table.columns.name = cols
     table.attrs["notes"] = [CELL_NOTES[m] for m, f in flags.items() if f.any()]
-    table.attrs["best"] = _best_cells(means) if "dice" in metric else []
+    better = better_direction(metric)
+    table.attrs["best"] = _best_cells(means, lower=better == "lower") if better else []
     return table
 
 
-def _best_cells(means: pd.DataFrame) -> list[tuple[int, int]]:
-    """(row, column) positions of the highest mean of each column, as shown (3 decimals), so
-    cells that read the same are all best; none in a column with a single value."""
+def _best_cells(means: pd.DataFrame, lower: bool = False) -> list[tuple[int, int]]:
+    """(row, column) positions of the highest (``lower``: lowest) mean of each column, as shown
+    (3 decimals), so cells that read the same are all best; none in a column with one value."""
     best = []
     for j, column in enumerate(means.columns):
         shown = means[column].round(3).to_numpy()
         if (~pd.isna(shown)).sum() < 2:
             continue
-        top = pd.Series(shown).max()
+        top = pd.Series(shown).min() if lower else pd.Series(shown).max()
         best += [(i, j) for i, value in enumerate(shown) if value == top]
     return best
 

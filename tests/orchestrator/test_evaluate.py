@@ -324,3 +324,32 @@ def test_native_dice_scores_each_case_on_its_stored_grid(
         )
         np.testing.assert_allclose(rows[f"ext_native_dice_volume_c{klass}"], np.mean(per_volume))
         np.testing.assert_allclose(rows[f"ext_native_dice_pooled_c{3 - klass}"], 0.0)
+
+
+def test_external_folder_is_prepared_as_the_node_was_trained(tmp_path: Path) -> None:
+    """An external folder gets the node's whole preprocessing, the settings recorded only when
+    set (reorient, spacing, ct_window) included, as predict does (one home: node_preprocessing)."""
+    trained = {
+        "kind": "msd",
+        "root": "/elsewhere",
+        "image_size": 32,
+        "axis": 0,
+        "label_remap": [[4, 1]],
+        "reorient": "canonical",
+        "spacing": [1.5, 1.5],
+        "ct_window": [-100.0, 200.0],
+    }
+    cfg = external.external_data_config(trained, tmp_path)
+    assert (cfg.kind, cfg.root, cfg.image_size, cfg.axis) == ("msd", str(tmp_path), 32, 0)
+    assert cfg.label_remap == ((4, 1),)
+    assert (cfg.reorient, tuple(cfg.spacing), tuple(cfg.ct_window)) == (
+        "canonical",
+        (1.5, 1.5),
+        (-100.0, 200.0),
+    )
+    plain = external.external_data_config({"image_size": 32}, tmp_path)
+    assert (plain.reorient, plain.spacing, plain.ct_window) == (
+        DataConfig.reorient,
+        DataConfig.spacing,
+        DataConfig.ct_window,
+    )

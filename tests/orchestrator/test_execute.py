@@ -221,6 +221,9 @@ def test_train_node_in_train_local_mode(tmp_path: Path) -> None:
     metrics = store.read_metrics(node.key)
     assert metrics["wall_s"] > 0 and metrics["gpu_s"] == 0
     assert 0 <= metrics["test_dice_volume_mean"] <= 1
+    # the worker read the native sidecar the preparation wrote beside the slices
+    assert metrics["test_native_n_volumes"] == metrics["test_n_volumes"]
+    assert 0 <= metrics["test_native_dice_pooled_mean"] <= 1
     state = store.load_state(node.key)
     assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
 

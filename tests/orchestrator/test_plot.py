@@ -149,6 +149,13 @@ def test_names_live_in_one_place() -> None:
         "test Dice (pooled over volumes, mean of classes)"
     )
     assert metric_label("ext_dice_volume_c2") == "external test Dice (mean over volumes, class 2)"
+    assert metric_label("test_native_hd95_mean") == (
+        "test HD95, mm, native grid (mean over volumes, mean of classes)"
+    )
+    assert metric_label("test_native_dice_pooled_c1") == (
+        "test Dice, native grid (pooled over volumes, class 1)"
+    )
+    assert metric_label("test_native_hd95_undefined") == "test_native_hd95_undefined"
 
 
 def test_fraction_curves_are_mean_and_std_over_seeds(fractions: tuple[Plan, StageStore]) -> None:

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from orchestrator.stats import (
+    better_direction,
     collapsed,
     converged,
     paired_differences,
@@ -133,3 +134,19 @@ def test_collapsed_looks_at_every_class() -> None:
     assert collapsed({"test_dice_pooled_c1": 0.8, "test_dice_pooled_c2": 0.04}) is True
     assert collapsed({"test_dice_pooled_c1": 0.8, "test_dice_pooled_c2": 0.06}) is False
     assert collapsed({"test_dice_pooled_mean": 0.8}) is None
+
+
+def test_a_lower_hd95_wins() -> None:
+    """For HD95 (lower is better) a pair wins when the method's distance is smaller."""
+    trials = pd.DataFrame(
+        [
+            {"method": m, "label_fraction": 0.1, "seed": s, "split": 0, "status": "ok", "h": v}
+            for m, values in (("random", [5.0, 6.0, 4.0]), ("global", [4.0, 5.5, 4.5]))
+            for s, v in enumerate(values)
+        ]
+    ).rename(columns={"h": "test_native_hd95_mean"})
+    row = paired_differences(trials, "random", metric="test_native_hd95_mean").iloc[0]
+    assert row["wins"] == 2 and row["delta_mean"] == pytest.approx(-1 / 3)  # -1, -0.5, +0.5
+    assert better_direction("test_native_hd95_c1") == "lower"
+    assert better_direction("test_native_nsd_mean") == "higher"
+    assert better_direction("wall_s") is None

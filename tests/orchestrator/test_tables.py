@@ -373,3 +373,42 @@ def test_best_mean_per_column_is_bold_in_md_and_latex() -> None:
     assert "**" not in format_table(table, "text") and "**" not in format_table(table, "csv")
     seconds = paper_table(trials.assign(wall_s=trials["test_dice_pooled_mean"]), "wall_s")
     assert seconds.attrs["best"] == []  # "best" is only defined where higher is better (Dice)
+
+
+def test_native_columns_reach_the_trials_summary_and_paper_table(
+    swept: tuple[Plan, StageStore],
+) -> None:
+    """A finetune node's ``test_native_*`` metrics become trials columns, get summary
+    statistics, and ``paper_table`` reports them: the lowest HD95 is the best cell."""
+    plan, store = swept
+    trial = next(t for t in plan.trials if store.is_complete(t.final_key))
+    key = trial.final_key
+    metrics = {
+        **store.read_metrics(key),
+        "test_native_dice_pooled_mean": 0.7,
+        "test_native_hd95_mean": 4.5,
+        "test_native_nsd_mean": 0.8,
+        "native_eval_seconds": 1.0,
+    }
+    store.write_result(key, {"w": torch.zeros(1)}, metrics)
+    trials, _, summary = collect(plan, store)
+    row = trials[trials["trial_id"] == trial.trial_id].iloc[0]
+    assert row["test_native_dice_pooled_mean"] == 0.7 and row["test_native_hd95_mean"] == 4.5
+    assert row["test_dice_pooled_mean"] == metrics["test_dice_pooled_mean"]  # 64 x 64 kept
+    assert "test_native_hd95_mean_mean" in summary.columns
+    assert "native_eval_seconds_mean" not in summary.columns  # a cost, not a test metric
+
+    rows = [("random", 0.1, [5.0, 6.0]), ("global", 0.1, [3.0, 3.5]), ("mixup", 0.1, [4.0])]
+    hand = pd.DataFrame(
+        [
+            {"method": m, "label_fraction": f, "seed": s, "split": 0, "status": "ok", "h": v}
+            for m, f, values in rows
+            for s, v in enumerate(values)
+        ]
+    ).rename(columns={"h": "test_native_hd95_mean"})
+    table = paper_table(hand, "test_native_hd95_mean")
+    assert table.attrs["best"] == [(1, 0)]  # global: the lowest mean distance
+    assert paper_table(
+        hand.rename(columns={"test_native_hd95_mean": "test_native_nsd_mean"}),
+        "test_native_nsd_mean",
+    ).attrs["best"] == [(0, 0)]
