@@ -8,9 +8,11 @@ Hippocampus folder beside the checkout, or a visible skip when it is absent.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from trainers.config import DataConfig
 from trainers.data import SliceData, prepare_slices
@@ -51,3 +53,14 @@ def shared_data_root() -> Path:
             "../shared/data/Task04_Hippocampus not found: real-data smoke test needs the shared data folder"
         )
     return root
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """torch on one thread for a test module (``pytestmark = pytest.mark.usefixtures(...)``):
+    tiny tensors run faster on one thread, the test machine's cores are shared, and CPU
+    kernels then take the same code path wherever a test compares runs exactly."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -696,7 +696,14 @@ def test_two_node_ddp_with_strict_spread(tmp_path: Path, nodes_per_run: int) -> 
         assert records[0]["world_size"] == 2 and len(ranks) == 2
         assert len(set(ranks)) == 2 and set(ranks) <= set(result["nodes"])  # one rank per node
         metrics = store.read_metrics(key)
-        assert all(math.isfinite(v) for v in metrics.values() if isinstance(v, float))
+        # the native-grid scores may be NaN by their documented rule (a class a tiny model
+        # never predicts has no HD95): trainers.native
+        assert all(
+            math.isfinite(v)
+            for name, v in metrics.items()
+            if isinstance(v, float) and not name.startswith("test_native_")
+        )
+        assert "test_native_dice_pooled_mean" in metrics
         state = store.load_state(key)
         assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in reference.items()}
         assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())

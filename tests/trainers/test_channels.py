@@ -8,7 +8,6 @@ import dataclasses
 import gc
 import json
 import weakref
-from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel as nib
@@ -46,19 +45,13 @@ from trainers.msd import from_canonical, load_msd, scan_layout, to_canonical
 from trainers.pipeline import PipelineConfig, run_pipeline
 from trainers.synthetic import write_synthetic_msd
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TINY = ModelConfig(base_channels=4, depth=2, embed_dim=8, global_hidden=16, local_hidden=8)
 SHAPE = (16, 18, 10)
 NON_RAS = np.array(  # L-P-S-like axes permuted, anisotropic voxels
     [[0.0, -0.8, 0.0, 20.0], [-1.6, 0.0, 0.0, 30.0], [0.0, 0.0, 2.5, -4.0], [0.0, 0.0, 0.0, 1.0]]
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def synth(root: Path, layout: str = "msd", channels: int = 2, **kw: object) -> Path:

@@ -5,7 +5,6 @@ different labelled counts, Mixup, resuming, and the reasons not to fuse."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,6 +16,8 @@ from trainers.fused import FusedRunError, fusable, run_finetunes_fused
 from trainers.loop import StageContext, StageResult
 from trainers.stages import run_finetune
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CPU = torch.device("cpu")
 TINY = ModelConfig(base_channels=4, depth=2, embed_dim=8, global_hidden=16, local_hidden=8)
 TIMING_KEYS = {"seconds", "slices_per_s", "train_seconds", "eval_seconds", "native_eval_seconds"}
@@ -26,14 +27,6 @@ TIMING_KEYS = {"seconds", "slices_per_s", "train_seconds", "eval_seconds", "nati
 # Weights move by up to lr = 1e-3 per step; they must agree to a tenth of one step.
 TOL = {"rtol": 1e-3, "atol": 1e-4}
 METRIC_TOL = {"rel": 1e-4, "abs": 1e-4}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +27,10 @@ from trainers.methods import METHODS, Method, resolve_stages
 from trainers.pipeline import PipelineConfig, run_pipeline
 from trainers.registry import get_stage
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TINY = ModelConfig(base_channels=4, depth=2, embed_dim=8, global_hidden=16, local_hidden=8)
 TIMING_KEYS = {"seconds", "slices_per_s", "train_seconds", "eval_seconds", "native_eval_seconds"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors run faster on one thread, and the test machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------

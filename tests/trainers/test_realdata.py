@@ -5,7 +5,6 @@ evaluation against scoring all predictions at once there (skipped with a visible
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,16 +18,7 @@ from trainers.model import UNet
 from trainers.pipeline import PipelineConfig, run_pipeline
 from trainers.stages import evaluate_model
 
-pytestmark = pytest.mark.realdata
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors run faster on one thread, and the test machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.realdata, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def test_random_init_finetune_on_one_labelled_hippocampus_volume(
