@@ -22,7 +22,6 @@ written.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,14 @@ from trainers.data import (
     normalise_channels,
 )
 from trainers.metrics import evaluate_volumes
-from trainers.msd import Volume, from_canonical, read_channels, to_canonical, voxel_sizes
+from trainers.msd import (
+    CHANNEL_FILE,
+    Volume,
+    from_canonical,
+    read_channels,
+    to_canonical,
+    voxel_sizes,
+)
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 # what a reader of an exported model needs to know to feed it (``export_record``)
@@ -99,22 +105,32 @@ def list_images(folder: str | os.PathLike[str]) -> list[Path]:
     return files
 
 
-_CHANNEL_NAME = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+def group_images(files: Sequence[Path], in_channels: int = 1) -> list[tuple[str, tuple[Path, ...]]]:
+    """Cases of an images folder for a model of ``in_channels`` inputs: (case, its files).
 
-
-def group_images(files: Sequence[Path]) -> list[tuple[str, tuple[Path, ...]]]:
-    """Cases of an images folder: (case, its files).
-
-    nnU-Net v2 naming, when every file is named ``<case>_NNNN``: the files are grouped by case
-    in channel order and the case is named without ``_NNNN``; a case whose channel numbers are
-    not 0 .. C-1 raises ``DatasetError`` naming the missing file (``read_case`` then checks C
-    against the model). Otherwise each file is one case named after the file."""
-    matches = [_CHANNEL_NAME.match(case_name(path)) for path in files]
+    nnU-Net v2 naming (``msd.CHANNEL_FILE``, ``<case>_NNNN``) is read as such only where it
+    cannot be an ordinary case name ending in four digits (``amos_0001``, ``img_0010``):
+    - one channel: when every file is ``<case>_0000``, each is its case, named without the
+      suffix; otherwise each file is one case named after the file;
+    - several channels: when every file is named ``<case>_NNNN`` and some case has a
+      ``_0000`` file among several, the files are grouped by case in channel order (a case
+      whose channel numbers are not 0 .. C-1 raises ``DatasetError`` naming the missing file;
+      ``read_case`` then checks C against the model); otherwise each file is one case (e.g.
+      MSD 4D files named ``brats_0001``, ``brats_0002``).
+    """
+    matches = [CHANNEL_FILE.match(case_name(path)) for path in files]
+    per_file = [(case_name(path), (path,)) for path in files]
     if not files or any(match is None for match in matches):
-        return [(case_name(path), (path,)) for path in files]
+        return per_file
+    if in_channels == 1:
+        if all(int(match["channel"]) == 0 for match in matches):  # type: ignore[index]
+            return [(match["case"], (path,)) for path, match in zip(files, matches, strict=True)]  # type: ignore[index]
+        return per_file
     by_case: dict[str, dict[int, Path]] = {}
     for path, match in zip(files, matches, strict=True):
         by_case.setdefault(match["case"], {})[int(match["channel"])] = path  # type: ignore[index]
+    if all(len(channels) == 1 or 0 not in channels for channels in by_case.values()):
+        return per_file
     groups = []
     for case, channels in sorted(by_case.items()):
         last = max(channels)

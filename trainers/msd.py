@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from trainers.config import ConfigError, DatasetError
+from trainers.config import REORIENTATIONS, ConfigError, DatasetError
 
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 # What reading a corrupt or foreign file can raise inside gzip and zlib (nibabel's own errors
@@ -264,7 +264,7 @@ def _paired_cases(root: Path) -> list[Case]:
     labels = _nifti_files(root / "labelsTr")
     for name, image in images.items():
         if name not in labels:
-            match = _CHANNEL_FILE.match(name)
+            match = CHANNEL_FILE.match(name)
             hint = (
                 "; nnU-Net v2 names like this need the dataset.json that declares the layout "
                 "(channel_names, labels as name -> id)"
@@ -292,7 +292,7 @@ def declared_class_names(root: str | os.PathLike[str]) -> dict[int, str] | None:
         return None
 
 
-_CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")  # nnU-Net v2: <case>_NNNN
 
 
 def _file_ending(path: Path, meta: dict[str, Any]) -> str:
@@ -322,7 +322,7 @@ def _nnunet_cases(
     ending = _file_ending(path, meta)
     by_case: dict[str, dict[int, Path]] = {}
     for image in _files_ending(root / "imagesTr", ending):
-        match = _CHANNEL_FILE.match(image.name[: -len(ending)])
+        match = CHANNEL_FILE.match(image.name[: -len(ending)])
         if match is None:
             raise DatasetError(
                 f"{image}: not named <case>_0000{ending} (nnU-Net v2 layout: the channel "
@@ -630,8 +630,10 @@ def iter_checked(
 
     ``reorient``: "none" keeps each volume as stored; "canonical" turns image and label alike
     to the closest RAS orientation (``to_canonical``)."""
-    if reorient not in ("none", "canonical"):
-        raise ConfigError(f"dataset.reorient: must be none or canonical, got {reorient!r}")
+    if reorient not in REORIENTATIONS:
+        raise ConfigError(
+            f"dataset.reorient: must be one of {', '.join(REORIENTATIONS)}, got {reorient!r}"
+        )
     remap = _validate_remap(label_remap)
     allowed = _allowed_classes(layout, remap)
     for case in layout.cases:

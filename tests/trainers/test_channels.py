@@ -319,7 +319,7 @@ def test_two_channel_prediction_is_written_on_the_inputs_own_grid(
 ) -> None:
     folder, _ = _non_ras_case(tmp_path / "imagesTs", 2)
     files = list(sorted(folder.iterdir()))
-    [(case, grouped)] = group_images(files)
+    [(case, grouped)] = group_images(files, 2)
     assert case == "case" and grouped == tuple(files)
     image = read_case(grouped, 2)
     assert image.image.shape == (2, *SHAPE) and image.shape == SHAPE
@@ -344,7 +344,7 @@ def test_a_missing_channel_file_of_a_folder_to_segment_is_named(tmp_path: Path) 
     folder, _ = _non_ras_case(tmp_path / "imagesTs", 3)
     (folder / "case_0001.nii.gz").unlink()
     with pytest.raises(DatasetError, match=r"case_0001.nii.gz: channel file missing"):
-        group_images(sorted(folder.iterdir()))
+        group_images(sorted(folder.iterdir()), 3)
 
 
 def test_an_msd_4d_input_gives_a_3d_map_with_its_affine(tmp_path: Path) -> None:
@@ -362,3 +362,20 @@ def test_an_msd_4d_input_gives_a_3d_map_with_its_affine(tmp_path: Path) -> None:
     np.testing.assert_array_equal(written.affine, nib.load(str(tmp_path / "case.nii.gz")).affine)
     with pytest.raises(DatasetError, match=r"case.nii.gz: the model expects 1 channel, .* has 2"):
         read_case([tmp_path / "case.nii.gz"], 1)
+
+
+def test_case_names_ending_in_four_digits_are_not_taken_for_channel_files() -> None:
+    """A one-channel folder named amos_0001, amos_0004 (or img_0000 .. img_0010) is one case
+    per file; only files that are all ``_0000`` are nnU-Net's one-channel naming; with several
+    channels, single files per case (MSD 4D) stay one case each."""
+    folder = Path("imagesTs")
+    names = [folder / f"amos_{i:04d}.nii.gz" for i in (1, 4)]
+    assert group_images(names, 1) == [("amos_0001", (names[0],)), ("amos_0004", (names[1],))]
+    series = [folder / f"img_{i:04d}.nii.gz" for i in range(11)]
+    assert [case for case, _ in group_images(series, 1)] == [f"img_{i:04d}" for i in range(11)]
+    nnunet = [folder / f"{case}_0000.nii.gz" for case in ("a", "b")]
+    assert group_images(nnunet, 1) == [("a", (nnunet[0],)), ("b", (nnunet[1],))]
+    four_d = [folder / f"brats_{i:04d}.nii.gz" for i in (1, 2)]
+    assert group_images(four_d, 2) == [("brats_0001", (four_d[0],)), ("brats_0002", (four_d[1],))]
+    pairs = [folder / f"case_{c:04d}.nii.gz" for c in (0, 1)]
+    assert group_images(pairs, 2) == [("case", tuple(pairs))]
