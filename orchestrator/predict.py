@@ -231,7 +231,13 @@ def export_record(plan: Plan, chosen: Chosen, model: UNet, pt_name: str) -> dict
         "torchscript": pt_name,
         "load": f"model = torch.jit.load({pt_name!r}); logits = model(x)",
         "torch_version": torch.__version__,
-        "preprocessing": preprocessing_record(cfg, model.num_classes, model.in_channels, names),
+        "preprocessing": preprocessing_record(
+            cfg,
+            model.num_classes,
+            model.in_channels,
+            names,
+            node_norms(node, cfg, model.in_channels),
+        ),
         "model": dict(node.model),
         "trial": {
             "trial_id": trial.trial_id,

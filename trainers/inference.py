@@ -399,10 +399,14 @@ def preprocessing_record(
     num_classes: int,
     in_channels: int = 1,
     class_names: Mapping[int, str] | None = None,
+    norms: Sequence[tuple[float, float] | None] | None = None,
 ) -> dict[str, Any]:
-    """What an exported model expects and returns, in words and parameters (JSON-ready)."""
+    """What an exported model expects and returns, in words and parameters (JSON-ready).
+    ``norms``: each input channel's normalisation (``data.channel_norms``: a CT window or None
+    for per volume); all per volume when not given."""
     lo, hi = CLIP_PERCENTILES
     names = {str(k): str(v) for k, v in sorted((class_names or {}).items())}
+    channel_norms = list(norms) if norms is not None else [None] * in_channels
     return {
         "axis": data_cfg.axis,
         "axis_note": "slices are taken along this axis of the volume as stored (numpy order, "
@@ -421,6 +425,12 @@ def preprocessing_record(
         "ct_window": list(data_cfg.ct_window) if data_cfg.ct_window else None,
         "ct_window_note": "channels declared CT are clipped to [lo, hi] and scaled to [0, 1] "
         "instead of the per-volume normalisation below",
+        "channel_normalisation": [
+            {"channel": index, "kind": "ct_window", "window": list(norm)}
+            if norm is not None
+            else {"channel": index, "kind": "per_volume_percentile_minmax"}
+            for index, norm in enumerate(channel_norms)
+        ],
         "normalisation": {
             "kind": "per_volume_percentile_minmax",
             "percentiles": [lo, hi],

@@ -10,7 +10,9 @@ slices are restacked along the slicing axis; the map is compared with the volume
 label map on the same grid. That grid is the stored one; under ``dataset.reorient: canonical``
 its axes are permuted and flipped to RAS (the same voxels, with the voxel sizes permuted
 alike): no metric here depends on the order or direction of the axes, so the numbers are
-those of the stored grid (a test checks them against ``predict_volume``'s maps).
+those of the stored grid (a test checks them against ``predict_volume``'s maps on CPU; on
+CUDA the logits are those of the test pass's bf16 autocast, which the model-sized ``test_*``
+Dice shares, where ``predict_volume`` runs in float32, so the two can differ in a few voxels).
 
 Where the data comes from (a worker may not see the dataset's NIfTI folder): the preparation
 (``trainers.data.prepare_slices``) writes ``<cache>/native/`` beside the slice cache in the
@@ -200,7 +202,10 @@ class NativeSidecar:
             "offsets": [c["offset"] for c in self._cases],
             "voxels": self._voxels,
         }
-        (self.staging / "meta.json").write_text(json.dumps(meta))
+        with open(self.staging / "meta.json", "w") as handle:  # synced before the rename
+            handle.write(json.dumps(meta))
+            handle.flush()
+            os.fsync(handle.fileno())
         target = Path(folder) / NATIVE_FOLDER
         try:
             os.rename(self.staging, target)
@@ -212,13 +217,15 @@ class NativeSidecar:
 
 def write_native_sidecar(cfg: DataConfig, folder: str | os.PathLike[str]) -> Path:
     """Add ``folder/native/`` to a slice cache written without it (by a version before the
-    sidecar existed), in a pass of its own over the dataset (``trainers.msd.iter_checked``, as
-    the preparation reads it); nothing when it is there. Returns its path."""
+    sidecar existed, or left unreadable by a crash), in a pass of its own over the dataset
+    (``trainers.msd.iter_checked``, as the preparation reads it); nothing when a readable one
+    is there. Returns its path."""
     from trainers.msd import iter_checked, scan_layout
 
     target = Path(folder) / NATIVE_FOLDER
-    if (target / "meta.json").is_file():
+    if load_native(folder) is not None:
         return target
+    shutil.rmtree(target, ignore_errors=True)  # absent, or left unreadable by a crash
     fingerprint = json.loads((Path(folder) / "meta.json").read_text())["fingerprint"]
     with NativeSidecar(cfg, Path(folder).parent) as sidecar:
         volumes = iter_checked(scan_layout(cfg.root), cfg.label_remap, cfg.reorient)
@@ -234,8 +241,11 @@ def load_native(folder: str | os.PathLike[str] | None) -> NativeLabels | None:
     target = Path(folder) / NATIVE_FOLDER
     if not (target / "meta.json").is_file():
         return None
-    meta = json.loads((target / "meta.json").read_text())
-    if meta.get("format") != _NATIVE_FORMAT:
+    try:  # an unreadable sidecar is no sidecar: the node warns and skips the native metrics
+        meta = json.loads((target / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("format") != _NATIVE_FORMAT:
         return None
     return NativeLabels(
         cases=tuple(meta["cases"]),

@@ -105,6 +105,11 @@ def test_export_records_the_channels_and_geometry(sweep, tmp_path: Path) -> None
     assert record["in_channels"] == 2 and record["input"]["layout"] == "(B, 2, H, W)"
     assert record["reorient"] == "canonical" and record["spacing"] == [1.0, 1.0]
     assert record["ct_window"] == [-100.0, 200.0]
+    # which channel is CT travels with the model (its dataset.json says MRI, CT)
+    assert record["channel_normalisation"] == [
+        {"channel": 0, "kind": "per_volume_percentile_minmax"},
+        {"channel": 1, "kind": "ct_window", "window": [-100.0, 200.0]},
+    ]
 
 
 @pytest.mark.ray

@@ -406,3 +406,17 @@ def test_reoriented_and_resampled_slices_are_scored_on_the_stored_grid(
     assert scores["test_native_hd95_c1"] == pytest.approx(
         np.nanmean([h[0] for h in hd95]), nan_ok=True
     )
+
+
+def test_an_unreadable_sidecar_is_no_sidecar_and_is_rewritten(
+    synthetic_data_config: DataConfig, tmp_path: Path
+) -> None:
+    """A meta.json a crash left empty: load_native says None (the node warns and skips the
+    native metrics rather than failing after training) and the next prepare rewrites it."""
+    data = prepare_slices(synthetic_data_config, tmp_path)
+    meta = Path(data.cache_folder) / NATIVE_FOLDER / "meta.json"
+    good = meta.read_text()
+    meta.write_text("")
+    assert load_native(data.cache_folder) is None
+    prepare_slices(synthetic_data_config, tmp_path)
+    assert meta.read_text() == good and load_native(data.cache_folder) is not None
