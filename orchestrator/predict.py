@@ -189,7 +189,7 @@ def predict_folder(
     if out.resolve() == Path(images).resolve():
         raise PredictError(f"--out {out}: is the --images folder; give another folder")
     model = load_finetuned(store, chosen.node).to(torch_device)
-    cases = group_images(files_found, model.in_channels)
+    cases = group_images(files_found)
     targets = {files: output_path(out, case) for case, files in cases}
     if not force:
         existing = [target for target in targets.values() if target.exists()]

@@ -105,32 +105,30 @@ def list_images(folder: str | os.PathLike[str]) -> list[Path]:
     return files
 
 
-def group_images(files: Sequence[Path], in_channels: int = 1) -> list[tuple[str, tuple[Path, ...]]]:
-    """Cases of an images folder for a model of ``in_channels`` inputs: (case, its files).
+def group_images(files: Sequence[Path]) -> list[tuple[str, tuple[Path, ...]]]:
+    """Cases of an images folder: (case, its files).
 
     nnU-Net v2 naming (``msd.CHANNEL_FILE``, ``<case>_NNNN``) is read as such only where it
-    cannot be an ordinary case name ending in four digits (``amos_0001``, ``img_0010``):
-    - one channel: when every file is ``<case>_0000``, each is its case, named without the
-      suffix; otherwise each file is one case named after the file;
-    - several channels: when every file is named ``<case>_NNNN`` and some case has a
-      ``_0000`` file among several, the files are grouped by case in channel order (a case
-      whose channel numbers are not 0 .. C-1 raises ``DatasetError`` naming the missing file;
-      ``read_case`` then checks C against the model); otherwise each file is one case (e.g.
-      MSD 4D files named ``brats_0001``, ``brats_0002``).
+    cannot be a folder of ordinary case names that end in four digits (``amos_0001``,
+    ``amos_0004``), i.e. when every file is so named and:
+    - some case has a ``_0000`` file among several: the files are grouped by case in channel
+      order (a case whose channel numbers are not 0 .. C-1 raises ``DatasetError`` naming the
+      missing file; ``read_case`` then checks C against the model, so a series ``img_0000`` ..
+      ``img_0010`` for a one-channel model is refused with that line rather than misread);
+    - else every file is ``<case>_0000`` (nnU-Net's one-channel naming): each is its case,
+      named without the suffix.
+    Otherwise each file is one case named after the file (e.g. MSD 4D files).
     """
     matches = [CHANNEL_FILE.match(case_name(path)) for path in files]
-    per_file = [(case_name(path), (path,)) for path in files]
     if not files or any(match is None for match in matches):
-        return per_file
-    if in_channels == 1:
-        if all(int(match["channel"]) == 0 for match in matches):  # type: ignore[index]
-            return [(match["case"], (path,)) for path, match in zip(files, matches, strict=True)]  # type: ignore[index]
-        return per_file
+        return [(case_name(path), (path,)) for path in files]
     by_case: dict[str, dict[int, Path]] = {}
     for path, match in zip(files, matches, strict=True):
         by_case.setdefault(match["case"], {})[int(match["channel"])] = path  # type: ignore[index]
-    if all(len(channels) == 1 or 0 not in channels for channels in by_case.values()):
-        return per_file
+    if not any(len(channels) > 1 and 0 in channels for channels in by_case.values()):
+        if all(list(channels) == [0] for channels in by_case.values()):
+            return [(case, (channels[0],)) for case, channels in sorted(by_case.items())]
+        return [(case_name(path), (path,)) for path in files]
     groups = []
     for case, channels in sorted(by_case.items()):
         last = max(channels)

@@ -319,7 +319,7 @@ def test_two_channel_prediction_is_written_on_the_inputs_own_grid(
 ) -> None:
     folder, _ = _non_ras_case(tmp_path / "imagesTs", 2)
     files = list(sorted(folder.iterdir()))
-    [(case, grouped)] = group_images(files, 2)
+    [(case, grouped)] = group_images(files)
     assert case == "case" and grouped == tuple(files)
     image = read_case(grouped, 2)
     assert image.image.shape == (2, *SHAPE) and image.shape == SHAPE
@@ -344,7 +344,7 @@ def test_a_missing_channel_file_of_a_folder_to_segment_is_named(tmp_path: Path) 
     folder, _ = _non_ras_case(tmp_path / "imagesTs", 3)
     (folder / "case_0001.nii.gz").unlink()
     with pytest.raises(DatasetError, match=r"case_0001.nii.gz: channel file missing"):
-        group_images(sorted(folder.iterdir()), 3)
+        group_images(sorted(folder.iterdir()))
 
 
 def test_an_msd_4d_input_gives_a_3d_map_with_its_affine(tmp_path: Path) -> None:
@@ -365,17 +365,17 @@ def test_an_msd_4d_input_gives_a_3d_map_with_its_affine(tmp_path: Path) -> None:
 
 
 def test_case_names_ending_in_four_digits_are_not_taken_for_channel_files() -> None:
-    """A one-channel folder named amos_0001, amos_0004 (or img_0000 .. img_0010) is one case
-    per file; only files that are all ``_0000`` are nnU-Net's one-channel naming; with several
-    channels, single files per case (MSD 4D) stay one case each."""
+    """amos_0001, amos_0004 (no _0000) are one case per file; all-_0000 files are nnU-Net's
+    one-channel naming; a _0000 among several files of a case is a channel group (a series
+    img_0000 .. img_0010 too: read_case then refuses it for a one-channel model, loudly)."""
     folder = Path("imagesTs")
     names = [folder / f"amos_{i:04d}.nii.gz" for i in (1, 4)]
-    assert group_images(names, 1) == [("amos_0001", (names[0],)), ("amos_0004", (names[1],))]
-    series = [folder / f"img_{i:04d}.nii.gz" for i in range(11)]
-    assert [case for case, _ in group_images(series, 1)] == [f"img_{i:04d}" for i in range(11)]
+    assert group_images(names) == [("amos_0001", (names[0],)), ("amos_0004", (names[1],))]
     nnunet = [folder / f"{case}_0000.nii.gz" for case in ("a", "b")]
-    assert group_images(nnunet, 1) == [("a", (nnunet[0],)), ("b", (nnunet[1],))]
+    assert group_images(nnunet) == [("a", (nnunet[0],)), ("b", (nnunet[1],))]
     four_d = [folder / f"brats_{i:04d}.nii.gz" for i in (1, 2)]
-    assert group_images(four_d, 2) == [("brats_0001", (four_d[0],)), ("brats_0002", (four_d[1],))]
+    assert group_images(four_d) == [("brats_0001", (four_d[0],)), ("brats_0002", (four_d[1],))]
     pairs = [folder / f"case_{c:04d}.nii.gz" for c in (0, 1)]
-    assert group_images(pairs, 2) == [("case", tuple(pairs))]
+    assert group_images(pairs) == [("case", tuple(pairs))]
+    series = [folder / f"img_{i:04d}.nii.gz" for i in range(11)]
+    assert group_images(series) == [("img", tuple(series))]
