@@ -36,7 +36,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,6 +54,9 @@ from trainers.data import SliceData, Split, prepare_slices  # noqa: E402
 from trainers.fused import FUSED_PASSES, run_finetunes_fused  # noqa: E402
 from trainers.loop import StageContext  # noqa: E402
 from trainers.stages import run_finetune  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_eval import uptime  # noqa: E402
 
 DATA = {"kind": "msd", "image_size": 64, "axis": -1, "flip_axes": (0,)}
 
@@ -139,13 +141,6 @@ def measure(arm: str, k: int, data: SliceData, args: argparse.Namespace) -> dict
         "wall_s": time.perf_counter() - started,
         "final_loss": [records[-1]["loss"] for records in log],
     }
-
-
-def uptime() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

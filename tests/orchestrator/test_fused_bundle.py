@@ -22,6 +22,9 @@ from orchestrator.store import StageStore
 from tests.orchestrator.test_execute import launch, write_spec
 from trainers.config import ConfigError
 
+# the in-process bundles compare fused and plain runs on one torch thread
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # steps, not epochs: the label fractions then have equal step budgets, which fusing needs
 FINETUNE = {"steps": 6, "batch_size": 4, "lr": 1e-3}
 FRACTIONS = [0.25, 0.5, 1.0]
@@ -116,13 +119,8 @@ def _untimed(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_fused_bundle_writes_ordinary_nodes_equal_to_the_unfused_bundle(tmp_path: Path) -> None:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        plain, keys = _bundle(tmp_path, "plain", fuse=False)
-        fused, fused_keys = _bundle(tmp_path, "fused", fuse=True)
-    finally:
-        torch.set_num_threads(threads)
+    plain, keys = _bundle(tmp_path, "plain", fuse=False)
+    fused, fused_keys = _bundle(tmp_path, "fused", fuse=True)
     assert keys == fused_keys
     for key in keys:
         assert fused.is_complete(key) and fused.read_error(key) is None
@@ -160,13 +158,8 @@ def test_a_failing_fused_member_reruns_alone_and_the_others_complete(
         return loss * float("nan") if calls["n"] % 3 == 2 else loss
 
     monkeypatch.setattr(fused_module, "targets_loss", poisoned)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        store, keys = _bundle(tmp_path, "poisoned", fuse=True)
-        plain, _ = _bundle(tmp_path, "plain", fuse=False)
-    finally:
-        torch.set_num_threads(threads)
+    store, keys = _bundle(tmp_path, "poisoned", fuse=True)
+    plain, _ = _bundle(tmp_path, "plain", fuse=False)
     assert calls["n"] > 0 and all(store.is_complete(key) for key in keys)
     assert [store.read_metrics(key).get("fused") for key in keys] == [3, None, 3]
     alone, expected = store.read_metrics(keys[1]), plain.read_metrics(keys[1])
@@ -213,13 +206,6 @@ def test_launch_with_fused_finetunes_gives_the_unfused_trials_table(
 def test_unfusable_fine_tunings_run_one_after_another(tmp_path: Path) -> None:
     """An epoch budget over different labelled counts gives different step budgets: fusing is
     refused and the bundle runs its nodes one by one, as without the option."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        store, keys = _bundle(
-            tmp_path, "epochs", fuse=True, finetune={"epochs": 1, "batch_size": 4}
-        )
-    finally:
-        torch.set_num_threads(threads)
+    store, keys = _bundle(tmp_path, "epochs", fuse=True, finetune={"epochs": 1, "batch_size": 4})
     assert all(store.is_complete(key) for key in keys)
     assert all("fused" not in store.read_metrics(key) for key in keys)
